@@ -1,0 +1,51 @@
+"""dreamlora: LoRA, LoRA+, DoRA and SingLoRA adapters on any torch module, behind one small API.
+
+    from dreamlora import AdapterConfig, attach
+    model = attach(model, AdapterConfig(method="dora", rank=8, target_modules=["to_q", "to_v"]))
+
+The core (this package minus the training entry points) imports torch and safetensors only.
+"""
+
+from dreamlora.config import AdapterConfig
+from dreamlora.hooks import on_optimizer_step, param_groups, regularization_loss, trainable_parameter_count
+from dreamlora.inject import (
+    AdaptedLayer,
+    adapter_config,
+    adapter_layers,
+    adapter_names,
+    attach,
+    detach,
+    disable,
+    enable,
+    merge,
+    set_scale,
+)
+from dreamlora.io import export_lora, load, peft_lora_state_dict, save
+from dreamlora.methods import METHODS, AdapterLayer, register
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "METHODS",
+    "AdaptedLayer",
+    "AdapterConfig",
+    "AdapterLayer",
+    "adapter_config",
+    "adapter_layers",
+    "adapter_names",
+    "attach",
+    "detach",
+    "disable",
+    "enable",
+    "export_lora",
+    "load",
+    "merge",
+    "on_optimizer_step",
+    "param_groups",
+    "peft_lora_state_dict",
+    "regularization_loss",
+    "register",
+    "save",
+    "set_scale",
+    "trainable_parameter_count",
+]

@@ -1,0 +1,76 @@
+"""What a training loop calls. It never needs to know which method it trains:
+
+    optimizer = torch.optim.AdamW(dreamlora.param_groups(model, lr=1e-4))
+    for batch in loader:
+        loss = task_loss(model, batch) + dreamlora.regularization_loss(model)
+        loss.backward()
+        optimizer.step()
+        dreamlora.on_optimizer_step(model, optimizer)   # after step(), before zero_grad()
+        optimizer.zero_grad()
+
+With gradient accumulation call `on_optimizer_step` only when the optimizer really stepped
+(accelerate: `if accelerator.sync_gradients`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dreamlora.inject import adapter_layers, adapter_names
+from dreamlora.methods import METHODS
+
+
+def _roles(path: str, name: str, layer) -> list[tuple[str, nn.Parameter, str]]:
+    return [(f"{path}.{attr}", getattr(layer, attr), role) for attr, role in type(layer).roles.items()]
+
+
+def param_groups(
+    model: nn.Module, lr: float, weight_decay: float = 0.0, names: list[str] | None = None
+) -> list[dict]:
+    """Optimizer parameter groups for the trainable adapters (default: all attached), each method's own
+    grouping (LoRA+ gives B its λ·lr). Every group carries `adapter` and `role` keys for logging."""
+    groups: list[dict] = []
+    for name in names or adapter_names(model):
+        layers = adapter_layers(model, name)
+        config = next(iter(layers.values())).config
+        params = [t for path, layer in layers.items() for t in _roles(path, name, layer) if t[1].requires_grad]
+        if not params:
+            continue
+        for group in METHODS[config.method].param_groups(params, lr, weight_decay, config):
+            groups.append({**group, "adapter": name})
+    if not groups:
+        raise ValueError("no trainable adapter parameters: attach an adapter first")
+    return groups
+
+
+def on_optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> int:
+    """Advance the step counter of every adapter that is training (has trainable parameters) and run its
+    method's step hook. Frozen adapters loaded for composition keep their step. Returns the new step."""
+    new_step = None
+    for name in adapter_names(model):
+        layers = adapter_layers(model, name)
+        first = next(iter(layers.values()))
+        if not any(p.requires_grad for p in first.parameters()):
+            continue
+        step = first.step + 1
+        METHODS[first.config.method].after_optimizer_step(list(layers.values()), step, optimizer)
+        new_step = step if new_step is None else new_step
+    return 0 if new_step is None else new_step
+
+
+def regularization_loss(model: nn.Module) -> torch.Tensor | float:
+    """Sum of the methods' extra loss terms (0.0 when no attached method has one)."""
+    total: torch.Tensor | float = 0.0
+    for name in adapter_names(model):
+        layers = adapter_layers(model, name)
+        term = METHODS[next(iter(layers.values())).config.method].regularization(list(layers.values()))
+        if term is not None:
+            total = total + term
+    return total
+
+
+def trainable_parameter_count(model: nn.Module, name: str | None = None) -> int:
+    """Adapter parameters of `name` (default: all adapters)."""
+    names = [name] if name is not None else adapter_names(model)
+    return sum(p.numel() for n in names for layer in adapter_layers(model, n).values() for p in layer.parameters())

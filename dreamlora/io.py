@@ -1,0 +1,169 @@
+"""Saving and loading adapters as safetensors, never pickle.
+
+- Native file: one adapter, keys `<module path>.<key>` with PEFT's names for LoRA/LoRA+/DoRA
+  (`lora_A.weight`, `lora_B.weight`, `lora_magnitude_vector`) and `singlora_A` for SingLoRA; the header
+  metadata holds the format, the method, the full config, the step (SingLoRA's ramp state) and the name.
+- LoRA export (`export_lora`): any method as plain PEFT LoRA keys with alpha = r (the scale is folded
+  into B, so a reader that assumes alpha = r, as diffusers does without metadata, is still right).
+  SingLoRA becomes B' = s·u·A[:d_out], A' = A[:d_in]ᵀ: lossless. No file mixes key styles.
+Writes are atomic: a temporary file in the same folder, then os.replace.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from dreamlora.config import AdapterConfig
+from dreamlora.inject import adapter_layers, attach, detach
+
+FORMAT = "dreamlora"
+FORMAT_VERSION = "1"
+
+
+def atomic_save_file(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, torch.Tensor]:
+    """Native tensors of adapter `name`, keyed `<module path>.<file key>`."""
+    out = {}
+    for path, layer in adapter_layers(model, name).items():
+        for attr, key in type(layer).file_keys.items():
+            out[f"{path}.{key}"] = getattr(layer, attr).detach()
+    return out
+
+
+def _metadata(config: AdapterConfig, name: str, step: int, **extra: str) -> dict[str, str]:
+    return {"format": FORMAT, "format_version": FORMAT_VERSION, "method": config.method,
+            "config": config.to_json(), "name": name, "step": str(step), **extra}
+
+
+def save(model: nn.Module, path: str | os.PathLike, name: str = "default") -> Path:
+    """Write adapter `name` to `path` (.safetensors). A method whose native keys are not LoRA's (SingLoRA)
+    also gets its lossless LoRA export beside it, `<stem>.lora.safetensors`. Returns the native path."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"adapter files are .safetensors; got {str(path)!r}")
+    layers = adapter_layers(model, name)
+    first = next(iter(layers.values()))
+    atomic_save_file(adapter_state_dict(model, name), path, _metadata(first.config, name, first.step))
+    if set(type(first).file_keys.values()) - {"lora_A.weight", "lora_B.weight", "lora_magnitude_vector"}:
+        export_lora(model, path.with_suffix(".lora.safetensors"), name)
+    return path
+
+
+def lora_export_config(config: AdapterConfig) -> AdapterConfig:
+    """The config of the plain-LoRA export: same rank and targets, alpha = r, DoRA kept as DoRA."""
+    method = "dora" if config.method == "dora" else "lora"
+    return AdapterConfig(method=method, rank=config.rank, alpha=float(config.rank),
+                         target_modules=config.target_modules, exclude_modules=config.exclude_modules)
+
+
+def peft_lora_state_dict(model: nn.Module, name: str = "default") -> tuple[dict[str, torch.Tensor], dict]:
+    """Adapter `name` as PEFT LoRA tensors (`<path>.lora_A.weight`, ...) and a PEFT LoraConfig dict."""
+    layers = adapter_layers(model, name)
+    tensors = {f"{path}.{key}": t for path, layer in layers.items() for key, t in layer.lora_factors().items()}
+    config = next(iter(layers.values())).config
+    peft_config = {"r": config.rank, "lora_alpha": config.rank, "target_modules": sorted(layers),
+                   "use_dora": config.method == "dora", "use_rslora": False, "lora_dropout": 0.0,
+                   "bias": "none", "peft_type": "LORA"}
+    return tensors, peft_config
+
+
+def export_lora(model: nn.Module, path: str | os.PathLike, name: str = "default") -> Path:
+    """Write adapter `name` as a plain PEFT-keyed LoRA (DoRA keeps its magnitudes)."""
+    tensors, peft_config = peft_lora_state_dict(model, name)
+    first = next(iter(adapter_layers(model, name).values()))
+    meta = _metadata(lora_export_config(first.config), name, first.step,
+                     exported_from=first.config.method, peft_config=json.dumps(peft_config))
+    atomic_save_file(tensors, path, meta)
+    return Path(path)
+
+
+def _check_safetensors(path: Path) -> None:
+    """Refuse anything that is not a safetensors file before any parser sees it: never unpickle."""
+    if not path.is_file():
+        raise FileNotFoundError(f"adapter file {str(path)!r} does not exist")
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if head[:2] == b"PK" or head[:1] == b"\x80":
+        raise ValueError(f"{str(path)!r} is a pickle/torch.save file; dreamlora only loads .safetensors "
+                         "(it never unpickles: convert the file with a tool you trust)")
+    if len(head) < 9 or head[8:9] != b"{":
+        raise ValueError(f"{str(path)!r} is not a safetensors file")
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    path = Path(path)
+    _check_safetensors(path)
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata() or {}
+
+
+def load(model: nn.Module, path: str | os.PathLike, name: str | None = None) -> nn.Module:
+    """Attach the adapter stored at `path` (under `name`, default: the name it was saved with) and load
+    its weights. Every key and shape is checked against the base; on any error the model is unchanged."""
+    path = Path(path)
+    meta = read_metadata(path)
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{str(path)!r} has no dreamlora metadata (format={meta.get('format')!r}); "
+                         "it was not written by dreamlora.save or export_lora")
+    config = AdapterConfig.from_json(meta["config"])
+    name = name or meta.get("name", "default")
+    with safe_open(str(path), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    try:
+        attach(model, config, name)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"cannot load {str(path)!r} into {type(model).__name__}: {e}") from None
+    try:
+        _assign(model, name, tensors, path)
+        step = int(meta.get("step", "0"))
+        for layer in adapter_layers(model, name).values():
+            layer.step = step
+    except BaseException:
+        detach(model, name)
+        raise
+    return model
+
+
+@torch.no_grad()
+def _assign(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], path: Path) -> None:
+    expected = {}
+    for module_path, layer in adapter_layers(model, name).items():
+        for attr, key in type(layer).file_keys.items():
+            expected[f"{module_path}.{key}"] = getattr(layer, attr)
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise ValueError(
+            f"{str(path)!r} does not fit this model (wrong base?): "
+            f"{len(missing)} missing keys {_few(missing)}, {len(unexpected)} unexpected keys {_few(unexpected)}"
+        )
+    for key, param in expected.items():
+        if tensors[key].shape != param.shape:
+            raise ValueError(f"{str(path)!r}: {key} has shape {tuple(tensors[key].shape)} but this model's "
+                             f"layer needs {tuple(param.shape)} (wrong base?)")
+    for key, param in expected.items():
+        param.copy_(tensors[key])
+
+
+def _few(keys: list[str], n: int = 3) -> str:
+    return "[" + ", ".join(keys[:n]) + (", ..." if len(keys) > n else "") + "]"

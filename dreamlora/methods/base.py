@@ -1,0 +1,128 @@
+"""The contract every adapter method implements, and the registry that names them.
+
+One `AdapterLayer` instance adapts one base layer for one named adapter. The host (`dreamlora.inject`)
+runs the base layer and hands its output to each active adapter, PEFT's "variant" shape:
+
+    y = base(x);  y = adapter(x, y)  for each active adapter
+
+A method says what it is through:
+- `forward(x, base_out)`: the adapted output, computed from the input side (never W0 + ΔW in training);
+- `delta_weight()` / `merged_weight()`: the merge rule, for export, inference and tests;
+- `lora_factors()`: the update as plain LoRA factors (B, A), for PEFT/diffusers files;
+- class-level hooks over all layers of one adapter: `param_groups` (optimizer), `after_optimizer_step`
+  (SingLoRA's ramp; ReLoRA's merge-and-reinit), `regularization` (AdaLoRA's orthogonality loss).
+The training loop calls those hooks through `dreamlora.hooks` and never asks which method it runs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from dreamlora.config import AdapterConfig
+from dreamlora.layer_kinds import LinearKind
+
+METHODS: dict[str, type[AdapterLayer]] = {}
+
+
+def register(cls: type[AdapterLayer]) -> type[AdapterLayer]:
+    METHODS[cls.method] = cls
+    return cls
+
+
+class AdapterLayer(nn.Module):
+    method: ClassVar[str]
+    # parameter attribute -> key suffix in saved files (PEFT's names where the tensor means the same).
+    file_keys: ClassVar[dict[str, str]]
+    # parameter attribute -> role used by optimizer grouping: "down", "up", "magnitude" or "shared".
+    roles: ClassVar[dict[str, str]]
+
+    def __init__(self, kind: LinearKind, config: AdapterConfig):
+        super().__init__()
+        self.kind = kind  # a plain object holding the base layer: not a submodule, so no duplicate weights
+        self.config = config
+        self.rank = config.rank
+        self.scaling = config.scaling
+        self.multiplier = 1.0  # the user's per-adapter scale (set_scale)
+        self.enabled = True
+        self.step = 0  # optimizer steps taken; persisted through get/set_extra_state
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else None
+
+    @property
+    def effective_scale(self) -> float:
+        return self.scaling * self.multiplier
+
+    def _input(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        x = x.to(dtype)  # cast in: adapter weights stay fp32 on a half-precision base
+        return self.dropout(x) if self.dropout is not None else x
+
+    # --- what a method defines ----------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def delta_weight(self) -> torch.Tensor:
+        """ΔW as a (d_out, d_in) fp32 matrix, scale included."""
+        raise NotImplementedError
+
+    def merged_weight(self) -> torch.Tensor:
+        """The base weight (in the base's own layout, fp32) with this adapter folded in."""
+        w0 = self.kind.weight_matrix().float()
+        return self.kind.weight_from_matrix(w0 + self.delta_weight())
+
+    def lora_factors(self) -> dict[str, torch.Tensor]:
+        """The update as PEFT LoRA tensors with alpha = r: keys `lora_A.weight`, `lora_B.weight`
+        (and `lora_magnitude_vector` for DoRA)."""
+        raise NotImplementedError
+
+    def base_weight_changed(self) -> None:
+        """Called after something (a merge) rewrote the base weight; refresh anything cached from it."""
+
+    # --- class-level hooks over all layers of one adapter -------------------------------------------
+    @classmethod
+    def param_groups(
+        cls, params: Sequence[tuple[str, nn.Parameter, str]], lr: float, weight_decay: float, config: AdapterConfig
+    ) -> list[dict]:
+        """Optimizer groups for one adapter. `params` are (qualified name, parameter, role) triples.
+        DoRA magnitudes get no weight decay: decaying them pulls each row's norm towards 0, not towards W0."""
+        decayed = [p for _, p, role in params if role != "magnitude"]
+        magnitudes = [p for _, p, role in params if role == "magnitude"]
+        groups = [{"params": decayed, "lr": lr, "weight_decay": weight_decay, "role": "factors"}]
+        if magnitudes:
+            groups.append({"params": magnitudes, "lr": lr, "weight_decay": 0.0, "role": "magnitude"})
+        return groups
+
+    @classmethod
+    def after_optimizer_step(cls, layers: Iterable[AdapterLayer], step: int, optimizer=None) -> None:
+        """Run once per optimizer step, after `optimizer.step()` and before `zero_grad()`."""
+        for layer in layers:
+            layer.step = step
+
+    @classmethod
+    def regularization(cls, layers: Iterable[AdapterLayer]) -> torch.Tensor | None:
+        """An extra loss term (AdaLoRA's orthogonality penalty); None when the method has none."""
+        return None
+
+    # --- persistence of the step counter in model.state_dict(), so accelerate checkpoints carry it ----
+    def get_extra_state(self) -> torch.Tensor:
+        return torch.tensor(self.step, dtype=torch.int64)
+
+    def set_extra_state(self, state: torch.Tensor) -> None:
+        self.step = int(state)
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, scaling={self.scaling:g}, multiplier={self.multiplier:g}, enabled={self.enabled}"
+
+
+def kaiming_(t: torch.Tensor) -> torch.Tensor:
+    """PEFT's default init for the down factor: Kaiming-uniform with a=sqrt(5), fan_in from dim 1 onward."""
+    return nn.init.kaiming_uniform_(t, a=math.sqrt(5))
+
+
+def init_down_(t: torch.Tensor, config: AdapterConfig) -> torch.Tensor:
+    if config.init == "gaussian":
+        return nn.init.normal_(t, std=1.0 / config.rank)
+    return kaiming_(t)

@@ -1,0 +1,73 @@
+"""DoRA (Liu et al. 2024, §4): W' = m ⊙ (W0 + s·B·A) / ‖W0 + s·B·A‖, the norm per output unit.
+
+- m (the magnitude) starts at ‖W0‖ per row, so the layer is the base layer at step 0.
+- The norm is detached (§4.3): it is a constant for the backward pass, as in PEFT and NVlabs' reference.
+- The bias stays outside the rescale, as in PEFT: y = (m/n)·(W0·x + s·B·A·x) + b.
+- Conv2d: the norm is over (C_in, kh, kw); the magnitude is stored (1, C_out, 1, 1) like PEFT.
+
+The norm is computed without a d_out×d_in temporary (PEFT builds B·A every forward):
+    ‖W0 + s·BA‖²_row = ‖W0‖²_row + 2s·rowsum(B ⊙ (W0·Aᵀ)) + s²·rowsum((B·(A·Aᵀ)) ⊙ B)
+where W0·Aᵀ is (d_out, r) and A·Aᵀ is (r, r); ‖W0‖² is cached because W0 is frozen.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dreamlora.config import AdapterConfig
+from dreamlora.layer_kinds import LinearKind
+from dreamlora.methods.base import register
+from dreamlora.methods.lora import LoRA
+
+
+@register
+class DoRA(LoRA):
+    method = "dora"
+    file_keys = {**LoRA.file_keys, "lora_magnitude_vector": "lora_magnitude_vector"}
+    roles = {**LoRA.roles, "lora_magnitude_vector": "magnitude"}
+
+    def __init__(self, kind: LinearKind, config: AdapterConfig):
+        super().__init__(kind, config)
+        self.base_weight_changed()
+        magnitude = self._w0_sq_norm.sqrt().reshape(kind.magnitude_shape())  # (d_out,) or (1, C_out, 1, 1)
+        self.lora_magnitude_vector = nn.Parameter(magnitude.clone())
+
+    def base_weight_changed(self) -> None:
+        with torch.no_grad():
+            w0 = self.kind.weight_matrix().float()
+            self._w0_sq_norm = (w0 * w0).sum(dim=1)  # (d_out,)
+
+    @torch.no_grad()
+    def weight_norm(self) -> torch.Tensor:
+        """‖W0 + s·B·A‖ per output unit, (d_out,) fp32, from (d_out, r) and (r, r) products only."""
+        s = self.effective_scale
+        a = self.kind.down_matrix(self.lora_A)  # (r, d_in)
+        b = self.kind.up_matrix(self.lora_B)  # (d_out, r)
+        w0 = self.kind.weight_matrix()
+        w0_at = (w0 @ a.to(w0.dtype).t()).float()  # (d_out, r)
+        cross = (b * w0_at).sum(dim=1)  # (d_out,)
+        ba_sq = ((b @ (a @ a.t())) * b).sum(dim=1)  # (d_out,)
+        return (self._w0_sq_norm + (2 * s) * cross + (s * s) * ba_sq).clamp_min(0).sqrt()
+
+    def forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        ratio = self.lora_magnitude_vector.reshape(-1) / self.weight_norm()  # (d_out,), grad reaches m only
+        ratio = self.kind.per_output(ratio)
+        lora = self.lora_term(x)
+        if self.dropout is not None and self.training:
+            # PEFT rescales W0 applied to the *dropped* input, so recompute it rather than reuse base_out.
+            w0x = self.kind.base_without_bias(self._input(x, x.dtype))
+        else:
+            bias = self.kind.bias()
+            w0x = base_out if bias is None else base_out - self.kind.per_output(bias)
+        # y = base_out + (m/n - 1)·W0x + (m/n)·s·BAx  (bias left out of the rescale)
+        delta = (ratio - 1) * w0x.to(lora.dtype) + ratio * (self.effective_scale * lora)
+        return base_out + delta.to(base_out.dtype)
+
+    def merged_weight(self) -> torch.Tensor:
+        w = self.kind.weight_matrix().float() + self.delta_weight()  # (d_out, d_in)
+        ratio = self.lora_magnitude_vector.detach().reshape(-1) / w.norm(dim=1)
+        return self.kind.weight_from_matrix(w * ratio[:, None])
+
+    def lora_factors(self) -> dict[str, torch.Tensor]:
+        return {**super().lora_factors(), "lora_magnitude_vector": self.lora_magnitude_vector.detach()}

@@ -1,0 +1,43 @@
+"""LoRA (Hu et al. 2021, §4.1): y = W0·x + b + s·B·A·x, with s = α/r (α/√r with rsLoRA).
+
+Init: A (r, d_in) Kaiming-uniform(a=√5), B (d_out, r) zero, so the layer is the base layer at step 0.
+Merge: W ← W0 + s·B·A. Conv2d: A is a k×k conv to r channels, B a 1×1 conv (see layer_kinds).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dreamlora.config import AdapterConfig
+from dreamlora.layer_kinds import LinearKind
+from dreamlora.methods.base import AdapterLayer, init_down_, register
+
+
+@register
+class LoRA(AdapterLayer):
+    method = "lora"
+    file_keys = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"}
+    roles = {"lora_A": "down", "lora_B": "up"}
+
+    def __init__(self, kind: LinearKind, config: AdapterConfig):
+        super().__init__(kind, config)
+        device = kind.base.weight.device
+        r = config.rank
+        self.lora_A = nn.Parameter(init_down_(torch.empty(kind.down_shape(r), device=device), config))  # (r, d_in)
+        self.lora_B = nn.Parameter(torch.zeros(kind.up_shape(r), device=device))  # (d_out, r)
+
+    def lora_term(self, x: torch.Tensor) -> torch.Tensor:
+        """B·A·x in fp32, unscaled."""
+        return self.kind.up(self.kind.down(self._input(x, self.lora_A.dtype), self.lora_A), self.lora_B)
+
+    def forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        return base_out.add(self.lora_term(x).to(base_out.dtype), alpha=self.effective_scale)
+
+    def delta_weight(self) -> torch.Tensor:
+        k = self.kind
+        return self.effective_scale * (k.up_matrix(self.lora_B) @ k.down_matrix(self.lora_A))  # (d_out, d_in)
+
+    def lora_factors(self) -> dict[str, torch.Tensor]:
+        # alpha = r in the exported file, so the scale goes into B.
+        return {"lora_A.weight": self.lora_A.detach(), "lora_B.weight": self.lora_B.detach() * self.scaling}

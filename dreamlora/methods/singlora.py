@@ -1,0 +1,66 @@
+"""SingLoRA (Bensaïd et al. 2025, arXiv 2507.05566): one matrix, ΔW = s·u(t)·A[:d_out]·A[:d_in]ᵀ.
+
+- A is (n, r) with n = max(d_in, d_out): the truncation (A·Aᵀ)[:d_out, :d_in] of the square update, which
+  handles d_out > d_in and d_out < d_in alike. Init Kaiming-uniform(a=√5), as both public implementations.
+- s = α/r (α/√r with rsLoRA); u(t) = min(t/T, 1) with t the number of optimizer steps taken, set by the
+  per-optimizer-step hook (never by forward calls), so gradient accumulation, gradient checkpointing and
+  resume leave it right. T = 0 turns the ramp off (u = 1, and the layer is no longer an identity at init).
+- At t = 0, u = 0 would zero both ΔW and ∂L/∂A, so the first update would be lost. Instead the forward
+  value uses u(0) = 0 (the attached model is the base model) while the gradient flows as at u(1) = 1/T:
+  y = W0·x + s·(1/T)·(h − stopgrad(h)), h = A[:d_out]·A[:d_in]ᵀ·x.
+- Conv2d (no published definition): the matrix view (C_out, C_in·kh·kw); A[:d_in]ᵀ becomes a kh×kw conv
+  to r channels and A[:d_out] a 1×1 conv, so the training forward never builds a d_out×d_in matrix.
+- Lossless LoRA export (α' = r): B' = s·u·A[:d_out], A' = A[:d_in]ᵀ.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dreamlora.config import AdapterConfig
+from dreamlora.layer_kinds import LinearKind
+from dreamlora.methods.base import AdapterLayer, init_down_, register
+
+
+@register
+class SingLoRA(AdapterLayer):
+    method = "singlora"
+    file_keys = {"singlora_A": "singlora_A"}
+    roles = {"singlora_A": "shared"}
+
+    def __init__(self, kind: LinearKind, config: AdapterConfig):
+        super().__init__(kind, config)
+        n = max(kind.d_in, kind.d_out)
+        a = torch.empty(n, config.rank, device=kind.base.weight.device)  # (n, r)
+        self.singlora_A = nn.Parameter(init_down_(a, config))
+        self.ramp_steps = config.singlora_ramp_steps
+
+    def ramp(self, step: int | None = None) -> float:
+        """u(t) = min(t/T, 1); 1 when the ramp is off."""
+        t = self.step if step is None else step
+        return 1.0 if self.ramp_steps == 0 else min(t / self.ramp_steps, 1.0)
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(down, up) in the base kind's factor shapes: A[:d_in]ᵀ (r, d_in) and A[:d_out] (d_out, r)."""
+        a = self.singlora_A
+        return self.kind.down_from_matrix(a[: self.kind.d_in].t()), self.kind.up_from_matrix(a[: self.kind.d_out])
+
+    def forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        down, up = self.factors()
+        h = self.kind.up(self.kind.down(self._input(x, down.dtype), down), up)
+        if self.step == 0 and self.ramp_steps > 0:
+            h = h - h.detach()  # value 0, gradient as at u(1): see the module docstring
+            u = self.ramp(1)
+        else:
+            u = self.ramp()
+        return base_out.add(h.to(base_out.dtype), alpha=self.effective_scale * u)
+
+    def delta_weight(self) -> torch.Tensor:
+        a = self.singlora_A
+        return (self.effective_scale * self.ramp()) * (a[: self.kind.d_out] @ a[: self.kind.d_in].t())
+
+    def lora_factors(self) -> dict[str, torch.Tensor]:
+        down, up = self.factors()
+        return {"lora_A.weight": down.detach().contiguous(),
+                "lora_B.weight": (up.detach() * (self.scaling * self.ramp())).contiguous()}
