@@ -129,6 +129,7 @@ def load(model: nn.Module, path: str | os.PathLike, name: str | None = None) -> 
     name = name or meta.get("name", "default")
     with safe_open(str(path), framework="pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
+    trainable = {id(p): p.requires_grad for p in model.parameters()}
     try:
         attach(model, config, name)
     except (ValueError, TypeError) as e:
@@ -140,6 +141,8 @@ def load(model: nn.Module, path: str | os.PathLike, name: str | None = None) -> 
             layer.step = step
     except BaseException:
         detach(model, name)
+        for p in model.parameters():  # attach froze the base; a failed load must leave no trace
+            p.requires_grad_(trainable.get(id(p), p.requires_grad))
         raise
     return model
 

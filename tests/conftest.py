@@ -1,0 +1,66 @@
+"""Tiny models built from code; nothing here touches the network."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+METHOD_NAMES = ["lora", "loraplus", "dora", "singlora"]
+
+
+class OneLayer(nn.Module):
+    """A model holding a single target layer named `proj`, plus a frozen-by-attach neighbour."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.proj = layer
+        self.norm = nn.Identity()
+
+    def forward(self, x):
+        return self.proj(self.norm(x))
+
+
+# layer kind -> (factory, input factory). d_out>d_in and d_out<d_in Linear are both covered.
+LAYER_KINDS = {
+    "linear_square": (lambda: nn.Linear(12, 12), lambda: torch.randn(3, 5, 12)),
+    "linear_wide": (lambda: nn.Linear(8, 20), lambda: torch.randn(3, 5, 8)),  # d_out > d_in
+    "linear_narrow": (lambda: nn.Linear(20, 6), lambda: torch.randn(3, 5, 20)),  # d_out < d_in
+    "conv2d": (lambda: nn.Conv2d(4, 6, 3, padding=1, stride=1), lambda: torch.randn(2, 4, 7, 7)),
+}
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def tiny_unet():
+    """A two-level SD-architecture UNet (cross-attention + ResNet convs), random init."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4,
+        down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"], up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"],
+        block_out_channels=[32, 64], layers_per_block=1, cross_attention_dim=32, attention_head_dim=8,
+        norm_num_groups=8,
+    )
+
+
+def unet_inputs(batch: int = 1):
+    return torch.randn(batch, 4, 8, 8), torch.tensor([10] * batch), torch.randn(batch, 5, 32)
+
+
+def randomize_adapters(model, name: str = "default", std: float = 0.1) -> None:
+    """Move every adapter weight off its init (B = 0 would make most checks trivially true)."""
+    import dreamlora
+
+    with torch.no_grad():
+        for layer in dreamlora.adapter_layers(model, name).values():
+            for p in layer.parameters():
+                p.add_(torch.randn_like(p) * std)
