@@ -60,8 +60,10 @@ class DoRA(LoRA):
         else:
             bias = self.kind.bias()
             w0x = base_out if bias is None else base_out - self.kind.per_output(bias)
-        # y = base_out + (m/n - 1)·W0x + (m/n)·s·BAx  (bias left out of the rescale)
-        delta = (ratio - 1) * w0x.to(lora.dtype) + ratio * (self.effective_scale * lora)
+        # y = base_out + (m/n - 1)·W0x + (m/n)·s·BAx, bias left out of the rescale. This additive form keeps
+        # the layer bit-exact at init (m/n = 1 exactly, BA = 0) where (m/n)·(y - b) + b would not be.
+        delta = lora * (ratio * self.effective_scale)
+        delta = delta.addcmul(w0x.to(lora.dtype), ratio - 1)
         return base_out + delta.to(base_out.dtype)
 
     def merged_weight(self) -> torch.Tensor:

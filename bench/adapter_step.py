@@ -1,0 +1,230 @@
+"""Train-step cost of each adapter on the SD 1.5 UNet: dreamlora vs PEFT vs peft-singlora vs the floor.
+
+Setup (issue #2): SD 1.5 UNet architecture from its config (random init), batch 1, 32×32 latents,
+attention targets, AdamW, CPU unless --device says otherwise. Each configuration runs in its own process
+(fresh allocator, honest peak memory); rounds interleave the configurations so drift on a noisy machine
+hits all of them alike. The floor is the frozen base with the gradient flowing to the input only.
+
+    python bench/adapter_step.py                     # ranks 4 and 64, writes bench/results/adapter_step.{json,md}
+    python bench/adapter_step.py --quick             # rank 4, fewer steps (what `make demo` runs)
+
+Not a timed test: compare ratios within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+CONFIGS = ["floor", "dreamlora-lora", "dreamlora-dora", "dreamlora-singlora", "peft-lora", "peft-dora",
+           "peft-singlora"]
+TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+RESULTS = Path(__file__).parent / "results"
+
+
+def attach_adapter(unet, config: str, rank: int) -> None:
+    """Attach one configuration's adapter (or none, for the floor) to the UNet."""
+    if config == "floor":
+        unet.requires_grad_(False)
+    elif config.startswith("dreamlora-"):
+        import dreamlora
+
+        dreamlora.attach(unet, dreamlora.AdapterConfig(method=config.split("-", 1)[1], rank=rank,
+                                                        target_modules=TARGETS))
+        for layer in dreamlora.adapter_layers(unet, "default").values():
+            layer.step = 1  # past SingLoRA's first step, like any step of a real run
+    elif config == "peft-singlora":
+        from peft import inject_adapter_in_model
+        from peft_singlora import SingLoRAConfig, update_singlora_global_step
+
+        unet.requires_grad_(False)
+        inject_adapter_in_model(SingLoRAConfig(r=rank, lora_alpha=rank, target_modules=TARGETS, ramp_up_steps=100),
+                                unet)
+        update_singlora_global_step(unet, 1)
+    else:
+        from peft import LoraConfig
+
+        unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=TARGETS,
+                                    use_dora=config == "peft-dora"))
+
+
+def _status_mib(field: str) -> float:
+    with open("/proc/self/status") as f:
+        line = next(line for line in f if line.startswith(field + ":"))
+    return int(line.split()[1]) / 1024  # kB
+
+
+def reset_peak_rss() -> float:
+    """Forget the peak left by model loading (Linux clear_refs 5) and return the current RSS in MiB."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _status_mib("VmRSS")
+
+
+def peak_rss_mib() -> float:
+    return _status_mib("VmHWM")
+
+
+def cached_sd15_unet(device: str, dtype: torch.dtype):
+    """The same random-init UNet in every worker: built once (slow on CPU), then read from a safetensors cache."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from pipelines.sd_configs import build_sd15_unet
+
+    cache = RESULTS / ".cache" / "sd15_unet_random_seed0.safetensors"
+    unet = build_sd15_unet("meta")
+    if not cache.is_file():
+        torch.manual_seed(0)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(".tmp")
+        save_file(build_sd15_unet("cpu").state_dict(), tmp)
+        os.replace(tmp, cache)
+    unet.to_empty(device=device)
+    with torch.no_grad(), safe_open(str(cache), framework="pt") as f:  # tensor by tensor: no second full copy
+        for name, tensor in unet.state_dict().items():
+            tensor.copy_(f.get_tensor(name))
+    return unet.to(dtype)
+
+
+def worker(config: str, rank: int, latent: int, steps: int, warmup: int, device: str, dtype: str) -> dict:
+    torch.manual_seed(0)
+    dt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    unet = cached_sd15_unet(device, dt)
+    attach_adapter(unet, config, rank)
+    trainable = [p for p in unet.parameters() if p.requires_grad]
+    if dt != torch.float32:
+        for p in trainable:  # trainable weights in fp32 on a half-precision base, as training does
+            p.data = p.data.float()
+    optimizer = torch.optim.AdamW(trainable, lr=1e-4) if trainable else None
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    latents = torch.randn(1, 4, latent, latent, generator=gen).to(device, dt)
+    context = torch.randn(1, 77, 768, generator=gen).to(device, dt)
+    target = torch.randn(1, 4, latent, latent, generator=gen).to(device, torch.float32)
+    timestep = torch.tensor([500], device=device)
+    baseline_rss = reset_peak_rss()
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        baseline_cuda = torch.cuda.memory_allocated()
+
+    def step() -> float:
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        x = latents.detach().requires_grad_(config == "floor")
+        pred = unet(x, timestep, context).sample
+        loss = torch.nn.functional.mse_loss(pred.float(), target)
+        loss.backward()
+        if optimizer is not None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    for _ in range(warmup):
+        step()
+    times = [step() for _ in range(steps)]
+    result = {"config": config, "rank": rank, "latent": latent, "dtype": dtype, "device": device,
+              "trainable_params": sum(p.numel() for p in trainable), "step_s": times,
+              "median_s": statistics.median(times), "min_s": min(times), "peak_rss_mib": peak_rss_mib(),
+              "train_rss_mib": peak_rss_mib() - baseline_rss}
+    if device == "cuda":
+        result["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
+        result["train_cuda_mib"] = (torch.cuda.max_memory_allocated() - baseline_cuda) / 2**20
+    return result
+
+
+def run_one(config: str, rank: int, args) -> dict:
+    cmd = [sys.executable, __file__, "--worker", config, "--ranks", str(rank), "--latent", str(args.latent),
+           "--steps", str(args.steps), "--warmup", str(args.warmup), "--device", args.device, "--dtype", args.dtype]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def summarise(runs: list[dict], ranks: list[int]) -> list[dict]:
+    rows = []
+    for rank in ranks:
+        best = {}
+        for config in CONFIGS:
+            mine = [r for r in runs if r["config"] == config and r["rank"] == rank]
+            if mine:
+                # Interference from other work only ever adds time, so the fastest step over all rounds is
+                # the steadiest estimate of each configuration's cost; the median is kept beside it.
+                best[config] = {"min_s": min(r["min_s"] for r in mine),
+                                "median_s": statistics.median(t for r in mine for t in r["step_s"]),
+                                "trainable_params": mine[0]["trainable_params"],
+                                "train_mem_mib": max(r.get("train_cuda_mib", r["train_rss_mib"]) for r in mine)}
+        for config, r in best.items():
+            row = {"rank": rank, "config": config, "trainable_params": r["trainable_params"],
+                   "step_s": r["min_s"], "median_s": r["median_s"], "x_floor": r["min_s"] / best["floor"]["min_s"],
+                   "train_mem_mib": r["train_mem_mib"]}
+            if "dreamlora-lora" in best:
+                row["x_our_lora"] = r["min_s"] / best["dreamlora-lora"]["min_s"]
+            rows.append(row)
+    return rows
+
+
+def markdown(rows: list[dict], args) -> str:
+    head = (f"SD 1.5 UNet, {args.latent}×{args.latent} latents, batch 1, attention targets, AdamW, "
+            f"{args.device} {args.dtype}; fastest of {args.steps} steps × {args.rounds} interleaved rounds "
+            "(median beside)\n\n"
+            "| rank | config | trainable params | step (s) | median (s) | × floor | × our lora | train mem (MiB) |\n"
+            "|---:|---|---:|---:|---:|---:|---:|---:|\n")
+    return head + "".join(
+        f"| {r['rank']} | {r['config']} | {r['trainable_params']:,} | {r['step_s']:.3f} | {r['median_s']:.3f} | "
+        f"{r['x_floor']:.3f} | "
+        f"{r.get('x_our_lora', float('nan')):.3f} | {r['train_mem_mib']:.0f} |\n" for r in rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ranks", default="4,64", help="comma-separated ranks")
+    parser.add_argument("--configs", default=",".join(CONFIGS), help=f"subset of {CONFIGS}")
+    parser.add_argument("--latent", type=int, default=32, help="latent side (32 = 256 px images)")
+    parser.add_argument("--steps", type=int, default=8, help="timed steps per process")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved repetitions of every configuration")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    parser.add_argument("--output", default=str(RESULTS / "adapter_step"), help="path stem for .json and .md")
+    parser.add_argument("--quick", action="store_true", help="rank 4, 3 steps, 1 round")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.worker, int(args.ranks), args.latent, args.steps, args.warmup, args.device,
+                                args.dtype)))
+        return
+    if args.quick:
+        args.ranks, args.steps, args.warmup, args.rounds = "4", 3, 1, 1
+    ranks = [int(r) for r in args.ranks.split(",")]
+    configs = args.configs.split(",")
+    unknown = sorted(set(configs) - set(CONFIGS))
+    if unknown or "floor" not in configs:
+        sys.exit(f"--configs: unknown {unknown} (known: {CONFIGS}); 'floor' is required for the ratios")
+    from tqdm import tqdm
+
+    jobs = [(c, r) for _ in range(args.rounds) for r in ranks for c in configs]
+    runs = [run_one(c, r, args) for c, r in tqdm(jobs, desc="adapter step bench", unit="process")]
+    rows = summarise(runs, ranks)
+    table = markdown(rows, args)
+    stem = Path(args.output)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
+            "cpu_count": os.cpu_count(), "args": vars(args)}
+    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows, "runs": runs}, indent=1))
+    stem.with_suffix(".md").write_text(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
