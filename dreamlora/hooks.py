@@ -21,8 +21,12 @@ from dreamlora.inject import adapter_layers, adapter_names
 from dreamlora.methods import METHODS
 
 
-def _roles(path: str, name: str, layer) -> list[tuple[str, nn.Parameter, str]]:
-    return [(f"{path}.{attr}", getattr(layer, attr), role) for attr, role in type(layer).roles.items()]
+def _roles(path: str, layer) -> list[tuple[str, nn.Parameter, str]]:
+    """(name, parameter, role); factors of adapters on embedding layers get the role "embedding"."""
+    def role_of(role: str) -> str:
+        return "embedding" if layer.kind.is_embedding and role != "magnitude" else role
+
+    return [(f"{path}.{attr}", getattr(layer, attr), role_of(role)) for attr, role in type(layer).roles.items()]
 
 
 def param_groups(
@@ -34,7 +38,7 @@ def param_groups(
     for name in names or adapter_names(model):
         layers = adapter_layers(model, name)
         config = next(iter(layers.values())).config
-        params = [t for path, layer in layers.items() for t in _roles(path, name, layer) if t[1].requires_grad]
+        params = [t for path, layer in layers.items() for t in _roles(path, layer) if t[1].requires_grad]
         if not params:
             continue
         for group in METHODS[config.method].param_groups(params, lr, weight_decay, config):

@@ -45,8 +45,8 @@ def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, tor
     """Native tensors of adapter `name`, keyed `<module path>.<file key>`."""
     out = {}
     for path, layer in adapter_layers(model, name).items():
-        for attr, key in type(layer).file_keys.items():
-            out[f"{path}.{key}"] = getattr(layer, attr).detach()
+        for attr in type(layer).file_keys:
+            out[f"{path}.{layer.file_key(attr)}"] = getattr(layer, attr).detach()
     return out
 
 
@@ -79,7 +79,8 @@ def lora_export_config(config: AdapterConfig) -> AdapterConfig:
 def peft_lora_state_dict(model: nn.Module, name: str = "default") -> tuple[dict[str, torch.Tensor], dict]:
     """Adapter `name` as PEFT LoRA tensors (`<path>.lora_A.weight`, ...) and a PEFT LoraConfig dict."""
     layers = adapter_layers(model, name)
-    tensors = {f"{path}.{key}": t for path, layer in layers.items() for key, t in layer.lora_factors().items()}
+    tensors = {f"{path}.{layer.kind.file_key(key)}": t
+               for path, layer in layers.items() for key, t in layer.lora_factors().items()}
     config = next(iter(layers.values())).config
     peft_config = {"r": config.rank, "lora_alpha": config.rank, "target_modules": sorted(layers),
                    "use_dora": config.method == "dora", "use_rslora": False, "lora_dropout": 0.0,
@@ -151,8 +152,8 @@ def load(model: nn.Module, path: str | os.PathLike, name: str | None = None) -> 
 def _assign(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], path: Path) -> None:
     expected = {}
     for module_path, layer in adapter_layers(model, name).items():
-        for attr, key in type(layer).file_keys.items():
-            expected[f"{module_path}.{key}"] = getattr(layer, attr)
+        for attr in type(layer).file_keys:
+            expected[f"{module_path}.{layer.file_key(attr)}"] = getattr(layer, attr)
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:

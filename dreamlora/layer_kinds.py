@@ -1,7 +1,7 @@
 """How an adapter sees a base layer: as a matrix (d_out, d_in), and as two cheap ops on its input.
 
-Every method is written once against this view, so Linear, Conv2d and transformers' Conv1D (GPT-2) share
-the method code. Conv2d follows PEFT and kohya (LoCon): the down factor is a k×k conv from C_in to r with
+Every method is written once against this view, so Linear, Conv2d, Embedding and transformers' Conv1D
+(GPT-2) share the method code. Conv2d follows PEFT and kohya (LoCon): the down factor is a k×k conv from C_in to r with
 the base's stride, padding and dilation, the up factor a 1×1 conv from r to C_out, so the matrix view of the
 conv weight is (C_out, C_in·k·k).
 """
@@ -19,6 +19,9 @@ class UnsupportedLayer(TypeError):
 
 class LinearKind:
     """nn.Linear: weight (d_out, d_in), y = x·Wᵀ + b."""
+
+    is_embedding = False
+    file_key_names: dict[str, str] = {}  # PEFT renames some keys per layer type (embeddings)
 
     def __init__(self, base: nn.Module):
         self.base = base
@@ -52,7 +55,14 @@ class LinearKind:
     def weight_from_matrix(self, m: torch.Tensor) -> torch.Tensor:
         return m
 
+    def file_key(self, key: str) -> str:
+        return self.file_key_names.get(key, key)
+
     # --- the ops on the input ------------------------------------------------------------------------
+    def prepare_input(self, x: torch.Tensor, dtype: torch.dtype, dropout: nn.Module | None) -> torch.Tensor:
+        x = x.to(dtype)  # cast in: adapter weights stay fp32 on a half-precision base
+        return dropout(x) if dropout is not None else x
+
     def down(self, x: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
         return F.linear(x, down)
 
@@ -131,13 +141,47 @@ class Conv2dKind(LinearKind):
         return F.conv2d(x, b.weight, None, b.stride, b.padding, b.dilation)
 
 
+class EmbeddingKind(LinearKind):
+    """nn.Embedding: weight (num_embeddings, dim). As in PEFT the matrix view is Wᵀ (dim, num_embeddings), so
+    A (r, num_embeddings) is looked up by token id and B is (dim, r); files name them lora_embedding_A/B."""
+
+    is_embedding = True
+    file_key_names = {"lora_A.weight": "lora_embedding_A", "lora_B.weight": "lora_embedding_B"}
+
+    def __init__(self, base: nn.Embedding):
+        if base.max_norm is not None or base.sparse:
+            raise UnsupportedLayer("Embedding with max_norm or sparse gradients is not supported")
+        self.base = base
+        self.d_in, self.d_out = base.weight.shape
+
+    def weight_matrix(self) -> torch.Tensor:
+        return self.base.weight.t()
+
+    def weight_from_matrix(self, m: torch.Tensor) -> torch.Tensor:
+        return m.t().contiguous()
+
+    def prepare_input(self, x: torch.Tensor, dtype: torch.dtype, dropout: nn.Module | None) -> torch.Tensor:
+        return x  # token ids: nothing to cast, and PEFT applies no dropout to them
+
+    def down(self, x: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+        return F.embedding(x, down.t(), padding_idx=self.base.padding_idx)
+
+    def base_without_bias(self, x: torch.Tensor) -> torch.Tensor:
+        return F.embedding(x, self.base.weight, padding_idx=self.base.padding_idx)
+
+    def bias(self) -> None:
+        return None
+
+
 def kind_of(module: nn.Module) -> LinearKind:
     """The view of a supported layer; `UnsupportedLayer` for anything else."""
     if isinstance(module, nn.Linear):
         return LinearKind(module)
     if isinstance(module, nn.Conv2d):
         return Conv2dKind(module)
+    if isinstance(module, nn.Embedding):
+        return EmbeddingKind(module)
     # transformers' Conv1D, recognised by shape so the core does not import transformers.
     if type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None:
         return Conv1DKind(module)
-    raise UnsupportedLayer(f"{type(module).__name__} is not an adaptable layer (supported: Linear, Conv2d, Conv1D)")
+    raise UnsupportedLayer(f"{type(module).__name__} is not an adaptable layer (supported: Linear, Conv2d, Embedding, Conv1D)")

@@ -32,6 +32,7 @@ LAYER_KINDS = {
     "linear_wide": (lambda: nn.Linear(8, 20), lambda: torch.randn(3, 5, 8)),  # d_out > d_in
     "linear_narrow": (lambda: nn.Linear(20, 6), lambda: torch.randn(3, 5, 20)),  # d_out < d_in
     "conv2d": (lambda: nn.Conv2d(4, 6, 3, padding=1, stride=1), lambda: torch.randn(2, 4, 7, 7)),
+    "embedding": (lambda: nn.Embedding(30, 10, padding_idx=0), lambda: torch.randint(0, 30, (3, 5))),
 }
 
 

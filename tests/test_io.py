@@ -70,3 +70,17 @@ def test_failed_write_leaves_the_old_file(tmp_path, monkeypatch):
         pass
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors"]
+
+
+def test_embedding_keys_follow_peft(tmp_path):
+    class WithEmbedding(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tokens = nn.Embedding(30, 8)
+
+    model = attach(WithEmbedding(), AdapterConfig(rank=2, target_modules=["tokens"]))
+    with safe_open(str(dreamlora.save(model, tmp_path / "e.safetensors")), "pt") as f:
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    assert shapes == {"tokens.lora_embedding_A": (2, 30), "tokens.lora_embedding_B": (8, 2)}
+    tensors, _ = dreamlora.peft_lora_state_dict(model)
+    assert set(tensors) == {"tokens.lora_embedding_A", "tokens.lora_embedding_B"}

@@ -25,7 +25,8 @@ def build(method: str, kind: str, dtype: str, **options):
     config = AdapterConfig(method=method, rank=3, alpha=5.0, target_modules=["proj"],
                            singlora_ramp_steps=options.pop("ramp", 10), **options)
     model = attach(copy.deepcopy(base), config)
-    return base, model, make_input().to(DTYPES[dtype])
+    x = make_input()
+    return base, model, x.to(DTYPES[dtype]) if x.is_floating_point() else x
 
 
 def layer_of(model):
@@ -49,23 +50,30 @@ def hand_weight(method: str, model) -> torch.Tensor:
     """W' written straight from the papers' formulas, in fp32 and the base layer's own shape."""
     layer, base = layer_of(model), model.proj.base_layer
     w0 = base.weight.float()
-    shape = w0.shape
-    w0 = w0.reshape(shape[0], -1)  # (d_out, d_in) view of Linear and Conv2d alike
+    if isinstance(base, torch.nn.Embedding):  # PEFT's view of an embedding: Wᵀ, vocabulary as d_in
+        return hand_weight_matrix(method, layer, w0.T).T
+    return hand_weight_matrix(method, layer, w0.reshape(w0.shape[0], -1)).reshape(w0.shape)
+
+
+def hand_weight_matrix(method: str, layer, w0: torch.Tensor) -> torch.Tensor:
+    """W' for a (d_out, d_in) base matrix."""
     s = 5.0 / 3
     if method == "singlora":
         a = layer.singlora_A
         u = min(layer.step / 10, 1.0)
-        return (w0 + s * u * a[: w0.shape[0]] @ a[: w0.shape[1]].T).reshape(shape)
+        return w0 + s * u * a[: w0.shape[0]] @ a[: w0.shape[1]].T
     a = layer.lora_A.reshape(3, -1)
     b = layer.lora_B.reshape(-1, 3)
     w = w0 + s * b @ a
     if method == "dora":
         m = layer.lora_magnitude_vector.reshape(-1, 1)
         w = m * w / w.norm(dim=1, keepdim=True)
-    return w.reshape(shape)
+    return w
 
 
 def apply_weight(base, weight, x):
+    if isinstance(base, torch.nn.Embedding):
+        return torch.nn.functional.embedding(x, weight)
     if isinstance(base, torch.nn.Conv2d):
         return F.conv2d(x.float(), weight, base.bias.float(), base.stride, base.padding)
     return F.linear(x.float(), weight, base.bias.float())
@@ -120,12 +128,14 @@ def test_merged_equals_unmerged(method, kind, dtype):
 def test_gradients_reach_adapter_only(method, kind, dtype):
     _, model, x = build(method, kind, dtype)
     perturb(model)
-    model(x.requires_grad_()).float().square().mean().backward()
+    if x.is_floating_point():
+        x.requires_grad_()
+    model(x).float().square().mean().backward()
     for p in layer_of(model).parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
     for p in model.proj.base_layer.parameters():
         assert p.grad is None
-    assert x.grad is not None  # the adapter does not cut the graph to the layer input
+    assert x.grad is not None or not x.is_floating_point()  # the adapter does not cut the graph to the input
 
 
 @pytest.mark.parametrize(("method", "kind", "dtype"), CASES, ids=IDS)

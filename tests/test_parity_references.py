@@ -19,7 +19,15 @@ REFERENCE_LAYERS = {
     "linear_narrow": (lambda: nn.Linear(40, 16), lambda: torch.randn(4, 6, 40)),
     "conv2d": (lambda: nn.Conv2d(6, 10, 3, padding=1), lambda: torch.randn(2, 6, 9, 9)),
     "conv2d_strided_1x1": (lambda: nn.Conv2d(6, 10, 1, stride=2), lambda: torch.randn(2, 6, 9, 9)),
+    "embedding": (lambda: nn.Embedding(50, 12, padding_idx=1), lambda: torch.randint(0, 50, (4, 7))),
 }
+
+
+def peft_factors(ref) -> tuple[torch.Tensor, torch.Tensor]:
+    """PEFT's (A, B) parameters: `lora_A[...].weight` modules, or ParameterDicts on embeddings."""
+    if "default" in ref.lora_embedding_A:
+        return ref.lora_embedding_A["default"], ref.lora_embedding_B["default"]
+    return ref.lora_A["default"].weight, ref.lora_B["default"].weight
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -36,10 +44,12 @@ def twin_models(kind: str, use_dora: bool, rank: int = 4, alpha: float = 8.0):
                                                           use_dora=use_dora))
     layer = ours.proj.adapters["default"]
     ref = peft.base_model.model.proj
+    ref_a, ref_b = peft_factors(ref)
     with torch.no_grad():
-        layer.lora_B.normal_(0, 0.2)
-        ref.lora_A["default"].weight.copy_(layer.lora_A)
-        ref.lora_B["default"].weight.copy_(layer.lora_B)
+        layer.lora_A.add_(torch.randn_like(layer.lora_A) * 0.2)
+        layer.lora_B.add_(torch.randn_like(layer.lora_B) * 0.2)
+        ref_a.copy_(layer.lora_A)
+        ref_b.copy_(layer.lora_B)
         if use_dora:
             layer.lora_magnitude_vector.mul_(torch.rand_like(layer.lora_magnitude_vector) + 0.5)
             magnitude = ref.lora_magnitude_vector["default"].weight
@@ -51,15 +61,18 @@ def twin_models(kind: str, use_dora: bool, rank: int = 4, alpha: float = 8.0):
 @pytest.mark.parametrize("kind", list(REFERENCE_LAYERS))
 def test_forward_and_gradients_match_peft(kind, use_dora):
     ours, peft, x = twin_models(kind, use_dora)
-    x_ours, x_peft = x.clone().requires_grad_(), x.clone().requires_grad_()
+    x_ours, x_peft = x.clone(), x.clone()
+    if x.is_floating_point():
+        x_ours.requires_grad_(), x_peft.requires_grad_()
     y_ours, y_peft = ours(x_ours), peft(x_peft)
     assert rel_err(y_ours, y_peft) <= 1e-5
     target = torch.randn_like(y_ours)
     (y_ours * target).sum().backward()
     (y_peft * target).sum().backward()
     layer, ref = ours.proj.adapters["default"], peft.base_model.model.proj
-    pairs = [(layer.lora_A, ref.lora_A["default"].weight), (layer.lora_B, ref.lora_B["default"].weight),
-             (x_ours, x_peft)]
+    pairs = [(layer.lora_A, peft_factors(ref)[0]), (layer.lora_B, peft_factors(ref)[1])]
+    if x.is_floating_point():
+        pairs.append((x_ours, x_peft))
     if use_dora:
         pairs.append((layer.lora_magnitude_vector, ref.lora_magnitude_vector["default"].weight))
     for mine, theirs in pairs:
@@ -78,6 +91,7 @@ def test_merged_weight_matches_peft_merge(use_dora):
 class ThreeLayers(nn.Module):
     def __init__(self):
         super().__init__()
+        self.embed = nn.Embedding(20, 16)
         self.q = nn.Linear(16, 16)
         self.v = nn.Linear(16, 32)
         self.conv = nn.Conv2d(4, 8, 3, padding=1)
@@ -85,7 +99,7 @@ class ThreeLayers(nn.Module):
 
 def test_loraplus_groups_match_create_loraplus_optimizer():
     base = ThreeLayers()
-    targets = ["q", "v", "conv"]
+    targets = ["embed", "q", "v", "conv"]
     ours = attach(copy.deepcopy(base), AdapterConfig(method="loraplus", rank=4, target_modules=targets,
                                                      loraplus_ratio=16.0))
     peft = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=4, target_modules=targets))
@@ -94,7 +108,8 @@ def test_loraplus_groups_match_create_loraplus_optimizer():
 
     def peft_name(p):
         name = next(n for n, q in peft.named_parameters() if q is p)
-        return name.removeprefix("base_model.model.").replace(".default.weight", "")
+        name = name.removeprefix("base_model.model.").replace(".default.weight", "").replace(".default", "")
+        return name.replace("lora_embedding_", "lora_")
 
     our_names = {id(getattr(layer, attr)): f"{path}.{attr}"
                  for path, layer in dreamlora.adapter_layers(ours, "default").items()
@@ -105,6 +120,8 @@ def test_loraplus_groups_match_create_loraplus_optimizer():
                       for g in groups if g["params"])
 
     ours_groups = dreamlora.param_groups(ours, lr=2e-4, weight_decay=0.01)
+    embedding_group = next(g for g in ours_groups if g["role"] == "embedding")
+    assert embedding_group["lr"] == 1e-6 and len(embedding_group["params"]) == 2
     assert summary(ours_groups, lambda p: our_names[id(p)]) == summary(peft_opt.param_groups, peft_name)
     # and the groups are usable as they are
     torch.optim.AdamW(ours_groups)

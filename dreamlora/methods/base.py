@@ -57,8 +57,11 @@ class AdapterLayer(nn.Module):
         return self.scaling * self.multiplier
 
     def _input(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        x = x.to(dtype)  # cast in: adapter weights stay fp32 on a half-precision base
-        return self.dropout(x) if self.dropout is not None else x
+        return self.kind.prepare_input(x, dtype, self.dropout)
+
+    def file_key(self, attr: str) -> str:
+        """The key suffix of parameter `attr` in saved files (PEFT names, per layer type)."""
+        return self.kind.file_key(type(self).file_keys[attr])
 
     # --- what a method defines ----------------------------------------------------------------------
     def forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:

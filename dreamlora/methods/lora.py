@@ -1,6 +1,7 @@
 """LoRA (Hu et al. 2021, §4.1): y = W0·x + b + s·B·A·x, with s = α/r (α/√r with rsLoRA).
 
 Init: A (r, d_in) Kaiming-uniform(a=√5), B (d_out, r) zero, so the layer is the base layer at step 0.
+Embeddings are the other way round, as in PEFT: A zero, B ~ N(0, 1).
 Merge: W ← W0 + s·B·A. Conv2d: A is a k×k conv to r channels, B a 1×1 conv (see layer_kinds).
 """
 
@@ -24,8 +25,15 @@ class LoRA(AdapterLayer):
         super().__init__(kind, config)
         device = kind.base.weight.device
         r = config.rank
-        self.lora_A = nn.Parameter(init_down_(torch.empty(kind.down_shape(r), device=device), config))  # (r, d_in)
-        self.lora_B = nn.Parameter(torch.zeros(kind.up_shape(r), device=device))  # (d_out, r)
+        a = torch.empty(kind.down_shape(r), device=device)  # (r, d_in)
+        b = torch.empty(kind.up_shape(r), device=device)  # (d_out, r)
+        if kind.is_embedding:
+            nn.init.zeros_(a)
+            nn.init.normal_(b)
+        else:
+            init_down_(a, config)
+            nn.init.zeros_(b)
+        self.lora_A, self.lora_B = nn.Parameter(a), nn.Parameter(b)
 
     def lora_term(self, x: torch.Tensor) -> torch.Tensor:
         """B·A·x in fp32, unscaled."""
