@@ -80,8 +80,8 @@ class LinearKind:
         return self.base.bias
 
 
-class Conv1DKind(LinearKind):
-    """transformers' Conv1D (GPT-2): weight stored (d_in, d_out), y = x·W + b. PEFT's fan_in_fan_out."""
+class TransposedKind(LinearKind):
+    """A layer whose weight is stored (d_in, d_out): its matrix view is Wᵀ."""
 
     def __init__(self, base: nn.Module):
         self.base = base
@@ -92,6 +92,10 @@ class Conv1DKind(LinearKind):
 
     def weight_from_matrix(self, m: torch.Tensor) -> torch.Tensor:
         return m.t().contiguous()
+
+
+class Conv1DKind(TransposedKind):
+    """transformers' Conv1D (GPT-2): weight stored (d_in, d_out), y = x·W + b. PEFT's fan_in_fan_out."""
 
     def base_without_bias(self, x: torch.Tensor) -> torch.Tensor:
         return x @ self.base.weight
@@ -141,7 +145,7 @@ class Conv2dKind(LinearKind):
         return F.conv2d(x, b.weight, None, b.stride, b.padding, b.dilation)
 
 
-class EmbeddingKind(LinearKind):
+class EmbeddingKind(TransposedKind):
     """nn.Embedding: weight (num_embeddings, dim). As in PEFT the matrix view is Wᵀ (dim, num_embeddings), so
     A (r, num_embeddings) is looked up by token id and B is (dim, r); files name them lora_embedding_A/B."""
 
@@ -151,14 +155,7 @@ class EmbeddingKind(LinearKind):
     def __init__(self, base: nn.Embedding):
         if base.max_norm is not None or base.sparse:
             raise UnsupportedLayer("Embedding with max_norm or sparse gradients is not supported")
-        self.base = base
-        self.d_in, self.d_out = base.weight.shape
-
-    def weight_matrix(self) -> torch.Tensor:
-        return self.base.weight.t()
-
-    def weight_from_matrix(self, m: torch.Tensor) -> torch.Tensor:
-        return m.t().contiguous()
+        super().__init__(base)
 
     def prepare_input(self, x: torch.Tensor, dtype: torch.dtype, dropout: nn.Module | None) -> torch.Tensor:
         return x  # token ids: nothing to cast, and PEFT applies no dropout to them
@@ -184,4 +181,6 @@ def kind_of(module: nn.Module) -> LinearKind:
     # transformers' Conv1D, recognised by shape so the core does not import transformers.
     if type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None:
         return Conv1DKind(module)
-    raise UnsupportedLayer(f"{type(module).__name__} is not an adaptable layer (supported: Linear, Conv2d, Embedding, Conv1D)")
+    raise UnsupportedLayer(
+        f"{type(module).__name__} is not an adaptable layer (supported: Linear, Conv2d, Embedding, Conv1D)"
+    )
