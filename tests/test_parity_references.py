@@ -34,14 +34,14 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
-def twin_models(kind: str, use_dora: bool, rank: int = 4, alpha: float = 8.0):
+def twin_models(kind: str, use_dora: bool, rank: int = 4, alpha: float = 8.0, use_rslora: bool = False):
     """Our adapter and PEFT's on identical base weights, with identical (non-trivial) adapter weights."""
     make_layer, make_input = REFERENCE_LAYERS[kind]
     base = OneLayer(make_layer())
     ours = attach(copy.deepcopy(base), AdapterConfig(method="dora" if use_dora else "lora", rank=rank,
-                                                     alpha=alpha, target_modules=["proj"]))
+                                                     alpha=alpha, target_modules=["proj"], use_rslora=use_rslora))
     peft = get_peft_model(copy.deepcopy(base), LoraConfig(r=rank, lora_alpha=alpha, target_modules=["proj"],
-                                                          use_dora=use_dora))
+                                                          use_dora=use_dora, use_rslora=use_rslora))
     layer = ours.proj.adapters["default"]
     ref = peft.base_model.model.proj
     ref_a, ref_b = peft_factors(ref)
@@ -77,6 +77,14 @@ def test_forward_and_gradients_match_peft(kind, use_dora):
         pairs.append((layer.lora_magnitude_vector, ref.lora_magnitude_vector["default"].weight))
     for mine, theirs in pairs:
         assert rel_err(mine.grad.reshape(theirs.grad.shape), theirs.grad) <= 1e-5
+
+
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_rslora_scale_matches_peft(use_dora):
+    ours, peft, x = twin_models("linear", use_dora, rank=16, alpha=8.0, use_rslora=True)
+    with torch.no_grad():
+        assert rel_err(ours(x), peft(x)) <= 1e-5
+    assert ours.proj.adapters["default"].scaling == pytest.approx(8.0 / 4.0)
 
 
 @pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
