@@ -20,7 +20,7 @@ from dreamlora.inject import (
     merge,
     set_scale,
 )
-from dreamlora.io import export_lora, load, peft_lora_state_dict, save
+from dreamlora.io import export_lora, load, load_weights, peft_lora_state_dict, save
 from dreamlora.methods import METHODS, AdapterLayer, register
 
 __version__ = "0.1.0"
@@ -39,6 +39,7 @@ __all__ = [
     "enable",
     "export_lora",
     "load",
+    "load_weights",
     "merge",
     "on_optimizer_step",
     "param_groups",

@@ -35,10 +35,17 @@ def atomic_save_file(tensors: dict[str, torch.Tensor], path: str | os.PathLike, 
     os.close(fd)
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a saved adapter is an ordinary file
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, torch.Tensor]:
@@ -83,8 +90,7 @@ def peft_lora_state_dict(model: nn.Module, name: str = "default") -> tuple[dict[
                for path, layer in layers.items() for key, t in layer.lora_factors().items()}
     config = next(iter(layers.values())).config
     peft_config = {"r": config.rank, "lora_alpha": config.rank, "target_modules": sorted(layers),
-                   "use_dora": config.method == "dora", "use_rslora": False, "lora_dropout": 0.0,
-                   "bias": "none", "peft_type": "LORA"}
+                   "use_dora": config.method == "dora", "use_rslora": False, "lora_dropout": 0.0, "bias": "none"}
     return tensors, peft_config
 
 
@@ -145,6 +151,25 @@ def load(model: nn.Module, path: str | os.PathLike, name: str | None = None) -> 
         for p in model.parameters():  # attach froze the base; a failed load must leave no trace
             p.requires_grad_(trainable.get(id(p), p.requires_grad))
         raise
+    return model
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike, name: str = "default") -> nn.Module:
+    """Load a native file into adapter `name`, already attached with the same config (checkpoint resume)."""
+    path = Path(path)
+    meta = read_metadata(path)
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{str(path)!r} has no dreamlora metadata; it was not written by dreamlora.save")
+    saved, attached = AdapterConfig.from_json(meta["config"]), adapter_layers(model, name)
+    current = next(iter(attached.values())).config
+    if saved != current:
+        raise ValueError(f"{str(path)!r} holds a {saved.method} adapter (rank {saved.rank}) but adapter {name!r} "
+                         f"is {current.method} (rank {current.rank}) with other options")
+    with safe_open(str(path), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    _assign(model, name, tensors, path)
+    for layer in attached.values():
+        layer.step = int(meta.get("step", "0"))
     return model
 
 

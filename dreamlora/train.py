@@ -1,0 +1,360 @@
+"""DreamBooth adapter training: `accelerate launch dreamlora/train.py --help`.
+
+Reads top to bottom: flags → data → models → adapters → optimizer from the core's groups → loop → save.
+The loop calls the core's hooks (param_groups, regularization_loss, on_optimizer_step) and never asks
+which method it trains. Everything random in the loop (data order, crops, flips, noise, timesteps) is a
+function of (seed, epoch, batch, process), so a resumed run retraces an uninterrupted one exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # `accelerate launch dreamlora/train.py` runs this file as a script
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+
+import dreamlora
+from dreamlora import AdapterConfig
+from dreamlora.train_args import ArgError, parse_args
+from pipelines import data as dbdata
+from pipelines import training
+from pipelines.export import write_diffusers_lora, write_kohya_lora
+from pipelines.loss import denoising_loss
+from pipelines.models import encode_prompts, load_components
+
+log = logging.getLogger("dreamlora.train")
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+def make_accelerator(args):
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    output_dir = Path(args.output_dir)
+    project = ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir))
+    return Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=args.report_to,
+        project_config=project,
+        cpu=not torch.cuda.is_available(),  # without CUDA, `--multi_gpu` processes must still join over gloo
+    )
+
+
+def adapter_config(args, targets: list[str]) -> AdapterConfig:
+    return AdapterConfig(method=args.adapter, rank=args.rank, alpha=args.alpha, target_modules=targets,
+                         dropout=args.lora_dropout, use_rslora=args.use_rslora, init=args.init_lora_weights,
+                         loraplus_ratio=args.loraplus_ratio, singlora_ramp_steps=args.singlora_ramp_steps)
+
+
+def make_optimizer(args, param_groups):
+    if args.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise ArgError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from None
+        cls = bnb.optim.AdamW8bit
+    else:
+        cls = torch.optim.AdamW
+    return cls(param_groups, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
+
+
+def noise_generator(seed: int, epoch: int, batch: int, process: int) -> torch.Generator:
+    return torch.Generator().manual_seed(hash((seed, epoch, batch, process)) & (2**63 - 1))
+
+
+class LatentEncoder:
+    """Pixels -> scaled VAE latents; with --cache_latents each (image, flip) is encoded once and its latent
+    distribution sampled per step."""
+
+    def __init__(self, vae, dtype, cache: bool):
+        self.vae, self.dtype, self.cache, self.stats = vae, dtype, cache, {}
+
+    @torch.no_grad()
+    def _dist(self, pixels: torch.Tensor):
+        return self.vae.encode(pixels.to(self.vae.device, self.dtype)).latent_dist
+
+    def fill_cache(self, dataset: dbdata.DreamBoothDataset) -> None:
+        from tqdm.auto import tqdm
+
+        for key, pixels in tqdm(list(dataset.all_views()), desc="caching latents", unit="img"):
+            dist = self._dist(pixels[None])
+            self.stats[key] = (dist.mean[0], dist.std[0])
+
+    def __call__(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
+        if self.cache:
+            mean = torch.stack([self.stats[k][0] for k in batch["keys"]])
+            std = torch.stack([self.stats[k][1] for k in batch["keys"]])
+            latents = mean + std * torch.randn(mean.shape, generator=generator).to(mean)
+        else:
+            dist = self._dist(batch["pixel_values"])
+            latents = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=generator).to(dist.mean)
+        return latents * self.vae.config.scaling_factor
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    output_dir = Path(args.output_dir)
+    accelerator = make_accelerator(args)
+    from accelerate.utils import set_seed
+
+    set_seed(args.seed)
+
+    # --- data first: bad input fails before anything is written -----------------------------------------
+    instances = dbdata.read_examples(args.instance_data_dir, "--instance_data_dir", args.instance_prompt,
+                                     args.resolution, is_class=False)
+
+    # --- models: frozen, in the run's dtype -----------------------------------------------------------
+    sd = load_components(args.pretrained_model_name_or_path, args.revision, args.variant)
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    for model in (sd.unet, sd.vae, sd.text_encoder):
+        model.requires_grad_(False).to(accelerator.device, weight_dtype)
+
+    classes = []
+    if args.with_prior_preservation:
+        if accelerator.is_main_process:
+            training.ensure_class_images(args.class_data_dir, args.class_prompt, args.num_class_images,
+                                         lambda: class_pipeline(args, sd, weight_dtype, accelerator.device),
+                                         args.sample_batch_size, args.seed)
+        accelerator.wait_for_everyone()
+        classes = dbdata.read_examples(args.class_data_dir, "--class_data_dir", args.class_prompt,
+                                       args.resolution, is_class=True, use_captions=False)
+
+    # --- adapters: the only trainable weights (fp32 on the frozen base) -------------------------------
+    dreamlora.attach(sd.unet, adapter_config(args, args.target_modules))
+    trained = {"unet": sd.unet}
+    groups = dreamlora.param_groups(sd.unet, lr=args.learning_rate, weight_decay=args.adam_weight_decay)
+    if args.train_text_encoder:
+        dreamlora.attach(sd.text_encoder, adapter_config(args, args.text_encoder_target_modules))
+        trained["text_encoder"] = sd.text_encoder
+        groups += dreamlora.param_groups(sd.text_encoder, lr=args.text_encoder_lr, weight_decay=args.adam_weight_decay)
+    if args.gradient_checkpointing:
+        sd.unet.enable_gradient_checkpointing()
+        if args.train_text_encoder:
+            sd.text_encoder.gradient_checkpointing_enable()
+    optimizer = make_optimizer(args, groups)
+
+    # --- data loader and schedule ----------------------------------------------------------------------
+    dataset = dbdata.DreamBoothDataset(instances, classes, args.resolution, args.center_crop, args.random_flip,
+                                       args.seed)
+    sampler = dbdata.EpochShuffle(len(dataset), args.seed)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.train_batch_size, sampler=sampler,
+                                         collate_fn=dbdata.collate)
+    from diffusers.optimization import get_scheduler
+
+    batches_per_epoch = math.ceil(len(loader) / accelerator.num_processes)
+    steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
+    max_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer,
+                                 num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+                                 num_training_steps=max_steps * accelerator.num_processes,
+                                 num_cycles=args.lr_num_cycles, power=args.lr_power)
+    prepared = accelerator.prepare(*trained.values(), optimizer, loader, lr_scheduler)
+    trained_models = dict(zip(trained, prepared[: len(trained)], strict=True))
+    optimizer, loader, lr_scheduler = prepared[len(trained):]
+    training.register_adapter_hooks(accelerator, trained)
+    progress = training.Progress()
+    accelerator.register_for_checkpointing(progress)
+
+    resume_from = training.resolve_resume(output_dir, args.resume_from_checkpoint)
+    if resume_from is not None:
+        accelerator.load_state(str(resume_from))
+        log.info("resumed from %s at step %d", resume_from, progress.global_step)
+
+    encoder = LatentEncoder(sd.vae, weight_dtype, args.cache_latents)
+    if args.cache_latents:
+        encoder.fill_cache(dataset)
+    prompt_cache: dict[str, torch.Tensor] = {}
+
+    def prompt_embeddings(prompts: list[str]) -> torch.Tensor:
+        if args.train_text_encoder:
+            return encode_prompts(sd.tokenizer, trained_models["text_encoder"], prompts)
+        missing = [p for p in dict.fromkeys(prompts) if p not in prompt_cache]
+        if missing:
+            with torch.no_grad():
+                prompt_cache.update(zip(missing, encode_prompts(sd.tokenizer, sd.text_encoder, missing), strict=True))
+        return torch.stack([prompt_cache[p] for p in prompts])
+
+    # --- the loop ----------------------------------------------------------------------------------------
+    if accelerator.is_main_process:
+        accelerator.init_trackers("dreamlora", config={k: v for k, v in vars(args).items()
+                                                       if isinstance(v, (int, float, str, bool))})
+    plog = training.ProgressLog(output_dir / args.progress_file if accelerator.is_main_process else None,
+                                max_steps, progress.global_step)
+    plog.write(event="started", step=progress.global_step, total=max_steps, resumed_from=str(resume_from or ""))
+    stop_requested = install_stop_signal()
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=max_steps, initial=progress.global_step, desc="training", unit="step",
+               disable=not accelerator.is_main_process)
+    started, last_loss, last_checkpoint = time.time(), float("nan"), resume_from
+    params = [p for g in groups for p in g["params"]]
+    for model in trained_models.values():
+        model.train()
+    while progress.global_step < max_steps and not stop_requested():
+        epoch, skip = progress.epoch, progress.batch_in_epoch
+        if skip >= batches_per_epoch:
+            epoch, skip = epoch + 1, 0
+        dataset.select_epoch(epoch)
+        sampler.select_epoch(epoch)
+        batches = accelerator.skip_first_batches(loader, skip) if skip else loader
+        for index, batch in enumerate(batches, start=skip):
+            with accelerator.accumulate(*trained_models.values()):
+                gen = noise_generator(args.seed, epoch, index, accelerator.process_index)
+                latents = encoder(batch, gen)
+                parts = denoising_loss(trained_models["unet"], sd.noise_scheduler, latents,
+                                       prompt_embeddings(batch["prompts"]).to(weight_dtype), batch["is_class"], gen,
+                                       prior_loss_weight=args.prior_loss_weight, snr_gamma=args.snr_gamma,
+                                       noise_offset=args.noise_offset)
+                loss = parts["loss"] + sum(dreamlora.regularization_loss(m) for m in trained.values())
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(params, args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                if accelerator.sync_gradients:
+                    for model in trained.values():
+                        dreamlora.on_optimizer_step(model, optimizer)
+                optimizer.zero_grad(set_to_none=True)
+            progress.epoch, progress.batch_in_epoch = epoch, index + 1
+            if not accelerator.sync_gradients:
+                continue
+            progress.global_step += 1
+            last_loss = accelerator.gather(loss.detach()[None]).mean().item()
+            if not math.isfinite(last_loss):
+                raise TrainingDiverged(f"loss became {last_loss} at step {progress.global_step}; stopped without "
+                                       f"saving. Last good checkpoint: {last_checkpoint or 'none'}")
+            lr = lr_scheduler.get_last_lr()[0]
+            bar.update(1)
+            bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}")
+            accelerator.log({"train/loss": last_loss, "train/lr": lr,
+                             **{f"train/{k}": v.item() for k, v in parts.items() if k != "loss"}},
+                            step=progress.global_step)
+            plog.step(progress.global_step, last_loss, lr)
+            step = progress.global_step
+            if step % args.checkpointing_steps == 0 or step == max_steps or stop_requested():
+                last_checkpoint = training.save_checkpoint(accelerator, output_dir, step, args.checkpoints_total_limit)
+                plog.write(event="checkpoint", step=step, path=str(last_checkpoint))
+            if args.validation_prompt and accelerator.is_main_process and (step % args.validation_steps == 0
+                                                                           or step == max_steps):
+                run_validation(args, sd, accelerator, trained, weight_dtype, step)
+            if step >= max_steps or stop_requested():
+                break
+        else:
+            progress.epoch, progress.batch_in_epoch = epoch + 1, 0
+    bar.close()
+
+    # --- save ----------------------------------------------------------------------------------------------
+    accelerator.wait_for_everyone()
+    finished = progress.global_step >= max_steps
+    if accelerator.is_main_process:
+        write_outputs(args, output_dir, trained, sd, accelerator, progress, started, last_loss, resume_from,
+                      finished)
+        plog.write(event="done" if finished else "stopped", step=progress.global_step)
+    accelerator.end_training()
+    return 0
+
+
+def install_stop_signal():
+    """SIGUSR1 (the app's Stop) asks for a checkpoint at the next step and a clean exit."""
+    flag = {"stop": False}
+
+    def handler(signum, frame):
+        flag["stop"] = True
+
+    if hasattr(signal, "SIGUSR1"):
+        signal.signal(signal.SIGUSR1, handler)
+    return lambda: flag["stop"]
+
+
+def class_pipeline(args, sd, dtype, device):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, revision=args.revision,
+                                                   variant=args.variant, torch_dtype=dtype, safety_checker=None,
+                                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+@torch.no_grad()
+def run_validation(args, sd, accelerator, trained, dtype, step: int) -> None:
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(
+        args.pretrained_model_name_or_path, unet=trained["unet"], text_encoder=trained.get("text_encoder",
+                                                                                           sd.text_encoder),
+        vae=sd.vae, tokenizer=sd.tokenizer, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False,
+        revision=args.revision, variant=args.variant).to(accelerator.device)
+    pipe.set_progress_bar_config(disable=True)
+    for model in trained.values():
+        model.eval()
+    generator = torch.Generator().manual_seed(args.seed)
+    images = pipe([args.validation_prompt] * args.num_validation_images, generator=generator,
+                  num_inference_steps=args.validation_inference_steps, height=args.resolution,
+                  width=args.resolution).images
+    for model in trained.values():
+        model.train()
+    folder = Path(args.output_dir) / "validation"
+    folder.mkdir(parents=True, exist_ok=True)
+    for k, image in enumerate(images):
+        image.save(folder / f"step-{step:06d}-{k}.png")
+    if args.report_to == "tensorboard":
+        import numpy as np
+
+        writer = accelerator.get_tracker("tensorboard").writer
+        writer.add_images("validation", np.stack([np.asarray(im) for im in images]), step, dataformats="NHWC")
+
+
+def write_outputs(args, output_dir: Path, trained, sd, accelerator, progress, started, last_loss, resume_from,
+                  finished) -> None:
+    unet, text_encoder = trained["unet"], trained.get("text_encoder")
+    for component, model in trained.items():
+        dreamlora.save(model, training.adapter_file(output_dir, component))
+    write_diffusers_lora(output_dir, unet, text_encoder)
+    if args.output_kohya_format:
+        write_kohya_lora(output_dir, unet, text_encoder)
+    config = dataclasses.asdict(dreamlora.adapter_config(unet, "default"))
+    training.write_json_atomic(output_dir / "run.json", {
+        "args": vars(args), "method": args.adapter, "adapter_config": config,
+        "trainable_params": sum(dreamlora.trainable_parameter_count(m) for m in trained.values()),
+        "steps": progress.global_step, "finished": finished, "wall_time_s": round(time.time() - started, 2),
+        "peak_memory_mib": round(training.peak_memory_mib(accelerator.device), 1), "final_loss": last_loss,
+        "world_size": accelerator.num_processes, "device": str(accelerator.device),
+        "mixed_precision": accelerator.mixed_precision, "resumed_from": str(resume_from) if resume_from else None,
+        "versions": {"torch": torch.__version__, "dreamlora": dreamlora.__version__},
+    })
+
+
+def cli(argv: list[str] | None = None) -> int:
+    try:
+        return main(argv)
+    except (ArgError, dbdata.DataError, FileNotFoundError, PermissionError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (ValueError, TypeError) as e:
+        if "AdapterConfig" in str(e) or "target_modules" in str(e) or "exceeds what" in str(e):
+            print(f"error: {e}", file=sys.stderr)  # adapter errors name the flag's field and the module
+            return 2
+        raise
+    except TrainingDiverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(cli())
