@@ -108,13 +108,16 @@ def _check_safetensors(path: Path) -> None:
     """Refuse anything that is not a safetensors file before any parser sees it: never unpickle."""
     if not path.is_file():
         raise FileNotFoundError(f"adapter file {str(path)!r} does not exist")
+    size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(9)
+    header_len = int.from_bytes(head[:8], "little") if len(head) >= 8 else -1
+    if len(head) == 9 and head[8:9] == b"{" and 0 < header_len <= size - 8:
+        return  # a safetensors file: u64 header length, then a JSON header
     if head[:2] == b"PK" or head[:1] == b"\x80":
         raise ValueError(f"{str(path)!r} is a pickle/torch.save file; dreamlora only loads .safetensors "
                          "(it never unpickles: convert the file with a tool you trust)")
-    if len(head) < 9 or head[8:9] != b"{":
-        raise ValueError(f"{str(path)!r} is not a safetensors file")
+    raise ValueError(f"{str(path)!r} is not a safetensors file")
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:

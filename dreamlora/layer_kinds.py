@@ -44,10 +44,10 @@ class LinearKind:
         return up.reshape(up.shape[0], -1)  # (d_out, r)
 
     def down_from_matrix(self, m: torch.Tensor) -> torch.Tensor:
-        return m.reshape(self.down_shape(m.shape[0]))
+        return m  # a Linear factor already is its matrix; Conv2d reshapes
 
     def up_from_matrix(self, m: torch.Tensor) -> torch.Tensor:
-        return m.reshape(self.up_shape(m.shape[1]))
+        return m
 
     def weight_matrix(self) -> torch.Tensor:
         return self.base.weight  # (d_out, d_in)
@@ -123,6 +123,12 @@ class Conv2dKind(LinearKind):
 
     def magnitude_shape(self) -> tuple[int, ...]:
         return (1, self.c_out, 1, 1)  # PEFT's shape, so files interoperate
+
+    def down_from_matrix(self, m: torch.Tensor) -> torch.Tensor:
+        return m.reshape(self.down_shape(m.shape[0]))
+
+    def up_from_matrix(self, m: torch.Tensor) -> torch.Tensor:
+        return m.reshape(self.up_shape(m.shape[1]))
 
     def weight_matrix(self) -> torch.Tensor:
         return self.base.weight.reshape(self.c_out, -1)

@@ -108,14 +108,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     output_dir = Path(args.output_dir)
-    accelerator = make_accelerator(args)
-    from accelerate.utils import set_seed
-
-    set_seed(args.seed)
 
     # --- data first: bad input fails before anything is written -----------------------------------------
     instances = dbdata.read_examples(args.instance_data_dir, "--instance_data_dir", args.instance_prompt,
                                      args.resolution, is_class=False)
+    accelerator = make_accelerator(args)
+    from accelerate.utils import set_seed
+
+    set_seed(args.seed)
 
     # --- models: frozen, in the run's dtype -----------------------------------------------------------
     sd = load_components(args.pretrained_model_name_or_path, args.revision, args.variant)

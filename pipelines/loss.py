@@ -51,3 +51,19 @@ def denoising_loss(unet, noise_scheduler, latents: torch.Tensor, encoder_hidden_
         prior = per_sample[is_class].mean()
         parts.update(prior_loss=prior, loss=instance + prior_loss_weight * prior)
     return parts
+
+
+@torch.no_grad()
+def fixed_pairs_loss(unet, noise_scheduler, latents: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                     pairs: int = 8, seed: int = 1234) -> float:
+    """Mean denoising loss of `latents` over a fixed set of (timestep, noise) pairs: the same pairs for every
+    call with the same seed, so before/after numbers of a run compare like with like."""
+    gen = torch.Generator().manual_seed(seed)
+    total = 0.0
+    is_class = torch.zeros(latents.shape[0], dtype=torch.bool)
+    for _ in range(pairs):
+        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=gen)
+        noise = torch.randn(latents.shape, generator=gen).to(latents)
+        total += denoising_loss(unet, noise_scheduler, latents, encoder_hidden_states, is_class, gen,
+                                timesteps=timesteps, noise=noise)["loss"].item()
+    return total / pairs

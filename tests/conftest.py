@@ -41,6 +41,14 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """The embedded tiny SD pipeline, written once per test session."""
+    from dreamlora import tiny
+
+    return tiny.write(tmp_path_factory.mktemp("tiny") / "model")
+
+
 def tiny_unet():
     """A two-level SD-architecture UNet (cross-attention + ResNet convs), random init."""
     from diffusers import UNet2DConditionModel

@@ -129,3 +129,17 @@ def test_save_refuses_other_suffixes_and_unknown_adapters(tmp_path):
         dreamlora.save(model, tmp_path / "a.pt")
     with pytest.raises(KeyError, match=r"no adapter named 'style' on this model \(attached: default\)"):
         dreamlora.save(model, tmp_path / "a.safetensors", name="style")
+
+
+def test_safetensors_whose_header_length_looks_like_a_pickle_still_loads(tmp_path):
+    """A header of 128 + 256k bytes starts the file with 0x80, pickle's magic byte; it must still load."""
+    model = attach(fresh(), AdapterConfig(rank=2, target_modules=["to_q"]))
+    for pad in range(256):  # vary the metadata length until the header length ≡ 128 (mod 256)
+        path = tmp_path / f"a{pad}.safetensors"
+        dreamlora.io.atomic_save_file(dreamlora.io.adapter_state_dict(model), path,
+                                      {**dreamlora.io._metadata(AdapterConfig(rank=2, target_modules=["to_q"]),
+                                                                "default", 0), "pad": "x" * pad})
+        if path.read_bytes()[0] == 0x80:
+            break
+    assert path.read_bytes()[0] == 0x80
+    assert dreamlora.load(fresh(), path) is not None

@@ -10,8 +10,8 @@ from dreamlora import tiny
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return tiny.write(tmp_path_factory.mktemp("tiny") / "model")
+def tiny_dir(tiny_model_dir):
+    return tiny_model_dir
 
 
 def test_loads_in_diffusers_and_generates(tiny_dir):

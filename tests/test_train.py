@@ -1,0 +1,186 @@
+"""DreamBooth training end to end on the embedded tiny model and real photos."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from train_helpers import PROMPT, ROOT, instance_latents, prompt_states, run_train, train_cmd
+
+import dreamlora
+from pipelines.loss import fixed_pairs_loss
+from pipelines.sample import AdapterSpec, apply_adapters, generate, load_pipeline
+
+METHODS = ["lora", "loraplus", "dora", "singlora"]
+LEARN_TARGETS = "to_q,to_k,to_v,to_out.0,conv1,conv2,ff.net.0.proj,ff.net.2"
+
+
+@pytest.fixture(scope="module")
+def trained_runs(tiny_model_dir, tmp_path_factory):
+    """One short, strong run per method, with the text encoder trained too."""
+    runs = {}
+    for method in METHODS:
+        out = tmp_path_factory.mktemp(f"run-{method}")
+        run_train(tiny_model_dir, out, "--adapter", method, "--rank", 4, "--max_train_steps", 6,
+                  "--learning_rate", 5e-3, "--text_encoder_lr", 5e-3, "--train_text_encoder",
+                  "--singlora_ramp_steps", 2, "--output_kohya_format", "--checkpointing_steps", 100)
+        runs[method] = out
+    return runs
+
+
+def images(pipe, seed: int = 0) -> np.ndarray:
+    out = pipe(PROMPT, num_inference_steps=4, height=64, width=64, output_type="np",
+               generator=torch.Generator().manual_seed(seed)).images[0]
+    return np.round(out * 255).astype(np.int16)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_diffusers_load_lora_weights_gives_the_same_image(method, trained_runs, tiny_model_dir, tmp_path):
+    run = trained_runs[method]
+    pipe = load_pipeline(str(tiny_model_dir), "cpu")
+    pipe.set_progress_bar_config(disable=True)
+    base = images(pipe)
+    apply_adapters(pipe, [AdapterSpec(run)])
+    generate(pipe, [PROMPT], tmp_path, num_inference_steps=4, height=64, width=64)
+    ours = np.asarray(Image.open(tmp_path / "0000_0.png")).astype(np.int16)
+
+    reference = load_pipeline(str(tiny_model_dir), "cpu")
+    reference.set_progress_bar_config(disable=True)
+    reference.load_lora_weights(run)  # unmodified diffusers reads pytorch_lora_weights.safetensors
+    theirs = images(reference)
+    assert np.abs(ours - base).max() > 20  # the adapter (UNet + text encoder) visibly changes the image
+    assert np.abs(ours - theirs).max() <= 2
+
+    run_json = json.loads((run / "run.json").read_text())
+    assert run_json["method"] == method and run_json["steps"] == 6 and run_json["world_size"] == 1
+    assert run_json["trainable_params"] == sum(
+        v.numel() for f in ("unet_adapter", "text_encoder_adapter")
+        for v in load_file(run / f"{f}.safetensors").values())
+
+
+@pytest.mark.parametrize("method", ["lora", "singlora"])
+def test_kohya_file_loads_through_diffusers_converter(method, trained_runs, tiny_model_dir):
+    run = trained_runs[method]
+    keys = load_file(run / "kohya_lora.safetensors")
+    assert any(k.startswith("lora_unet_down_blocks_0_attentions_0") for k in keys)
+    assert any(k.startswith("lora_te_text_model_encoder_layers_0_self_attn_q_proj") for k in keys)
+    assert not any("lora_A" in k or "lora.down" in k for k in keys)
+    via_peft, via_kohya = (load_pipeline(str(tiny_model_dir), "cpu") for _ in range(2))
+    via_peft.load_lora_weights(run)
+    via_kohya.load_lora_weights(run, weight_name="kohya_lora.safetensors")
+    for p in (via_peft, via_kohya):
+        p.set_progress_bar_config(disable=True)
+    assert np.abs(images(via_peft) - images(via_kohya)).max() <= 2
+
+
+def test_dora_kohya_file_keeps_magnitudes_as_dora_scale(trained_runs):
+    keys = load_file(trained_runs["dora"] / "kohya_lora.safetensors")
+    scales = {k: v for k, v in keys.items() if k.endswith(".dora_scale")}
+    assert scales and all(v.shape[1:] in {(1,), (1, 1, 1)} for v in scales.values())
+
+
+def learn(tiny_model_dir, out, method, *extra) -> dict:
+    run_train(tiny_model_dir, out, "--adapter", method, "--rank", 8, "--target_modules", LEARN_TARGETS,
+              "--max_train_steps", 200, "--learning_rate", 1e-3, "--checkpointing_steps", 1000,
+              "--init_lora_weights", "kaiming", *extra)
+    pipe = load_pipeline(str(tiny_model_dir), "cpu")
+    latents = instance_latents(pipe)
+    states = prompt_states(pipe, PROMPT, latents.shape[0])
+    before = fixed_pairs_loss(pipe.unet, ddpm(tiny_model_dir), latents, states)
+    dreamlora.load(pipe.unet, out / "unet_adapter.safetensors")
+    after = fixed_pairs_loss(pipe.unet, ddpm(tiny_model_dir), latents, states)
+    return {"before": before, "after": after, "pipe": pipe}
+
+
+def ddpm(model_dir):
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler.from_pretrained(model_dir, subfolder="scheduler")
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_it_learns_the_subject(method, tiny_model_dir, tmp_path):
+    result = learn(tiny_model_dir, tmp_path, method)
+    print(f"{method}: fixed-pair denoising loss {result['before']:.3f} -> {result['after']:.3f}")
+    assert result["after"] <= 0.5 * result["before"]
+
+
+def test_prior_preservation_keeps_the_class_prior(tiny_model_dir, tmp_path):
+    class_dir = tmp_path / "class"
+    out = tmp_path / "run"
+    run_train(tiny_model_dir, out, "--adapter", "lora", "--rank", 8, "--target_modules", LEARN_TARGETS,
+              "--max_train_steps", 100, "--learning_rate", 1e-3, "--checkpointing_steps", 1000,
+              "--with_prior_preservation", "--class_data_dir", class_dir, "--class_prompt", "a photo of dog",
+              "--num_class_images", 4, "--init_lora_weights", "kaiming")
+    assert len(list(class_dir.glob("*.png"))) == 4  # generated by the base model
+    pipe = load_pipeline(str(tiny_model_dir), "cpu")
+    import random
+
+    from pipelines.data import augment, read_examples
+
+    examples = read_examples(class_dir, "--class_data_dir", "a photo of dog", 64, is_class=True)
+    pixels = torch.stack([augment(e.image, 64, True, False, random.Random(0))[0] for e in examples])
+    with torch.no_grad():
+        latents = pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor
+    states = prompt_states(pipe, "a photo of dog", latents.shape[0])
+    before = fixed_pairs_loss(pipe.unet, ddpm(tiny_model_dir), latents, states)
+    dreamlora.load(pipe.unet, out / "unet_adapter.safetensors")
+    after = fixed_pairs_loss(pipe.unet, ddpm(tiny_model_dir), latents, states)
+    print(f"class-image loss with prior preservation: {before:.3f} -> {after:.3f}")
+    assert abs(after - before) <= 0.10 * before
+
+
+def test_sigkill_then_resume_latest_matches_an_uninterrupted_run(tiny_model_dir, tmp_path):
+    common = ["--adapter", "singlora", "--singlora_ramp_steps", 6, "--train_text_encoder", "--random_flip",
+              "--gradient_accumulation_steps", 2, "--max_train_steps", 12, "--checkpointing_steps", 4,
+              "--learning_rate", 1e-3, "--lr_scheduler", "cosine", "--lr_warmup_steps", 2]
+    reference = tmp_path / "uninterrupted"
+    run_train(tiny_model_dir, reference, *common)
+
+    killed = tmp_path / "killed"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(train_cmd(tiny_model_dir, killed, *common), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    progress = killed / "progress.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if progress.is_file() and '"event": "checkpoint", "step": 4' in progress.read_text():
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (killed / "checkpoint-4").is_dir() and not (killed / "unet_adapter.safetensors").exists()
+    run_train(tiny_model_dir, killed, *common, "--resume_from_checkpoint", "latest")
+
+    for component in ("unet", "text_encoder"):
+        a = load_file(reference / f"{component}_adapter.safetensors")
+        b = load_file(killed / f"{component}_adapter.safetensors")
+        assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    resumed = json.loads((killed / "run.json").read_text())
+    assert resumed["resumed_from"] and resumed["steps"] == 12
+
+
+def test_two_processes_over_gloo_write_one_adapter(tiny_model_dir, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           *train_cmd(tiny_model_dir, out, "--adapter", "dora", "--max_train_steps", 4, "--checkpointing_steps", 2)[1:]]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = json.loads((out / "run.json").read_text())
+    assert run["world_size"] == 2 and run["steps"] == 4
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_model_dir, subfolder="unet")
+    dreamlora.load(unet, out / "unet_adapter.safetensors")
+    assert dreamlora.adapter_config(unet, "default").method == "dora"

@@ -1,0 +1,49 @@
+"""Running `dreamlora/train.py` from tests as a user would: a subprocess, on the tiny model and real photos."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+INSTANCE_DIR = Path(__file__).resolve().parent / "assets" / "dog"
+PROMPT = "a photo of sks dog"
+TRAIN = [sys.executable, str(ROOT / "dreamlora" / "train.py")]
+
+
+def train_cmd(model_dir, output_dir, *extra, instance_dir=INSTANCE_DIR) -> list[str]:
+    return [*TRAIN, "--pretrained_model_name_or_path", str(model_dir), "--instance_data_dir", str(instance_dir),
+            "--instance_prompt", PROMPT, "--output_dir", str(output_dir), "--resolution", "64",
+            "--report_to", "none", "--center_crop", *map(str, extra)]
+
+
+def run_train(model_dir, output_dir, *extra, check: bool = True, **kw) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(train_cmd(model_dir, output_dir, *extra, **kw), capture_output=True, text=True, env=env,
+                          timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"train.py failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def instance_latents(pipe, resolution: int = 64) -> torch.Tensor:
+    """VAE means of the instance photos, center-cropped as training sees them."""
+    import random
+
+    from pipelines.data import augment, read_examples
+
+    examples = read_examples(INSTANCE_DIR, "--instance_data_dir", PROMPT, resolution, is_class=False)
+    pixels = torch.stack([augment(e.image, resolution, True, False, random.Random(0))[0] for e in examples])
+    with torch.no_grad():
+        return pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor
+
+
+def prompt_states(pipe, prompt: str, n: int) -> torch.Tensor:
+    from pipelines.models import encode_prompts
+
+    with torch.no_grad():
+        return encode_prompts(pipe.tokenizer, pipe.text_encoder, [prompt] * n)
