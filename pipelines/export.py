@@ -37,6 +37,11 @@ def write_diffusers_lora(output_dir: str | os.PathLike, unet: nn.Module, text_en
     unet_layers, unet_meta = dreamlora.peft_lora_state_dict(unet, name)
     te_layers, te_meta = (dreamlora.peft_lora_state_dict(text_encoder, name) if has_adapter(text_encoder, name)
                           else (None, None))
+    if te_layers:
+        # The text encoder goes through transformers' PEFT loader, which wants PEFT's own saved name for DoRA
+        # magnitudes (`lora_magnitude_vector.weight`); without `.weight` it silently drops them. diffusers'
+        # UNet loader takes the bare name. Both checked by loading back (tests/test_train.py).
+        te_layers = {(k + ".weight" if k.endswith(".lora_magnitude_vector") else k): v for k, v in te_layers.items()}
     with tempfile.TemporaryDirectory(dir=out, prefix=".export.") as tmp:
         StableDiffusionPipeline.save_lora_weights(
             tmp, unet_lora_layers={k: v.contiguous() for k, v in unet_layers.items()},
