@@ -235,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
             progress.global_step += 1
             last_loss = accelerator.gather(loss.detach()[None]).mean().item()
             if not math.isfinite(last_loss):
+                bar.close()  # so the error is the last line the user sees
                 raise TrainingDiverged(f"loss became {last_loss} at step {progress.global_step}; stopped without "
                                        f"saving. Last good checkpoint: {last_checkpoint or 'none'}")
             lr = lr_scheduler.get_last_lr()[0]
