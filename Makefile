@@ -18,9 +18,9 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
-# Until the DreamBooth trainer lands, the main job is the adapter train-step benchmark on a small config.
+# The main job on the embedded tiny model: build it, train the four methods on 4 real photos, sample, compare.
 demo: $(STAMP)
-	$(BIN)/python bench/adapter_step.py --quick --output bench/results/demo
+	$(BIN)/python -m pipelines.demo
 
 test: $(STAMP)
 	$(BIN)/ruff check .
