@@ -104,6 +104,61 @@ class LatentEncoder:
         return latents * self.vae.config.scaling_factor
 
 
+def load_frozen_models(args, accelerator):
+    """The SD components, frozen, on the device, in the run's dtype (adapters added later stay fp32)."""
+    sd = load_components(args.pretrained_model_name_or_path, args.revision, args.variant)
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    for model in (sd.unet, sd.vae, sd.text_encoder):
+        model.requires_grad_(False).to(accelerator.device, weight_dtype)
+    return sd, weight_dtype
+
+
+def class_examples(args, sd, weight_dtype, accelerator) -> list:
+    """Prior preservation: top up the class images with the base model (main process), then read them."""
+    if not args.with_prior_preservation:
+        return []
+    if accelerator.is_main_process:
+        training.ensure_class_images(args.class_data_dir, args.class_prompt, args.num_class_images,
+                                     lambda: class_pipeline(args, sd, weight_dtype, accelerator.device),
+                                     args.sample_batch_size, args.seed)
+    accelerator.wait_for_everyone()
+    return dbdata.read_examples(args.class_data_dir, "--class_data_dir", args.class_prompt, args.resolution,
+                                is_class=True, use_captions=False)
+
+
+def attach_adapters(args, sd) -> tuple[dict, list[dict]]:
+    """Adapters on the UNet (and the text encoder): the only trainable weights. Returns them and the core's
+    optimizer groups (each method's own grouping, e.g. LoRA+'s λ for B)."""
+    dreamlora.attach(sd.unet, adapter_config(args, args.target_modules))
+    trained = {"unet": sd.unet}
+    groups = dreamlora.param_groups(sd.unet, lr=args.learning_rate, weight_decay=args.adam_weight_decay)
+    if args.train_text_encoder:
+        dreamlora.attach(sd.text_encoder, adapter_config(args, args.text_encoder_target_modules))
+        trained["text_encoder"] = sd.text_encoder
+        groups += dreamlora.param_groups(sd.text_encoder, lr=args.text_encoder_lr, weight_decay=args.adam_weight_decay)
+    if args.gradient_checkpointing:
+        sd.unet.enable_gradient_checkpointing()
+        if args.train_text_encoder:
+            sd.text_encoder.gradient_checkpointing_enable()
+    return trained, groups
+
+
+class PromptEncoder:
+    """CLIP states for a batch's prompts: through the trained text encoder, or cached per prompt when frozen."""
+
+    def __init__(self, tokenizer, trained_text_encoder, frozen_text_encoder):
+        self.tokenizer, self.trained, self.frozen, self.cache = tokenizer, trained_text_encoder, frozen_text_encoder, {}
+
+    def __call__(self, prompts: list[str]) -> torch.Tensor:
+        if self.trained is not None:
+            return encode_prompts(self.tokenizer, self.trained, prompts)
+        missing = [p for p in dict.fromkeys(prompts) if p not in self.cache]
+        if missing:
+            with torch.no_grad():
+                self.cache.update(zip(missing, encode_prompts(self.tokenizer, self.frozen, missing), strict=True))
+        return torch.stack([self.cache[p] for p in prompts])
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -117,34 +172,9 @@ def main(argv: list[str] | None = None) -> int:
 
     set_seed(args.seed)
 
-    # --- models: frozen, in the run's dtype -----------------------------------------------------------
-    sd = load_components(args.pretrained_model_name_or_path, args.revision, args.variant)
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    for model in (sd.unet, sd.vae, sd.text_encoder):
-        model.requires_grad_(False).to(accelerator.device, weight_dtype)
-
-    classes = []
-    if args.with_prior_preservation:
-        if accelerator.is_main_process:
-            training.ensure_class_images(args.class_data_dir, args.class_prompt, args.num_class_images,
-                                         lambda: class_pipeline(args, sd, weight_dtype, accelerator.device),
-                                         args.sample_batch_size, args.seed)
-        accelerator.wait_for_everyone()
-        classes = dbdata.read_examples(args.class_data_dir, "--class_data_dir", args.class_prompt,
-                                       args.resolution, is_class=True, use_captions=False)
-
-    # --- adapters: the only trainable weights (fp32 on the frozen base) -------------------------------
-    dreamlora.attach(sd.unet, adapter_config(args, args.target_modules))
-    trained = {"unet": sd.unet}
-    groups = dreamlora.param_groups(sd.unet, lr=args.learning_rate, weight_decay=args.adam_weight_decay)
-    if args.train_text_encoder:
-        dreamlora.attach(sd.text_encoder, adapter_config(args, args.text_encoder_target_modules))
-        trained["text_encoder"] = sd.text_encoder
-        groups += dreamlora.param_groups(sd.text_encoder, lr=args.text_encoder_lr, weight_decay=args.adam_weight_decay)
-    if args.gradient_checkpointing:
-        sd.unet.enable_gradient_checkpointing()
-        if args.train_text_encoder:
-            sd.text_encoder.gradient_checkpointing_enable()
+    sd, weight_dtype = load_frozen_models(args, accelerator)
+    classes = class_examples(args, sd, weight_dtype, accelerator)
+    trained, groups = attach_adapters(args, sd)
     optimizer = make_optimizer(args, groups)
 
     # --- data loader and schedule ----------------------------------------------------------------------
@@ -177,16 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     encoder = LatentEncoder(sd.vae, weight_dtype, args.cache_latents)
     if args.cache_latents:
         encoder.fill_cache(dataset)
-    prompt_cache: dict[str, torch.Tensor] = {}
-
-    def prompt_embeddings(prompts: list[str]) -> torch.Tensor:
-        if args.train_text_encoder:
-            return encode_prompts(sd.tokenizer, trained_models["text_encoder"], prompts)
-        missing = [p for p in dict.fromkeys(prompts) if p not in prompt_cache]
-        if missing:
-            with torch.no_grad():
-                prompt_cache.update(zip(missing, encode_prompts(sd.tokenizer, sd.text_encoder, missing), strict=True))
-        return torch.stack([prompt_cache[p] for p in prompts])
+    prompt_embeddings = PromptEncoder(sd.tokenizer, trained_models.get("text_encoder"), sd.text_encoder)
 
     # --- the loop ----------------------------------------------------------------------------------------
     if accelerator.is_main_process:
