@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from pipelines.sd_configs import SD15_UNET_CONFIG
+
 SOT, EOT = "<|startoftext|>", "<|endoftext|>"
 # SD 1.x's scheduler config (runwayml/stable-diffusion-v1-5 scheduler/scheduler_config.json).
 SD_SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
@@ -65,26 +67,40 @@ def build_tokenizer(folder: Path):
     return tokenizer
 
 
-def build_pipeline(seed: int = 0):
-    """The tiny pipeline in memory (random weights from `seed`)."""
+TINY = (
+    {"sample_size": 8, "in_channels": 4, "out_channels": 4, "layers_per_block": 1, "block_out_channels": (32, 64),
+     "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"), "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
+     "cross_attention_dim": 32, "attention_head_dim": 8, "norm_num_groups": 8},
+    # four VAE blocks: the 8× latent of SD (64 px images -> 8×8 latents)
+    {"in_channels": 3, "out_channels": 3, "latent_channels": 4, "block_out_channels": (8, 16, 32, 32),
+     "layers_per_block": 1, "down_block_types": ("DownEncoderBlock2D",) * 4,
+     "up_block_types": ("UpDecoderBlock2D",) * 4, "norm_num_groups": 8, "sample_size": 64},
+    {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+     "projection_dim": 32},
+)
+SD15 = (
+    SD15_UNET_CONFIG,
+    {"in_channels": 3, "out_channels": 3, "latent_channels": 4, "block_out_channels": (128, 256, 512, 512),
+     "layers_per_block": 2, "down_block_types": ("DownEncoderBlock2D",) * 4,
+     "up_block_types": ("UpDecoderBlock2D",) * 4, "norm_num_groups": 32, "sample_size": 512},
+    {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
+     "projection_dim": 768, "hidden_act": "quick_gelu"},
+)
+PRESETS = {"tiny": TINY, "sd15": SD15}
+
+
+def build_pipeline(seed: int = 0, preset: str = "tiny"):
+    """The pipeline in memory (random weights from `seed`): `tiny`, or `sd15` for the full SD 1.5
+    architecture (860M-parameter UNet, SD VAE, CLIP ViT-L/14 text encoder) for benchmarks."""
     from diffusers import AutoencoderKL, DDPMScheduler, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    unet_cfg, vae_cfg, text_cfg = PRESETS[preset]
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
-    )
-    vae = AutoencoderKL(  # four blocks: the 8× latent of SD (64 px images -> 8×8 latents)
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16, 32, 32), layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=8,
-        sample_size=64,
-    )
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407, projection_dim=32,
-    ))
+    unet = UNet2DConditionModel(**unet_cfg)
+    vae = AutoencoderKL(**vae_cfg)
+    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, bos_token_id=49406,
+                                                eos_token_id=49407, pad_token_id=49407, **text_cfg))
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = build_tokenizer(Path(tmp))
     scheduler = PNDMScheduler.from_config({**SD_SCHEDULE, "skip_prk_steps": True})  # ignores DDIM-only keys
@@ -95,7 +111,7 @@ def build_pipeline(seed: int = 0):
     return pipe
 
 
-def write(out_dir: str | os.PathLike, seed: int = 0) -> Path:
+def write(out_dir: str | os.PathLike, seed: int = 0, preset: str = "tiny") -> Path:
     """Write the tiny pipeline to `out_dir` atomically (a sibling temp folder, then a rename)."""
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
@@ -103,7 +119,7 @@ def write(out_dir: str | os.PathLike, seed: int = 0) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        build_pipeline(seed).save_pretrained(tmp, safe_serialization=True)
+        build_pipeline(seed, preset).save_pretrained(tmp, safe_serialization=True)
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)
@@ -117,9 +133,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out_dir", help="folder to create (must not exist or be empty)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny",
+                        help="tiny (default) or sd15: the full SD 1.5 architecture, random, for benchmarks")
     args = parser.parse_args(argv)
     try:
-        path = write(args.out_dir, args.seed)
+        path = write(args.out_dir, args.seed, args.preset)
     except FileExistsError as e:
         parser.exit(2, f"error: {e}\n")
     print(f"tiny Stable Diffusion pipeline written to {path}")
