@@ -52,19 +52,20 @@ class DoRA(LoRA):
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         ratio = self.lora_magnitude_vector.reshape(-1) / self.weight_norm()  # (d_out,), grad reaches m only
-        ratio = self.kind.per_output(ratio)
         lora = self.lora_term(x)
+        scaled = self.kind.per_output(ratio * self.effective_scale)
         if self.dropout is not None and self.training:
             # PEFT rescales W0 applied to the *dropped* input, so recompute it rather than reuse base_out.
-            w0x = self.kind.base_without_bias(self._input(x, x.dtype))
-        else:
-            bias = self.kind.bias()
-            w0x = base_out if bias is None else base_out - self.kind.per_output(bias)
-        # y = base_out + (m/n - 1)·W0x + (m/n)·s·BAx, bias left out of the rescale. This additive form keeps
-        # the layer bit-exact at init (m/n = 1 exactly, BA = 0) where (m/n)·(y - b) + b would not be.
-        delta = lora * (ratio * self.effective_scale)
-        delta = delta.addcmul(w0x.to(lora.dtype), ratio - 1)
-        return base_out + delta.to(base_out.dtype)
+            w0x = self.kind.base_without_bias(self._input(x, x.dtype)).to(lora.dtype)
+            delta = torch.addcmul(lora * scaled, w0x, self.kind.per_output(ratio - 1))
+            return base_out + delta.to(base_out.dtype)
+        # y = (m/n)·(W0x + s·BAx) + b with W0x = base_out - b, rearranged so base_out is read once and the
+        # layer stays bit-exact at init (m/n = 1 exactly, BA = 0):  y = (m/n)·base_out + (m/n)·s·BAx - (m/n - 1)·b
+        out = lora * scaled
+        bias = self.kind.bias()
+        if bias is not None:
+            out = out - self.kind.per_output((ratio - 1) * bias.to(ratio.dtype))
+        return torch.addcmul(out, base_out.to(out.dtype), self.kind.per_output(ratio)).to(base_out.dtype)
 
     def merged_weight(self) -> torch.Tensor:
         w = self.kind.weight_matrix().float() + self.delta_weight()  # (d_out, d_in)
