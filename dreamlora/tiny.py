@@ -122,6 +122,7 @@ def write(out_dir: str | os.PathLike, seed: int = 0, preset: str = "tiny") -> Pa
         build_pipeline(seed, preset).save_pretrained(tmp, safe_serialization=True)
         if out.exists():
             out.rmdir()
+        os.chmod(tmp, 0o755)  # mkdtemp makes 0700; the model folder is an ordinary folder
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -140,7 +141,7 @@ def main(argv: list[str] | None = None) -> None:
         path = write(args.out_dir, args.seed, args.preset)
     except FileExistsError as e:
         parser.exit(2, f"error: {e}\n")
-    print(f"tiny Stable Diffusion pipeline written to {path}")
+    print(f"{args.preset} Stable Diffusion pipeline (random weights) written to {path}")
 
 
 if __name__ == "__main__":
