@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import torch
+from report import write_report  # bench/report.py (scripts run from bench/)
 
 CONFIGS = ["floor", "dreamlora-lora", "dreamlora-dora", "dreamlora-singlora", "peft-lora", "peft-dora",
            "peft-singlora"]
@@ -217,13 +218,9 @@ def main() -> None:
     runs = [run_one(c, r, args) for c, r in tqdm(jobs, desc="adapter step bench", unit="process")]
     rows = summarise(runs, ranks)
     table = markdown(rows, args)
-    stem = Path(args.output)
-    stem.parent.mkdir(parents=True, exist_ok=True)
     meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
             "cpu_count": os.cpu_count(), "args": vars(args)}
-    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows, "runs": runs}, indent=1))
-    stem.with_suffix(".md").write_text(table)
-    print(table)
+    write_report(args.output, {"meta": meta, "rows": rows, "runs": runs}, table)
 
 
 if __name__ == "__main__":

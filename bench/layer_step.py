@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import time
 from pathlib import Path
 
 import torch
+from report import write_report  # bench/report.py (scripts run from bench/)
 from torch import nn
 
 import dreamlora
@@ -89,12 +89,8 @@ def main() -> None:
              "|---|---:|---|---:|---:|---:|---:|\n" + "".join(
                  f"| {r['tokens']}×{r['d_in']}→{r['d_out']} | {r['rank']} | {r['config']} | {r['p20_ms']:.3f} | "
                  f"{r['x_floor']:.3f} | {r['x_our_lora']:.3f} | {r['x_peft_same']:.3f} |\n" for r in rows))
-    stem = Path(args.output)
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps({"args": vars(args), "torch": torch.__version__,
-                                                     "threads": torch.get_num_threads(), "rows": rows}, indent=1))
-    stem.with_suffix(".md").write_text(table)
-    print(table)
+    write_report(args.output, {"args": vars(args), "torch": torch.__version__, "threads": torch.get_num_threads(),
+                               "rows": rows}, table)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from report import write_report  # bench/report.py (scripts run from bench/)
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).parent / "results"
 METHODS = ("lora", "loraplus", "dora", "singlora")
@@ -55,11 +57,7 @@ def main() -> None:
              "|---|---:|---:|---:|---:|\n" + "".join(
                  f"| {r['method']} | {r['it_per_s']:.1f} | {r['trainable_params']:,} | {r['wall_time_s']:.1f} | "
                  f"{r['peak_memory_mib']:.0f} |\n" for r in rows))
-    stem = Path(args.output)
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
-    stem.with_suffix(".md").write_text(table)
-    print(table)
+    write_report(args.output, {"args": vars(args), "rows": rows}, table)
 
 
 if __name__ == "__main__":

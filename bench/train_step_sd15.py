@@ -18,6 +18,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from report import write_report  # bench/report.py (scripts run from bench/)
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).parent / "results"
 METHODS = ("lora", "loraplus", "dora", "singlora")
@@ -69,12 +71,7 @@ def main() -> None:
                  f"| {r['method']} | {r['step_s_min']:.3f} | {r['step_s_median']:.3f} | "
                  f"{(r['step_s_min'] / floor) if floor else float('nan'):.3f} | {r['trainable_params']:,} | "
                  f"{r['peak_rss_mib']:.0f} |\n" for r in rows))
-    stem = Path(args.output)
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps({"args": vars(args), "floor_step_s": floor, "rows": rows},
-                                                    indent=1))
-    stem.with_suffix(".md").write_text(table)
-    print(table)
+    write_report(args.output, {"args": vars(args), "floor_step_s": floor, "rows": rows}, table)
 
 
 if __name__ == "__main__":
