@@ -219,3 +219,29 @@ def test_sigusr1_checkpoints_and_stops_cleanly(tiny_model_dir, tmp_path):
     assert not run["finished"] and 3 <= run["steps"] < 100000
     assert (out / f"checkpoint-{run['steps']}").is_dir()
     assert json.loads(progress.read_text().splitlines()[-1])["event"] == "stopped"
+
+
+def test_sample_cli_two_adapters_with_scales_and_merge(trained_runs, tiny_model_dir, tmp_path):
+    from pipelines.sample import main as sample_main
+
+    common = ["--pretrained_model_name_or_path", str(tiny_model_dir), "--adapter", f"{trained_runs['lora']}:0.5",
+              "--adapter", f"{trained_runs['singlora']}:1.0", "--prompt", PROMPT, "--prompt", "a dog on the beach",
+              "--num_images_per_prompt", 2, "--num_inference_steps", 3, "--height", 64, "--width", 64]
+    assert sample_main([*map(str, common), "--output_dir", str(tmp_path / "live")]) == 0
+    assert sample_main([*map(str, common), "--merge", "--output_dir", str(tmp_path / "merged")]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "live" / "metadata.jsonl").read_text().splitlines()]
+    assert [(r["file_name"], r["seed"]) for r in rows] == [("0000_0.png", 0), ("0000_1.png", 1), ("0001_0.png", 0),
+                                                          ("0001_1.png", 1)]
+    assert [a["scale"] for a in rows[0]["adapters"]] == [0.5, 1.0]
+    for row in rows:
+        live = np.asarray(Image.open(tmp_path / "live" / row["file_name"])).astype(np.int16)
+        merged = np.asarray(Image.open(tmp_path / "merged" / row["file_name"])).astype(np.int16)
+        assert np.abs(live - merged).max() <= 2
+    half = tmp_path / "half"  # scale 0 of a LoRA (text encoder included) is the base model exactly
+    assert sample_main(["--pretrained_model_name_or_path", str(tiny_model_dir), "--adapter",
+                        f"{trained_runs['lora']}:0.0", "--prompt", PROMPT, "--num_inference_steps", "3",
+                        "--height", "64", "--width", "64", "--output_dir", str(half)]) == 0
+    base = load_pipeline(str(tiny_model_dir), "cpu")
+    generate(base, [PROMPT], tmp_path / "base", num_inference_steps=3, height=64, width=64)
+    zero = np.asarray(Image.open(half / "0000_0.png")).astype(np.int16)
+    assert np.abs(zero - np.asarray(Image.open(tmp_path / "base" / "0000_0.png")).astype(np.int16)).max() == 0
