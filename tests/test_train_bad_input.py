@@ -129,3 +129,29 @@ def test_nan_loss_stops_keeps_the_last_good_checkpoint_and_says_so(tiny_model_di
     assert "Last good checkpoint:" in last and "checkpoint-" in last
     assert not (out / "pytorch_lora_weights.safetensors").exists()
     assert any(out.glob("checkpoint-*"))
+
+
+def test_sample_cli_bad_input_names_the_flag(tmp_path, capsys):
+    from pipelines.sample import main as sample_main
+
+    args = ["--pretrained_model_name_or_path", str(tmp_path), "--output_dir", str(tmp_path / "out")]
+    assert sample_main([*args, "--prompt", "x", "--adapter", str(tmp_path / "nope:0.5")]) == 2
+    assert "--adapter" in capsys.readouterr().err and not (tmp_path / "out").exists()
+    assert sample_main(args) == 2
+    assert "give at least one --prompt" in capsys.readouterr().err
+    (tmp_path / "run").mkdir()
+    assert sample_main([*args, "--prompt", "x", "--adapter", str(tmp_path / "run")]) == 2
+    assert "no unet_adapter.safetensors" in capsys.readouterr().err
+    assert sample_main([*args, "--prompt", "x"]) == 2  # tmp_path is no diffusers folder
+    assert "is not a diffusers Stable Diffusion folder" in capsys.readouterr().err
+
+
+def test_adapter_spec_parses_scales_and_colons():
+    from pathlib import Path
+
+    from pipelines.sample import AdapterSpec
+
+    assert AdapterSpec.parse("runs/dog:0.5") == AdapterSpec(Path("runs/dog"), 0.5)
+    assert AdapterSpec.parse("runs/dog") == AdapterSpec(Path("runs/dog"), 1.0)
+    assert AdapterSpec.parse("C:/runs/dog") == AdapterSpec(Path("C:/runs/dog"), 1.0)
+    assert AdapterSpec.parse("runs/a:b:-1.5") == AdapterSpec(Path("runs/a:b"), -1.5)
