@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from eval import metrics
-from pipelines.dreambench import load_protocol
+from pipelines.dreambench_protocol import load_protocol
 
 
 @pytest.fixture(scope="module")
@@ -67,3 +67,50 @@ def test_metrics_equal_a_hand_computation():
     assert metrics.subject_fidelity(same[:1], same[:1]) == pytest.approx(1.0)
     with pytest.raises(ValueError, match="one prompt per image"):
         metrics.per_image_prompt_fidelity(gen, text[:1])
+
+
+def test_generation_writes_the_protocol_layout_and_resumes(tiny_model_dir, tmp_path):
+    import json
+
+    from pipelines.dreambench import main as generate_main
+
+    out = tmp_path / "gen"
+    argv = ["--pretrained_model_name_or_path", str(tiny_model_dir), "--subject", "dog", "--subject", "teapot",
+            "--max_prompts", "2", "--num_images_per_prompt", "2", "--num_inference_steps", "2", "--height", "64",
+            "--width", "64", "--output_dir", str(out)]
+    assert generate_main(argv) == 0
+    files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png"))
+    assert files == ["dog/00_0.png", "dog/00_1.png", "dog/01_0.png", "dog/01_1.png",
+                     "teapot/00_0.png", "teapot/00_1.png", "teapot/01_0.png", "teapot/01_1.png"]
+    rows = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
+    first = rows[0]
+    assert (first["file_name"], first["subject"], first["class"], first["prompt"], first["prompt_for_clip_t"],
+            first["seed"]) == ("dog/00_0.png", "dog", "dog", "a sks dog in the jungle", "a dog in the jungle", 0)
+    assert rows[5]["prompt"] == "a sks teapot in the jungle" and rows[5]["seed"] == 1
+
+    before = {f: (out / f).read_bytes() for f in files}
+    (out / "dog/01_1.png").unlink()  # an interrupted run
+    assert generate_main(argv) == 0
+    run = json.loads((out / "run.json").read_text())
+    assert run["generated_by_main_process"] == 1 and run["images"] == 8
+    assert {f: (out / f).read_bytes() for f in files} == before  # same seeds, same pixels
+
+
+def test_generation_shards_over_two_processes(tiny_model_dir, tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "sharded"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "pipelines.dreambench",
+           "--pretrained_model_name_or_path", str(tiny_model_dir), "--subject", "dog", "--max_prompts", "3",
+           "--num_images_per_prompt", "2", "--num_inference_steps", "2", "--height", "64", "--width", "64",
+           "--output_dir", str(out)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    run = json.loads((out / "run.json").read_text())
+    assert run["world_size"] == 2 and run["images"] == 6 and run["generated_by_main_process"] == 3
+    assert len((out / "metadata.jsonl").read_text().splitlines()) == 6
