@@ -182,15 +182,20 @@ def attach(model: nn.Module, config: AdapterConfig, name: str = "default") -> nn
     return model
 
 
+def _settle(model: nn.Module, path: str, host: AdaptedLayer) -> None:
+    """After adapters were removed from `host`: give the layer its original module back if none is left."""
+    if len(host.adapters) == 0:
+        _set_module(model, path, host.base_layer)
+    else:
+        host.refresh()
+
+
 def detach(model: nn.Module, name: str) -> nn.Module:
     """Remove adapter `name`; layers left with no adapter get their original module back."""
     for path in adapter_layers(model, name):
         host = model.get_submodule(path)
         del host.adapters[name]
-        if len(host.adapters) == 0:
-            _set_module(model, path, host.base_layer)
-        else:
-            host.refresh()
+        _settle(model, path, host)
     _changed()
     return model
 
@@ -235,9 +240,6 @@ def merge(model: nn.Module, names: list[str] | None = None) -> nn.Module:
             del host.adapters[adapter_name]
             for other in host.adapters.values():
                 other.base_weight_changed()
-        if len(host.adapters) == 0:
-            _set_module(model, path, host.base_layer)
-        else:
-            host.refresh()
+        _settle(model, path, host)
     _changed()
     return model
