@@ -1,0 +1,195 @@
+"""`python -m eval.score SAMPLES_DIR --references DIR`: DINO, CLIP-I and CLIP-T of generated images.
+
+SAMPLES_DIR holds images and a `metadata.jsonl` as `python -m pipelines.dreambench` writes it; references are
+`DIR/<subject>/*` real photos. Each unique image is encoded once (deduplicated by content hash); reference
+embeddings are cached across runs under `--cache_dir`, keyed by encoder weights and file content; all pairs
+come from one matrix product. Writes `scores.json` and `scores.csv` (one row per image) and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import os
+import re
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from eval import metrics
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
+# DreamBooth paper, Table 1: for orientation beside our numbers.
+PUBLISHED = {"Real images": {"dino": 0.774, "clip_i": 0.885, "clip_t": None},
+             "DreamBooth (Stable Diffusion)": {"dino": 0.668, "clip_i": 0.803, "clip_t": 0.305}}
+
+
+class ScoreError(ValueError):
+    pass
+
+
+def content_hash(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+class EmbeddingCache:
+    """Embeddings of one encoder by content hash; persisted (safetensors) only for reference images."""
+
+    def __init__(self, encoder, cache_dir: Path | None):
+        self.encoder, self.memory = encoder, {}
+        safe = re.sub(r"[^A-Za-z0-9_.@-]+", "_", encoder.key)
+        self.file = cache_dir / f"{safe}.safetensors" if cache_dir else None
+        if self.file and self.file.is_file():
+            from safetensors.torch import load_file
+
+            self.memory.update(load_file(self.file))
+        self.encoded = 0
+
+    def embed(self, paths: list[Path], batch_size: int) -> torch.Tensor:
+        hashes = [content_hash(p) for p in paths]
+        missing = {h: p for h, p in zip(hashes, paths, strict=True) if h not in self.memory}
+        if missing:
+            images = [Image.open(p) for p in missing.values()]
+            for h, e in zip(missing, self.encoder.encode(images, batch_size), strict=True):
+                self.memory[h] = e
+            self.encoded += len(missing)
+        return torch.stack([self.memory[h] for h in hashes])
+
+    def persist(self, keep: set[str]) -> None:
+        if self.file is None:
+            return
+        from safetensors.torch import save_file
+
+        self.file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.file.with_name(f".{self.file.name}.tmp")
+        save_file({h: e.contiguous() for h, e in self.memory.items() if h in keep}, tmp)
+        os.replace(tmp, self.file)
+
+
+def read_samples(samples_dir: Path) -> list[dict]:
+    meta = samples_dir / "metadata.jsonl"
+    if not samples_dir.is_dir():
+        raise ScoreError(f"SAMPLES_DIR {str(samples_dir)!r} does not exist")
+    if not meta.is_file():
+        raise ScoreError(f"SAMPLES_DIR {str(samples_dir)!r} has no metadata.jsonl (write it with "
+                         "python -m pipelines.dreambench)")
+    rows = [json.loads(line) for line in meta.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = [r for r in rows if (samples_dir / r["file_name"]).is_file()]
+    if not rows:
+        raise ScoreError(f"SAMPLES_DIR {str(samples_dir)!r}: no image listed in metadata.jsonl exists")
+    return rows
+
+
+def reference_paths(references: Path, subject: str) -> list[Path]:
+    folder = references / subject
+    paths = sorted(p for p in folder.glob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
+    if not paths:
+        raise ScoreError(f"--references {str(references)!r} has no images for subject {subject!r}")
+    return paths
+
+
+def score(samples_dir: Path, references: Path, clip, dino, *, keep_identifier: bool = False,
+          cache_dir: Path | None = None, batch_size: int = 32) -> list[dict]:
+    """One row per generated image: file_name, subject, method, dino, clip_i, clip_t."""
+    rows = read_samples(samples_dir)
+    caches = {"dino": EmbeddingCache(dino, cache_dir), "clip": EmbeddingCache(clip.image, cache_dir)}
+    prompt_key = "prompt" if keep_identifier else "prompt_for_clip_t"
+    reference_hashes: set[str] = set()
+    out = []
+    for subject in sorted({r["subject"] for r in rows}):
+        mine = [r for r in rows if r["subject"] == subject]
+        gen_paths = [samples_dir / r["file_name"] for r in mine]
+        ref = reference_paths(references, subject)
+        reference_hashes.update(content_hash(p) for p in ref)
+        dino_scores = metrics.per_image_subject_fidelity(caches["dino"].embed(gen_paths, batch_size),
+                                                         caches["dino"].embed(ref, batch_size))
+        clip_gen = caches["clip"].embed(gen_paths, batch_size)
+        clip_i = metrics.per_image_subject_fidelity(clip_gen, caches["clip"].embed(ref, batch_size))
+        clip_t = metrics.per_image_prompt_fidelity(clip_gen, clip.encode_text([r[prompt_key] for r in mine]))
+        for r, d, ci, ct in zip(mine, dino_scores.tolist(), clip_i.tolist(), clip_t.tolist(), strict=True):
+            out.append({"file_name": r["file_name"], "subject": subject, "method": r.get("method") or "base",
+                        "prompt": r[prompt_key], "dino": d, "clip_i": ci, "clip_t": ct})
+    for cache in caches.values():
+        cache.persist(reference_hashes)
+    return out
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    """Mean ± std and count per (method, subject) and per method over all subjects."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["method"], r["subject"]), []).append(r)
+        groups.setdefault((r["method"], "all"), []).append(r)
+    summary = []
+    for (method, subject), items in sorted(groups.items()):
+        entry = {"method": method, "subject": subject, "n": len(items)}
+        for metric in ("dino", "clip_i", "clip_t"):
+            values = [i[metric] for i in items]
+            entry[metric] = statistics.fmean(values)
+            entry[f"{metric}_std"] = statistics.pstdev(values)
+        summary.append(entry)
+    return summary
+
+
+def table(summary: list[dict]) -> str:
+    lines = ["| run | subject | n | DINO | CLIP-I | CLIP-T |", "|---|---|---:|---:|---:|---:|"]
+    for s in summary:
+        lines.append(f"| {s['method']} | {s['subject']} | {s['n']} | {s['dino']:.3f} ± {s['dino_std']:.3f} | "
+                     f"{s['clip_i']:.3f} ± {s['clip_i_std']:.3f} | {s['clip_t']:.3f} ± {s['clip_t_std']:.3f} |")
+    for name, figures in PUBLISHED.items():
+        cells = [f"{figures[m]:.3f}" if figures[m] is not None else "–" for m in ("dino", "clip_i", "clip_t")]
+        lines.append(f"| {name} (paper) | all | – | {' | '.join(cells)} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(output: Path, rows: list[dict], summary: list[dict], settings: dict) -> None:
+    output.mkdir(parents=True, exist_ok=True)
+    tmp = output / ".scores.json.tmp"
+    tmp.write_text(json.dumps({"settings": settings, "summary": summary, "rows": rows}, indent=1))
+    os.replace(tmp, output / "scores.json")
+    tmp = output / ".scores.csv.tmp"
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, output / "scores.csv")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m eval.score", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("samples_dir")
+    p.add_argument("--references", required=True, help="folder of <subject>/ folders of real photos")
+    p.add_argument("--clip_model", default="ViT-B-32", help="an open_clip model name")
+    p.add_argument("--clip_pretrained", default="openai", help="open_clip tag, a local checkpoint, or none")
+    p.add_argument("--dino_model", default="vit_small_patch16_224.dino", help="a timm model name")
+    p.add_argument("--dino_pretrained", default="hub", help="hub (timm download), a local checkpoint, or none")
+    p.add_argument("--keep_identifier", action="store_true", help="CLIP-T against the prompt with the token")
+    p.add_argument("--cache_dir", default=str(Path.home() / ".cache" / "dreamlora" / "embeddings"))
+    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--output", default=None, help="default: SAMPLES_DIR")
+    args = p.parse_args(argv)
+    from eval.encoders import load_clip, load_dino
+
+    try:
+        clip = load_clip(args.clip_model, args.clip_pretrained)
+        dino = load_dino(args.dino_model, args.dino_pretrained)
+        rows = score(Path(args.samples_dir), Path(args.references), clip, dino, keep_identifier=args.keep_identifier,
+                     cache_dir=Path(args.cache_dir) if args.cache_dir else None, batch_size=args.batch_size)
+    except (ScoreError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    summary = summarise(rows)
+    settings = {"clip": clip.image.key, "dino": dino.key, "identifier_in_clip_t": args.keep_identifier}
+    write_outputs(Path(args.output or args.samples_dir), rows, summary, settings)
+    print(table(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""`eval.score`: the scores equal a hand computation on random backbones; identical images score 1."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from eval.encoders import load_clip, load_dino
+from eval.score import main as score_main
+from eval.score import score
+
+DOG = Path(__file__).parent / "assets" / "dog"
+
+
+@pytest.fixture(scope="module")
+def encoders():
+    return load_clip("ViT-B-32", "none", seed=0), load_dino("vit_small_patch16_224.dino", "none", seed=0)
+
+
+def make_samples(tmp_path, files: list[str]):
+    samples, refs = tmp_path / "samples", tmp_path / "refs" / "dog"
+    (samples / "dog").mkdir(parents=True)
+    refs.mkdir(parents=True)
+    rows = []
+    for i, name in enumerate(files):
+        shutil.copy(DOG / name, samples / "dog" / f"{i:02d}_0.png")
+        rows.append({"file_name": f"dog/{i:02d}_0.png", "subject": "dog", "class": "dog", "method": "lora",
+                     "prompt": f"a sks dog number {i}", "prompt_for_clip_t": f"a dog number {i}"})
+    (samples / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for name in ("02.jpg", "03.jpg"):
+        shutil.copy(DOG / name, refs / name)
+    return samples, tmp_path / "refs", rows
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double().tolist(), b.double().tolist()
+    return sum(x * y for x, y in zip(a, b, strict=True)) / math.sqrt(sum(x * x for x in a) * sum(y * y for y in b))
+
+
+def one(encoder, path) -> torch.Tensor:
+    """An embedding computed on its own, image by image: the hand computation's input."""
+    with torch.no_grad():
+        return encoder.forward(encoder.preprocess(Image.open(path).convert("RGB"))[None]).float()[0]
+
+
+def test_scores_equal_a_hand_computation(encoders, tmp_path):
+    clip, dino = encoders
+    samples, refs, meta = make_samples(tmp_path, ["00.jpg", "01.jpg"])
+    rows = score(samples, refs, clip, dino, cache_dir=tmp_path / "cache")
+    ref_files = sorted((refs / "dog").iterdir())
+    for row, m in zip(rows, meta, strict=True):
+        gen = samples / m["file_name"]
+        expected_dino = sum(cosine(one(dino, gen), one(dino, r)) for r in ref_files) / 2
+        expected_clip_i = sum(cosine(one(clip.image, gen), one(clip.image, r)) for r in ref_files) / 2
+        expected_clip_t = cosine(one(clip.image, gen), clip.encode_text([m["prompt_for_clip_t"]])[0])
+        assert row["dino"] == pytest.approx(expected_dino, abs=1e-5)
+        assert row["clip_i"] == pytest.approx(expected_clip_i, abs=1e-5)
+        assert row["clip_t"] == pytest.approx(expected_clip_t, abs=1e-5)
+        assert row["prompt"] == m["prompt_for_clip_t"]
+    kept = score(samples, refs, clip, dino, keep_identifier=True)
+    assert [r["prompt"] for r in kept] == [m["prompt"] for m in meta]
+    assert kept[0]["clip_t"] != pytest.approx(rows[0]["clip_t"], abs=1e-9)
+
+
+def test_identical_images_score_one_and_references_are_cached(encoders, tmp_path):
+    clip, dino = encoders
+    samples, refs, _ = make_samples(tmp_path, ["02.jpg"])
+    (refs / "dog" / "03.jpg").unlink()  # the only reference is the generated image itself
+    cache = tmp_path / "cache"
+    rows = score(samples, refs, clip, dino, cache_dir=cache)
+    assert rows[0]["dino"] == pytest.approx(1.0, abs=1e-6) and rows[0]["clip_i"] == pytest.approx(1.0, abs=1e-6)
+    assert len(list(cache.glob("*.safetensors"))) == 2  # one per encoder, keyed by weights
+
+
+def test_cli_writes_scores_and_names_bad_input(encoders, tmp_path, capsys):
+    samples, refs, _ = make_samples(tmp_path, ["00.jpg", "01.jpg"])
+    argv = [str(samples), "--references", str(refs), "--clip_pretrained", "none", "--dino_pretrained", "none",
+            "--cache_dir", str(tmp_path / "cache")]
+    assert score_main(argv) == 0
+    out = capsys.readouterr().out
+    assert "| lora | dog | 2 |" in out and "DreamBooth (Stable Diffusion) (paper)" in out
+    data = json.loads((samples / "scores.json").read_text())
+    assert len(data["rows"]) == 2 and data["settings"]["identifier_in_clip_t"] is False
+    assert (samples / "scores.csv").read_text().startswith("file_name,subject,method,prompt,dino,clip_i,clip_t")
+    shutil.rmtree(refs / "dog")
+    assert score_main(argv) == 2
+    assert "has no images for subject 'dog'" in capsys.readouterr().err
+    (samples / "metadata.jsonl").unlink()
+    assert score_main(argv) == 2
+    assert "has no metadata.jsonl" in capsys.readouterr().err
+
+
+def test_scorer_reads_back_what_generation_wrote(tiny_model_dir, tmp_path):
+    from pipelines.dreambench import main as generate_main
+
+    out = tmp_path / "gen"
+    assert generate_main(["--pretrained_model_name_or_path", str(tiny_model_dir), "--subject", "dog",
+                          "--max_prompts", "2", "--num_images_per_prompt", "1", "--num_inference_steps", "2",
+                          "--height", "64", "--width", "64", "--output_dir", str(out)]) == 0
+    assert score_main([str(out), "--references", str(DOG.parent), "--clip_pretrained", "none",
+                       "--dino_pretrained", "none", "--cache_dir", ""]) == 0
+    rows = json.loads((out / "scores.json").read_text())["rows"]
+    assert [r["prompt"] for r in rows] == ["a dog in the jungle", "a dog in the snow"]
+    assert all(-1 <= r[m] <= 1 for r in rows for m in ("dino", "clip_i", "clip_t"))
