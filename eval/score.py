@@ -3,7 +3,8 @@
 SAMPLES_DIR holds images and a `metadata.jsonl` as `python -m pipelines.dreambench` writes it; references are
 `DIR/<subject>/*` real photos. Each unique image is encoded once (deduplicated by content hash); reference
 embeddings are cached across runs under `--cache_dir`, keyed by encoder weights and file content; all pairs
-come from one matrix product. Writes `scores.json` and `scores.csv` (one row per image) and prints a table.
+come from one matrix product. Writes `scores.json`, `scores.csv` (one row per image) and `scores.png`
+(per-method bars with the per-subject spread), and prints a table.
 """
 
 from __future__ import annotations
@@ -158,6 +159,9 @@ def write_outputs(output: Path, rows: list[dict], summary: list[dict], settings:
         writer.writeheader()
         writer.writerows(rows)
     os.replace(tmp, output / "scores.csv")
+    from eval.plots import method_bars
+
+    method_bars(summary, output / "scores.png")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -88,6 +88,7 @@ def test_cli_writes_scores_and_names_bad_input(encoders, tmp_path, capsys):
     data = json.loads((samples / "scores.json").read_text())
     assert len(data["rows"]) == 2 and data["settings"]["identifier_in_clip_t"] is False
     assert (samples / "scores.csv").read_text().startswith("file_name,subject,method,prompt,dino,clip_i,clip_t")
+    assert Image.open(samples / "scores.png").size[0] > 400
     shutil.rmtree(refs / "dog")
     assert score_main(argv) == 2
     assert "has no images for subject 'dog'" in capsys.readouterr().err

@@ -1,0 +1,34 @@
+"""Plots people would rather look at than read: per-method bars with the per-subject spread."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+METRICS = (("dino", "DINO"), ("clip_i", "CLIP-I"), ("clip_t", "CLIP-T"))
+
+
+def method_bars(summary: list[dict], path: Path) -> Path:
+    """One panel per metric: a bar per method (mean over all its images) and a dot per subject mean."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = sorted({s["method"] for s in summary})
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(4 * len(METRICS), 3.6), constrained_layout=True)
+    for ax, (metric, label) in zip(axes, METRICS, strict=True):
+        overall = [next(s[metric] for s in summary if s["method"] == m and s["subject"] == "all") for m in methods]
+        ax.bar(range(len(methods)), overall, color="#8fb3d9", edgecolor="#2b5d8c")
+        for i, m in enumerate(methods):
+            subjects = [s[metric] for s in summary if s["method"] == m and s["subject"] != "all"]
+            ax.scatter([i] * len(subjects), subjects, color="#1f3b57", s=12, zorder=3)
+        ax.set_xticks(range(len(methods)), methods, rotation=20)
+        ax.set_title(label)
+        ax.grid(axis="y", alpha=0.3)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
