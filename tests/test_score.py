@@ -109,3 +109,27 @@ def test_scorer_reads_back_what_generation_wrote(tiny_model_dir, tmp_path):
     rows = json.loads((out / "scores.json").read_text())["rows"]
     assert [r["prompt"] for r in rows] == ["a dog in the jungle", "a dog in the snow"]
     assert all(-1 <= r[m] <= 1 for r in rows for m in ("dino", "clip_i", "clip_t"))
+
+
+def test_compare_joins_scores_with_training_cost(tmp_path, capsys):
+    from eval.compare import main as compare_main
+
+    runs = []
+    for method, rank, params, dino in (("lora", 4, 797184, 0.61), ("singlora", 4, 422400, 0.64)):
+        train = tmp_path / f"train-{method}"
+        train.mkdir()
+        (train / "run.json").write_text(json.dumps({"adapter_config": {"rank": rank}, "trainable_params": params,
+                                                    "wall_time_s": 120.0, "peak_memory_mib": 5400.0}))
+        gen = tmp_path / f"gen-{method}"
+        gen.mkdir()
+        (gen / "run.json").write_text(json.dumps({"adapters": [{"path": str(train), "scale": 1.0}]}))
+        summary = [{"method": method, "subject": "all", "n": 50, "dino": dino, "dino_std": 0.1, "clip_i": 0.8,
+                    "clip_i_std": 0.05, "clip_t": 0.3, "clip_t_std": 0.02}]
+        (gen / "scores.json").write_text(json.dumps({"summary": summary, "rows": []}))
+        runs.append(str(gen))
+    assert compare_main([*runs, "--output", str(tmp_path / "cmp")]) == 0
+    out = capsys.readouterr().out
+    assert "| gen-singlora | singlora | 4 | 422,400 | 120 | 5400 | 50 | 0.640 ± 0.100 |" in out
+    assert Image.open(tmp_path / "cmp" / "comparison.png").size[0] > 300
+    assert compare_main([str(tmp_path / "train-lora")]) == 2
+    assert "has no scores.json" in capsys.readouterr().err
