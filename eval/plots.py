@@ -19,9 +19,11 @@ def method_bars(summary: list[dict], path: Path) -> Path:
     fig, axes = plt.subplots(1, len(METRICS), figsize=(4 * len(METRICS), 3.6), constrained_layout=True)
     for ax, (metric, label) in zip(axes, METRICS, strict=True):
         overall = [next(s[metric] for s in summary if s["method"] == m and s["subject"] == "all") for m in methods]
+        overall = [float("nan") if v is None else v for v in overall]  # e.g. CLIP-T without prompts
         ax.bar(range(len(methods)), overall, color="#8fb3d9", edgecolor="#2b5d8c")
         for i, m in enumerate(methods):
-            subjects = [s[metric] for s in summary if s["method"] == m and s["subject"] != "all"]
+            subjects = [s[metric] for s in summary if s["method"] == m and s["subject"] != "all"
+                        and s[metric] is not None]
             ax.scatter([i] * len(subjects), subjects, color="#1f3b57", s=12, zorder=3)
         ax.set_xticks(range(len(methods)), methods, rotation=20)
         ax.set_title(label)

@@ -25,6 +25,7 @@ from PIL import Image
 from eval import metrics
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
+OUTPUT_NAMES = {"scores.png"}  # our own plot, written into SAMPLES_DIR by default: never a sample
 # DreamBooth paper, Table 1: for orientation beside our numbers.
 PUBLISHED = {"Real images": {"dino": 0.774, "clip_i": 0.885, "clip_t": None},
              "DreamBooth (Stable Diffusion)": {"dino": 0.668, "clip_i": 0.803, "clip_t": 0.305}}
@@ -73,17 +74,37 @@ class EmbeddingCache:
 
 
 def read_samples(samples_dir: Path) -> list[dict]:
-    meta = samples_dir / "metadata.jsonl"
+    """Rows of metadata.jsonl; without one, the subject comes from each image's folder and CLIP-T is skipped."""
     if not samples_dir.is_dir():
         raise ScoreError(f"SAMPLES_DIR {str(samples_dir)!r} does not exist")
-    if not meta.is_file():
-        raise ScoreError(f"SAMPLES_DIR {str(samples_dir)!r} has no metadata.jsonl (write it with "
-                         "python -m pipelines.dreambench)")
-    rows = [json.loads(line) for line in meta.read_text(encoding="utf-8").splitlines() if line.strip()]
+    meta = samples_dir / "metadata.jsonl"
+    if meta.is_file():
+        rows = [json.loads(line) for line in meta.read_text(encoding="utf-8").splitlines() if line.strip()]
+    else:
+        images = sorted(p for p in samples_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES
+                        and p.relative_to(samples_dir).as_posix() not in OUTPUT_NAMES)
+        loose = [p.name for p in images if p.parent == samples_dir]
+        if loose:
+            raise ScoreError(f"SAMPLES_DIR {str(samples_dir)!r} has no metadata.jsonl and images outside subject "
+                             f"folders ({', '.join(loose[:3])}): cannot tell their subject")
+        rows = [{"file_name": p.relative_to(samples_dir).as_posix(), "subject": p.parent.name} for p in images]
     rows = [r for r in rows if (samples_dir / r["file_name"]).is_file()]
     if not rows:
-        raise ScoreError(f"SAMPLES_DIR {str(samples_dir)!r}: no image listed in metadata.jsonl exists")
+        raise ScoreError(f"SAMPLES_DIR {str(samples_dir)!r} holds no images to score")
     return rows
+
+
+def readable(paths: list[Path]) -> tuple[list[Path], list[str]]:
+    """Paths that decode as images, and the names of those that do not (skipped, counted, reported)."""
+    good, bad = [], []
+    for p in paths:
+        try:
+            with Image.open(p) as im:
+                im.load()
+            good.append(p)
+        except (OSError, ValueError, SyntaxError):
+            bad.append(str(p))
+    return good, bad
 
 
 def reference_paths(references: Path, subject: str) -> list[Path]:
@@ -95,10 +116,12 @@ def reference_paths(references: Path, subject: str) -> list[Path]:
 
 
 def score(samples_dir: Path, references: Path, clip, dino, *, keep_identifier: bool = False,
-          cache_dir: Path | None = None, batch_size: int = 32, extra=None) -> list[dict]:
+          cache_dir: Path | None = None, batch_size: int = 32, extra=None,
+          skipped: list[str] | None = None) -> list[dict]:
     """One row per generated image: file_name, subject, method, dino, clip_i, clip_t (and `extra`, the same
     all-pairs subject fidelity with an extra image backbone, when one is given)."""
     rows = read_samples(samples_dir)
+    skipped = [] if skipped is None else skipped
     caches = {"dino": EmbeddingCache(dino, cache_dir), "clip": EmbeddingCache(clip.image, cache_dir)}
     if extra is not None:
         caches["extra"] = EmbeddingCache(extra, cache_dir)
@@ -107,26 +130,35 @@ def score(samples_dir: Path, references: Path, clip, dino, *, keep_identifier: b
     out = []
     for subject in sorted({r["subject"] for r in rows}):
         mine = [r for r in rows if r["subject"] == subject]
+        good, bad = readable([samples_dir / r["file_name"] for r in mine])
+        skipped.extend(bad)
+        mine = [r for r in mine if samples_dir / r["file_name"] in set(good)]
+        ref, bad_ref = readable(reference_paths(references, subject))
+        skipped.extend(bad_ref)
+        if not mine or not ref:
+            continue
         gen_paths = [samples_dir / r["file_name"] for r in mine]
-        ref = reference_paths(references, subject)
         reference_hashes.update(content_hash(p) for p in ref)
         dino_scores = metrics.per_image_subject_fidelity(caches["dino"].embed(gen_paths, batch_size),
                                                          caches["dino"].embed(ref, batch_size))
         clip_gen = caches["clip"].embed(gen_paths, batch_size)
         clip_i = metrics.per_image_subject_fidelity(clip_gen, caches["clip"].embed(ref, batch_size))
-        clip_t = metrics.per_image_prompt_fidelity(clip_gen, clip.encode_text([r[prompt_key] for r in mine]))
+        prompts = [r.get(prompt_key) for r in mine]
+        clip_t = (metrics.per_image_prompt_fidelity(clip_gen, clip.encode_text(prompts)).tolist()
+                  if all(prompts) else [None] * len(mine))
         extra_scores = (metrics.per_image_subject_fidelity(caches["extra"].embed(gen_paths, batch_size),
                                                            caches["extra"].embed(ref, batch_size)).tolist()
                         if extra is not None else [None] * len(mine))
-        for r, d, ci, ct, ex in zip(mine, dino_scores.tolist(), clip_i.tolist(), clip_t.tolist(), extra_scores,
-                                    strict=True):
+        for r, d, ci, ct, ex in zip(mine, dino_scores.tolist(), clip_i.tolist(), clip_t, extra_scores, strict=True):
             row = {"file_name": r["file_name"], "subject": subject, "method": r.get("method") or "base",
-                   "prompt": r[prompt_key], "dino": d, "clip_i": ci, "clip_t": ct}
+                   "prompt": r.get(prompt_key), "dino": d, "clip_i": ci, "clip_t": ct}
             if ex is not None:
                 row["extra"] = ex
             out.append(row)
     for cache in caches.values():
         cache.persist(reference_hashes)
+    if not out:
+        raise ScoreError(f"nothing could be scored in {str(samples_dir)!r} ({len(skipped)} unreadable images)")
     return out
 
 
@@ -140,18 +172,21 @@ def summarise(rows: list[dict]) -> list[dict]:
     for (method, subject), items in sorted(groups.items()):
         entry = {"method": method, "subject": subject, "n": len(items)}
         for metric in ("dino", "clip_i", "clip_t", "extra")[: 4 if "extra" in items[0] else 3]:
-            values = [i[metric] for i in items]
-            entry[metric] = statistics.fmean(values)
-            entry[f"{metric}_std"] = statistics.pstdev(values)
+            values = [i[metric] for i in items if i[metric] is not None]
+            entry[metric] = statistics.fmean(values) if values else None
+            entry[f"{metric}_std"] = statistics.pstdev(values) if values else None
         summary.append(entry)
     return summary
 
 
 def table(summary: list[dict]) -> str:
     lines = ["| run | subject | n | DINO | CLIP-I | CLIP-T |", "|---|---|---:|---:|---:|---:|"]
+    def cell(s: dict, metric: str) -> str:
+        return "–" if s[metric] is None else f"{s[metric]:.3f} ± {s[metric + '_std']:.3f}"
+
     for s in summary:
-        lines.append(f"| {s['method']} | {s['subject']} | {s['n']} | {s['dino']:.3f} ± {s['dino_std']:.3f} | "
-                     f"{s['clip_i']:.3f} ± {s['clip_i_std']:.3f} | {s['clip_t']:.3f} ± {s['clip_t_std']:.3f} |")
+        lines.append(f"| {s['method']} | {s['subject']} | {s['n']} | {cell(s, 'dino')} | {cell(s, 'clip_i')} | "
+                     f"{cell(s, 'clip_t')} |")
     for name, figures in PUBLISHED.items():
         cells = [f"{figures[m]:.3f}" if figures[m] is not None else "–" for m in ("dino", "clip_i", "clip_t")]
         lines.append(f"| {name} (paper) | all | – | {' | '.join(cells)} |")
@@ -196,15 +231,18 @@ def main(argv: list[str] | None = None) -> int:
         clip = load_clip(args.clip_model, args.clip_pretrained)
         dino = load_dino(args.dino_model, args.dino_pretrained)
         extra = load_efficientnet_lite0() if args.image_encoder == "efficientnet-lite0" else None
+        skipped: list[str] = []
         rows = score(Path(args.samples_dir), Path(args.references), clip, dino, keep_identifier=args.keep_identifier,
                      cache_dir=Path(args.cache_dir) if args.cache_dir else None, batch_size=args.batch_size,
-                     extra=extra)
+                     extra=extra, skipped=skipped)
     except (ScoreError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     summary = summarise(rows)
     settings = {"clip": clip.image.key, "dino": dino.key, "extra": extra.key if extra else None,
-                "identifier_in_clip_t": args.keep_identifier}
+                "identifier_in_clip_t": args.keep_identifier, "skipped_unreadable": skipped}
+    if skipped:
+        print(f"warning: skipped {len(skipped)} unreadable images: {', '.join(skipped[:5])}", file=sys.stderr)
     write_outputs(Path(args.output or args.samples_dir), rows, summary, settings)
     print(table(summary))
     return 0

@@ -92,9 +92,6 @@ def test_cli_writes_scores_and_names_bad_input(encoders, tmp_path, capsys):
     shutil.rmtree(refs / "dog")
     assert score_main(argv) == 2
     assert "has no images for subject 'dog'" in capsys.readouterr().err
-    (samples / "metadata.jsonl").unlink()
-    assert score_main(argv) == 2
-    assert "has no metadata.jsonl" in capsys.readouterr().err
 
 
 def test_scorer_reads_back_what_generation_wrote(tiny_model_dir, tmp_path):
@@ -158,3 +155,29 @@ def test_cli_extra_image_encoder_column(tmp_path):
                        "none", "--image_encoder", "efficientnet-lite0", "--cache_dir", ""]) == 0
     data = json.loads((samples / "scores.json").read_text())
     assert data["settings"]["extra"].startswith("efficientnet-lite0") and 0 < data["rows"][0]["extra"] <= 1
+
+
+def test_bad_samples_are_handled_and_named(encoders, tmp_path, capsys):
+    clip, dino = encoders
+    samples, refs, _ = make_samples(tmp_path, ["00.jpg", "01.jpg"])
+    (samples / "metadata.jsonl").unlink()
+    (samples / "dog" / "02_0.png").write_bytes(b"\x89PNG broken")  # corrupt: skipped and counted
+    Image.open(DOG / "03.jpg").resize((100, 60)).save(samples / "dog" / "03_0.png")  # another size: fine
+    skipped: list[str] = []
+    rows = score(samples, refs, clip, dino, skipped=skipped)  # no metadata: the subject comes from the folder
+    assert [r["file_name"] for r in rows] == ["dog/00_0.png", "dog/01_0.png", "dog/03_0.png"]
+    assert all(r["subject"] == "dog" and r["clip_t"] is None for r in rows)
+    assert len(skipped) == 1 and skipped[0].endswith("02_0.png")
+    argv = [str(samples), "--references", str(refs), "--clip_pretrained", "none", "--dino_pretrained", "none",
+            "--cache_dir", ""]
+    assert score_main(argv) == 0
+    captured = capsys.readouterr()
+    assert "skipped 1 unreadable images" in captured.err and "| base | dog | 3 |" in captured.out
+    shutil.copy(DOG / "00.jpg", samples / "loose.jpg")
+    assert score_main(argv) == 2
+    assert "images outside subject folders (loose.jpg)" in capsys.readouterr().err
+    assert score_main([*argv, "--dino_model", "no_such_vit"]) == 2
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert score_main([str(empty), *argv[1:]]) == 2
+    assert "holds no images to score" in capsys.readouterr().err
