@@ -128,12 +128,19 @@ def score(samples_dir: Path, references: Path, clip, dino, *, keep_identifier: b
     prompt_key = "prompt" if keep_identifier else "prompt_for_clip_t"
     reference_hashes: set[str] = set()
     out = []
-    for subject in sorted({r["subject"] for r in rows}):
+    from tqdm.auto import tqdm
+
+    for subject in tqdm(sorted({r["subject"] for r in rows}), desc="scoring", unit="subject"):
         mine = [r for r in rows if r["subject"] == subject]
         good, bad = readable([samples_dir / r["file_name"] for r in mine])
         skipped.extend(bad)
         mine = [r for r in mine if samples_dir / r["file_name"] in set(good)]
-        ref, bad_ref = readable(reference_paths(references, subject))
+        try:
+            ref, bad_ref = readable(reference_paths(references, subject))
+        except ScoreError as e:  # one subject without references must not sink the others
+            print(f"warning: {e}; its {len(mine)} images are not scored", file=sys.stderr)
+            skipped.extend(str(samples_dir / r["file_name"]) for r in mine)
+            continue
         skipped.extend(bad_ref)
         if not mine or not ref:
             continue
@@ -158,7 +165,8 @@ def score(samples_dir: Path, references: Path, clip, dino, *, keep_identifier: b
     for cache in caches.values():
         cache.persist(reference_hashes)
     if not out:
-        raise ScoreError(f"nothing could be scored in {str(samples_dir)!r} ({len(skipped)} unreadable images)")
+        raise ScoreError(f"nothing could be scored in {str(samples_dir)!r}: {len(skipped)} images skipped "
+                         "(unreadable, or no references for their subject)")
     return out
 
 
@@ -242,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     settings = {"clip": clip.image.key, "dino": dino.key, "extra": extra.key if extra else None,
                 "identifier_in_clip_t": args.keep_identifier, "skipped_unreadable": skipped}
     if skipped:
-        print(f"warning: skipped {len(skipped)} unreadable images: {', '.join(skipped[:5])}", file=sys.stderr)
+        print(f"warning: skipped {len(skipped)} images (unreadable or without references): "
+              f"{', '.join(skipped[:5])}", file=sys.stderr)
     write_outputs(Path(args.output or args.samples_dir), rows, summary, settings)
     print(table(summary))
     return 0

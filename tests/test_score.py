@@ -91,7 +91,8 @@ def test_cli_writes_scores_and_names_bad_input(encoders, tmp_path, capsys):
     assert Image.open(samples / "scores.png").size[0] > 400
     shutil.rmtree(refs / "dog")
     assert score_main(argv) == 2
-    assert "has no images for subject 'dog'" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "has no images for subject 'dog'" in err and "nothing could be scored" in err
 
 
 def test_scorer_reads_back_what_generation_wrote(tiny_model_dir, tmp_path):
@@ -172,7 +173,7 @@ def test_bad_samples_are_handled_and_named(encoders, tmp_path, capsys):
             "--cache_dir", ""]
     assert score_main(argv) == 0
     captured = capsys.readouterr()
-    assert "skipped 1 unreadable images" in captured.err and "| base | dog | 3 |" in captured.out
+    assert "skipped 1 images (unreadable" in captured.err and "| base | dog | 3 |" in captured.out
     shutil.copy(DOG / "00.jpg", samples / "loose.jpg")
     assert score_main(argv) == 2
     assert "images outside subject folders (loose.jpg)" in capsys.readouterr().err
@@ -181,3 +182,17 @@ def test_bad_samples_are_handled_and_named(encoders, tmp_path, capsys):
     empty.mkdir()
     assert score_main([str(empty), *argv[1:]]) == 2
     assert "holds no images to score" in capsys.readouterr().err
+
+
+def test_a_subject_without_references_is_skipped_not_fatal(encoders, tmp_path, capsys):
+    clip, dino = encoders
+    samples, refs, _ = make_samples(tmp_path, ["00.jpg"])
+    (samples / "cat").mkdir()
+    shutil.copy(DOG / "01.jpg", samples / "cat" / "00_0.png")
+    rows = [json.loads(line) for line in (samples / "metadata.jsonl").read_text().splitlines()]
+    rows.append({**rows[0], "file_name": "cat/00_0.png", "subject": "cat"})
+    (samples / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    skipped: list[str] = []
+    scored = score(samples, refs, clip, dino, skipped=skipped)
+    assert [r["subject"] for r in scored] == ["dog"] and skipped[0].endswith("cat/00_0.png")
+    assert "has no images for subject 'cat'" in capsys.readouterr().err
