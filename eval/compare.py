@@ -29,6 +29,8 @@ def read_run(run_dir: Path) -> dict:
                                                                 "clip_i_std", "clip_t", "clip_t_std")}}
     generation = run_dir / "run.json"
     adapters = json.loads(generation.read_text()).get("adapters", []) if generation.is_file() else []
+    if isinstance(adapters, dict):  # several subjects, each with its own adapter: cost of the first
+        adapters = next(iter(adapters.values()), [])
     training = Path(adapters[0]["path"]) / "run.json" if adapters else None
     if training is not None and training.is_file():
         t = json.loads(training.read_text())

@@ -70,10 +70,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pipelines.dreambench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pretrained_model_name_or_path", required=True)
-    p.add_argument("--subject", action="append", required=True, help="DreamBench subject name; repeatable")
+    p.add_argument("--subject", action="append", default=[], help="DreamBench subject name; repeatable")
+    p.add_argument("--subjects_dir", default=None,
+                   help="a folder of subject folders (e.g. the DreamBench dataset): one subject per subfolder")
     p.add_argument("--class_noun", default=None, help="class noun for a subject outside the DreamBench table")
     p.add_argument("--adapter", action="append", default=[], metavar="PATH[:SCALE]",
-                   help="as in pipelines.sample; repeatable")
+                   help="as in pipelines.sample, for every subject; repeatable")
+    p.add_argument("--adapter_root", default=None,
+                   help="per-subject adapters: ADAPTER_ROOT/<subject> is that subject's training output")
     p.add_argument("--token", default="sks", help="the unique identifier the adapter was trained with")
     p.add_argument("--num_images_per_prompt", type=int, default=4)
     p.add_argument("--max_prompts", type=int, default=None, help="only the first N prompts (quick checks)")
@@ -87,19 +91,45 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def subject_specs(args, subject: Subject) -> list:
+    from pipelines.sample import AdapterSpec
+
+    specs = [AdapterSpec.parse(a) for a in args.adapter]
+    if args.adapter_root:
+        specs.append(AdapterSpec(Path(args.adapter_root) / subject.name))
+    return specs
+
+
+def describe(specs: list) -> list[dict]:
+    """What metadata records about the adapters, read from the files' headers (no model needed)."""
+    from dreamlora.io import read_metadata
+
+    described = []
+    for spec in specs:
+        config = json.loads(read_metadata(spec.files()["unet"])["config"])
+        described.append({"path": str(spec.path), "scale": spec.scale, "method": config["method"],
+                          "rank": config["rank"]})
+    return described
+
+
 def main(argv: list[str] | None = None) -> int:
     from accelerate import PartialState
     from tqdm.auto import tqdm
 
-    from pipelines.sample import AdapterSpec, apply_adapters, load_pipeline
+    import dreamlora
+    from pipelines.sample import apply_adapters, load_pipeline
 
     args = build_parser().parse_args(argv)
     protocol = load_protocol()
+    names = list(args.subject)
+    if args.subjects_dir:
+        root = Path(args.subjects_dir)
+        names += sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
     try:
-        subjects = resolve_subjects(protocol, args.subject, args.class_noun)
-        specs = [AdapterSpec.parse(a) for a in args.adapter]
-        for spec in specs:
-            spec.files()
+        if not names:
+            raise ValueError("give --subject or a --subjects_dir with subject folders")
+        subjects = resolve_subjects(protocol, names, args.class_noun)
+        adapters = {s.name: describe(subject_specs(args, s)) for s in subjects}
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -110,11 +140,15 @@ def main(argv: list[str] | None = None) -> int:
     mine = [j for i, j in enumerate(jobs) if i % state.num_processes == state.process_index]
     todo = [j for j in mine if not (out / j.file_name).is_file()]
     started = time.time()
-    if todo:
-        pipe = load_pipeline(args.pretrained_model_name_or_path, str(state.device))
-        adapters = apply_adapters(pipe, specs)
+    pipe = load_pipeline(args.pretrained_model_name_or_path, str(state.device)) if todo else None
+    bar = tqdm(total=len(todo), desc=f"dreambench [{state.process_index}]", unit="img")
+    for subject in subjects:
+        work = [j for j in todo if j.subject == subject]
+        if not work:
+            continue
+        apply_adapters(pipe, subject_specs(args, subject))  # this subject's adapters, then off again
         pipe.set_progress_bar_config(disable=True)
-        for job in tqdm(todo, desc=f"dreambench [{state.process_index}]", unit="img"):
+        for job in work:
             image = pipe(job.prompt, generator=torch.Generator().manual_seed(job.seed),
                          num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
                          height=args.height, width=args.width).images[0]
@@ -123,27 +157,34 @@ def main(argv: list[str] | None = None) -> int:
             tmp = final.with_name(f".{final.name}.tmp")
             image.save(tmp, format="PNG")
             os.replace(tmp, final)
-    else:
-        adapters = [{"path": str(s.path), "scale": s.scale} for s in specs]
+            bar.update(1)
+        for component in (pipe.unet, pipe.text_encoder):
+            for name in dreamlora.adapter_names(component):
+                dreamlora.detach(component, name)
+    bar.close()
     state.wait_for_everyone()
     if state.is_main_process:
         write_metadata(out, jobs, adapters, args, time.time() - started, state.num_processes, len(todo))
     return 0
 
 
-def write_metadata(out: Path, jobs: list[Job], adapters: list[dict], args, wall: float, world: int,
+def write_metadata(out: Path, jobs: list[Job], adapters: dict[str, list[dict]], args, wall: float, world: int,
                    generated_here: int) -> None:
-    method = adapters[0].get("method") if adapters else "base"
-    rank = adapters[0].get("rank") if adapters else None
-    rows = [{"file_name": j.file_name, "subject": j.subject.name, "class": j.subject.class_noun,
-             "prompt": j.prompt, "prompt_for_clip_t": j.clip_t_prompt, "seed": j.seed,
-             "adapter": ",".join(a["path"] for a in adapters) or None, "method": method, "rank": rank}
-            for j in jobs if (out / j.file_name).is_file()]
+    rows = []
+    for j in jobs:
+        if not (out / j.file_name).is_file():
+            continue
+        used = adapters[j.subject.name]
+        rows.append({"file_name": j.file_name, "subject": j.subject.name, "class": j.subject.class_noun,
+                     "prompt": j.prompt, "prompt_for_clip_t": j.clip_t_prompt, "seed": j.seed,
+                     "adapter": ",".join(a["path"] for a in used) or None,
+                     "method": used[-1]["method"] if used else "base", "rank": used[-1]["rank"] if used else None})
     tmp = out / ".metadata.jsonl.tmp"
     tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     os.replace(tmp, out / "metadata.jsonl")
     run = {"args": vars(args), "images": len(rows), "planned": len(jobs), "world_size": world,
-           "generated_by_main_process": generated_here, "wall_time_s": round(wall, 2), "adapters": adapters,
+           "generated_by_main_process": generated_here, "wall_time_s": round(wall, 2),
+           "adapters": next(iter(adapters.values())) if len(adapters) == 1 else adapters,
            "identifier_in_clip_t": args.keep_identifier}
     (out / ".run.json.tmp").write_text(json.dumps(run, indent=2))
     os.replace(out / ".run.json.tmp", out / "run.json")

@@ -114,3 +114,31 @@ def test_generation_shards_over_two_processes(tiny_model_dir, tmp_path):
     run = json.loads((out / "run.json").read_text())
     assert run["world_size"] == 2 and run["images"] == 6 and run["generated_by_main_process"] == 3
     assert len((out / "metadata.jsonl").read_text().splitlines()) == 6
+
+
+def test_many_subjects_each_with_its_own_adapter(tiny_model_dir, tmp_path):
+    import json
+
+    from diffusers import UNet2DConditionModel
+
+    import dreamlora
+    from pipelines.dreambench import main as generate_main
+
+    subjects_dir, adapter_root = tmp_path / "subjects", tmp_path / "adapters"
+    for name, method in (("dog", "lora"), ("teapot", "dora")):
+        (subjects_dir / name).mkdir(parents=True)
+        unet = UNet2DConditionModel.from_pretrained(tiny_model_dir, subfolder="unet")
+        dreamlora.attach(unet, dreamlora.AdapterConfig(method=method, rank=2))
+        with torch.no_grad():
+            for layer in dreamlora.adapter_layers(unet, "default").values():
+                layer.lora_B.normal_(0, 0.3)
+        dreamlora.save(unet, adapter_root / name / "unet_adapter.safetensors")
+    common = ["--pretrained_model_name_or_path", str(tiny_model_dir), "--subjects_dir", str(subjects_dir),
+              "--max_prompts", "1", "--num_images_per_prompt", "1", "--num_inference_steps", "2", "--height", "64",
+              "--width", "64"]
+    assert generate_main([*common, "--adapter_root", str(adapter_root), "--output_dir", str(tmp_path / "a")]) == 0
+    assert generate_main([*common, "--output_dir", str(tmp_path / "base")]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "a" / "metadata.jsonl").read_text().splitlines()]
+    assert [(r["subject"], r["method"], r["rank"]) for r in rows] == [("dog", "lora", 2), ("teapot", "dora", 2)]
+    for r in rows:
+        assert (tmp_path / "a" / r["file_name"]).read_bytes() != (tmp_path / "base" / r["file_name"]).read_bytes()
