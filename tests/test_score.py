@@ -196,3 +196,21 @@ def test_a_subject_without_references_is_skipped_not_fatal(encoders, tmp_path, c
     scored = score(samples, refs, clip, dino, skipped=skipped)
     assert [r["subject"] for r in scored] == ["dog"] and skipped[0].endswith("cat/00_0.png")
     assert "has no images for subject 'cat'" in capsys.readouterr().err
+
+
+def test_dino_from_a_transformers_folder(tmp_path):
+    """`--dino_model` also takes a transformers ViT (hub id or local folder): the CLS token is the embedding."""
+    from transformers import ViTConfig, ViTModel
+
+    torch.manual_seed(0)
+    folder = tmp_path / "dino-vit"
+    ViTModel(ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                       image_size=224, patch_size=16), add_pooling_layer=False).save_pretrained(folder)
+    encoder = load_dino(str(folder))
+    image = Image.open(DOG / "00.jpg")
+    emb = encoder.encode([image, image])
+    assert emb.shape == (2, 64) and torch.allclose(emb[0], emb[1])
+    reference = ViTModel.from_pretrained(folder).eval()
+    with torch.no_grad():
+        expected = reference(pixel_values=encoder.preprocess(image.convert("RGB"))[None]).last_hidden_state[0, 0]
+    assert torch.allclose(emb[0], expected, atol=1e-5)
