@@ -12,11 +12,13 @@ from __future__ import annotations
 import argparse
 import csv
 import hashlib
+import io
 import json
 import os
 import re
 import statistics
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -35,8 +37,27 @@ class ScoreError(ValueError):
     pass
 
 
-def content_hash(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+@dataclass
+class LoadedImage:
+    path: Path
+    digest: str  # sha256 of the file: the dedupe and cache key
+    image: Image.Image
+
+
+def load_images(paths: list[Path]) -> tuple[list[LoadedImage], list[str]]:
+    """Each file read and decoded once (every encoder reuses it); those that do not decode are returned by
+    name (skipped, counted, reported)."""
+    good, bad = [], []
+    for p in paths:
+        data = p.read_bytes()
+        try:
+            image = Image.open(io.BytesIO(data))
+            image.load()
+        except (OSError, ValueError, SyntaxError):
+            bad.append(str(p))
+            continue
+        good.append(LoadedImage(p, hashlib.sha256(data).hexdigest(), image))
+    return good, bad
 
 
 class EmbeddingCache:
@@ -50,17 +71,14 @@ class EmbeddingCache:
             from safetensors.torch import load_file
 
             self.memory.update(load_file(self.file))
-        self.encoded = 0
 
-    def embed(self, paths: list[Path], batch_size: int) -> torch.Tensor:
-        hashes = [content_hash(p) for p in paths]
-        missing = {h: p for h, p in zip(hashes, paths, strict=True) if h not in self.memory}
+    def embed(self, images: list[LoadedImage], batch_size: int) -> torch.Tensor:
+        """(n, d) embeddings; only images whose content this encoder has not seen are encoded."""
+        missing = {im.digest: im.image for im in images if im.digest not in self.memory}
         if missing:
-            images = [Image.open(p) for p in missing.values()]
-            for h, e in zip(missing, self.encoder.encode(images, batch_size), strict=True):
-                self.memory[h] = e
-            self.encoded += len(missing)
-        return torch.stack([self.memory[h] for h in hashes])
+            for digest, e in zip(missing, self.encoder.encode(list(missing.values()), batch_size), strict=True):
+                self.memory[digest] = e
+        return torch.stack([self.memory[im.digest] for im in images])
 
     def persist(self, keep: set[str]) -> None:
         if self.file is None:
@@ -94,19 +112,6 @@ def read_samples(samples_dir: Path) -> list[dict]:
     return rows
 
 
-def readable(paths: list[Path]) -> tuple[list[Path], list[str]]:
-    """Paths that decode as images, and the names of those that do not (skipped, counted, reported)."""
-    good, bad = [], []
-    for p in paths:
-        try:
-            with Image.open(p) as im:
-                im.load()
-            good.append(p)
-        except (OSError, ValueError, SyntaxError):
-            bad.append(str(p))
-    return good, bad
-
-
 def reference_paths(references: Path, subject: str) -> list[Path]:
     folder = references / subject
     paths = sorted(p for p in folder.glob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
@@ -132,11 +137,12 @@ def score(samples_dir: Path, references: Path, clip, dino, *, keep_identifier: b
 
     for subject in tqdm(sorted({r["subject"] for r in rows}), desc="scoring", unit="subject"):
         mine = [r for r in rows if r["subject"] == subject]
-        good, bad = readable([samples_dir / r["file_name"] for r in mine])
+        gen, bad = load_images([samples_dir / r["file_name"] for r in mine])
         skipped.extend(bad)
-        mine = [r for r in mine if samples_dir / r["file_name"] in set(good)]
+        decoded = {im.path for im in gen}
+        mine = [r for r in mine if samples_dir / r["file_name"] in decoded]
         try:
-            ref, bad_ref = readable(reference_paths(references, subject))
+            ref, bad_ref = load_images(reference_paths(references, subject))
         except ScoreError as e:  # one subject without references must not sink the others
             print(f"warning: {e}; its {len(mine)} images are not scored", file=sys.stderr)
             skipped.extend(str(samples_dir / r["file_name"]) for r in mine)
@@ -144,16 +150,15 @@ def score(samples_dir: Path, references: Path, clip, dino, *, keep_identifier: b
         skipped.extend(bad_ref)
         if not mine or not ref:
             continue
-        gen_paths = [samples_dir / r["file_name"] for r in mine]
-        reference_hashes.update(content_hash(p) for p in ref)
-        dino_scores = metrics.per_image_subject_fidelity(caches["dino"].embed(gen_paths, batch_size),
+        reference_hashes.update(im.digest for im in ref)
+        dino_scores = metrics.per_image_subject_fidelity(caches["dino"].embed(gen, batch_size),
                                                          caches["dino"].embed(ref, batch_size))
-        clip_gen = caches["clip"].embed(gen_paths, batch_size)
+        clip_gen = caches["clip"].embed(gen, batch_size)
         clip_i = metrics.per_image_subject_fidelity(clip_gen, caches["clip"].embed(ref, batch_size))
         prompts = [r.get(prompt_key) for r in mine]
         clip_t = (metrics.per_image_prompt_fidelity(clip_gen, clip.encode_text(prompts)).tolist()
                   if all(prompts) else [None] * len(mine))
-        extra_scores = (metrics.per_image_subject_fidelity(caches["extra"].embed(gen_paths, batch_size),
+        extra_scores = (metrics.per_image_subject_fidelity(caches["extra"].embed(gen, batch_size),
                                                            caches["extra"].embed(ref, batch_size)).tolist()
                         if extra is not None else [None] * len(mine))
         for r, d, ci, ct, ex in zip(mine, dino_scores.tolist(), clip_i.tolist(), clip_t, extra_scores, strict=True):
