@@ -29,19 +29,25 @@ def _roles(path: str, layer) -> list[tuple[str, nn.Parameter, str]]:
     return [(f"{path}.{attr}", getattr(layer, attr), role_of(role)) for attr, role in type(layer).roles.items()]
 
 
+def _adapters(model: nn.Module, names: list[str] | None = None):
+    """(name, method class, {path: layer}) for each adapter: what every hook below walks."""
+    for name in names or adapter_names(model):
+        layers = adapter_layers(model, name)
+        yield name, METHODS[next(iter(layers.values())).config.method], layers
+
+
 def param_groups(
     model: nn.Module, lr: float, weight_decay: float = 0.0, names: list[str] | None = None
 ) -> list[dict]:
     """Optimizer parameter groups for the trainable adapters (default: all attached), each method's own
     grouping (LoRA+ gives B its λ·lr). Every group carries `adapter` and `role` keys for logging."""
     groups: list[dict] = []
-    for name in names or adapter_names(model):
-        layers = adapter_layers(model, name)
+    for name, method, layers in _adapters(model, names):
         config = next(iter(layers.values())).config
         params = [t for path, layer in layers.items() for t in _roles(path, layer) if t[1].requires_grad]
         if not params:
             continue
-        for group in METHODS[config.method].param_groups(params, lr, weight_decay, config):
+        for group in method.param_groups(params, lr, weight_decay, config):
             groups.append({**group, "adapter": name})
     if not groups:
         raise ValueError("no trainable adapter parameters: attach an adapter first")
@@ -52,13 +58,12 @@ def on_optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer | None 
     """Advance the step counter of every adapter that is training (has trainable parameters) and run its
     method's step hook. Frozen adapters loaded for composition keep their step. Returns the new step."""
     new_step = None
-    for name in adapter_names(model):
-        layers = adapter_layers(model, name)
+    for _, method, layers in _adapters(model):
         first = next(iter(layers.values()))
         if not any(p.requires_grad for p in first.parameters()):
             continue
         step = first.step + 1
-        METHODS[first.config.method].after_optimizer_step(list(layers.values()), step, optimizer)
+        method.after_optimizer_step(list(layers.values()), step, optimizer)
         new_step = step if new_step is None else new_step
     return 0 if new_step is None else new_step
 
@@ -66,9 +71,8 @@ def on_optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer | None 
 def regularization_loss(model: nn.Module) -> torch.Tensor | float:
     """Sum of the methods' extra loss terms (0.0 when no attached method has one)."""
     total: torch.Tensor | float = 0.0
-    for name in adapter_names(model):
-        layers = adapter_layers(model, name)
-        term = METHODS[next(iter(layers.values())).config.method].regularization(list(layers.values()))
+    for _, method, layers in _adapters(model):
+        term = method.regularization(list(layers.values()))
         if term is not None:
             total = total + term
     return total
@@ -76,5 +80,5 @@ def regularization_loss(model: nn.Module) -> torch.Tensor | float:
 
 def trainable_parameter_count(model: nn.Module, name: str | None = None) -> int:
     """Adapter parameters of `name` (default: all adapters)."""
-    names = [name] if name is not None else adapter_names(model)
-    return sum(p.numel() for n in names for layer in adapter_layers(model, n).values() for p in layer.parameters())
+    return sum(p.numel() for _, _, layers in _adapters(model, None if name is None else [name])
+               for layer in layers.values() for p in layer.parameters())
