@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from dreamlora.io import atomic_write_text
 from eval import metrics
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
@@ -207,16 +208,13 @@ def table(summary: list[dict]) -> str:
 
 
 def write_outputs(output: Path, rows: list[dict], summary: list[dict], settings: dict) -> None:
-    output.mkdir(parents=True, exist_ok=True)
-    tmp = output / ".scores.json.tmp"
-    tmp.write_text(json.dumps({"settings": settings, "summary": summary, "rows": rows}, indent=1))
-    os.replace(tmp, output / "scores.json")
-    tmp = output / ".scores.csv.tmp"
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, output / "scores.csv")
+    atomic_write_text(output / "scores.json", json.dumps({"settings": settings, "summary": summary, "rows": rows},
+                                                         indent=1))
+    table_csv = io.StringIO(newline="")
+    writer = csv.DictWriter(table_csv, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(output / "scores.csv", table_csv.getvalue())
     from eval.plots import method_bars
 
     method_bars(summary, output / "scores.png")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,15 @@ log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
 CAPTION_KEYS = ("text", "caption", "prompt")
+
+
+def save_png_atomic(image: Image.Image, path: Path) -> Path:
+    """PNG under a temporary name, then renamed: an interrupted run leaves no broken image behind."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    image.save(tmp, format="PNG")
+    os.replace(tmp, path)
+    return path
 
 
 class DataError(ValueError):

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -24,6 +23,8 @@ if __package__ in (None, ""):
 
 import torch
 
+from dreamlora.io import atomic_write_text
+from pipelines.data import save_png_atomic
 from pipelines.dreambench_protocol import Protocol, Subject, load_protocol
 
 
@@ -152,11 +153,7 @@ def main(argv: list[str] | None = None) -> int:
             image = pipe(job.prompt, generator=torch.Generator().manual_seed(job.seed),
                          num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
                          height=args.height, width=args.width).images[0]
-            final = out / job.file_name
-            final.parent.mkdir(parents=True, exist_ok=True)
-            tmp = final.with_name(f".{final.name}.tmp")
-            image.save(tmp, format="PNG")
-            os.replace(tmp, final)
+            save_png_atomic(image, out / job.file_name)
             bar.update(1)
         for component in (pipe.unet, pipe.text_encoder):
             for name in dreamlora.adapter_names(component):
@@ -179,15 +176,12 @@ def write_metadata(out: Path, jobs: list[Job], adapters: dict[str, list[dict]], 
                      "prompt": j.prompt, "prompt_for_clip_t": j.clip_t_prompt, "seed": j.seed,
                      "adapter": ",".join(a["path"] for a in used) or None,
                      "method": used[-1]["method"] if used else "base", "rank": used[-1]["rank"] if used else None})
-    tmp = out / ".metadata.jsonl.tmp"
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    os.replace(tmp, out / "metadata.jsonl")
+    atomic_write_text(out / "metadata.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     run = {"args": vars(args), "images": len(rows), "planned": len(jobs), "world_size": world,
            "generated_by_main_process": generated_here, "wall_time_s": round(wall, 2),
            "adapters": next(iter(adapters.values())) if len(adapters) == 1 else adapters,
            "identifier_in_clip_t": args.keep_identifier}
-    (out / ".run.json.tmp").write_text(json.dumps(run, indent=2))
-    os.replace(out / ".run.json.tmp", out / "run.json")
+    atomic_write_text(out / "run.json", json.dumps(run, indent=2))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,8 @@ if __package__ in (None, ""):
 import torch
 
 import dreamlora
+from dreamlora.io import atomic_write_text
+from pipelines.data import save_png_atomic
 
 
 @dataclass
@@ -102,15 +103,11 @@ def generate(pipe, prompts: list[str], output_dir: Path, *, negative_prompt: str
                       guidance_scale=guidance_scale, height=height, width=width).images
         for k, (image, s) in enumerate(zip(images, seeds, strict=True)):
             name = f"{i:04d}_{k}.png"
-            tmp = output_dir / f".{name}.tmp"
-            image.save(tmp, format="PNG")
-            os.replace(tmp, output_dir / name)
+            save_png_atomic(image, output_dir / name)
             rows.append({"file_name": name, "prompt": prompt, "negative_prompt": negative_prompt, "seed": s,
                          "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale,
                          "height": image.height, "width": image.width, **(extra or {})})
-    tmp = output_dir / ".metadata.jsonl.tmp"
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    os.replace(tmp, output_dir / "metadata.jsonl")
+    atomic_write_text(output_dir / "metadata.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     return rows
 
 

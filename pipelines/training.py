@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 
 import dreamlora
+from dreamlora.io import atomic_write_text
+from pipelines.data import save_png_atomic
 
 log = logging.getLogger(__name__)
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -44,10 +46,7 @@ def ensure_class_images(folder: str, prompt: str, count: int, make_pipeline, bat
             generator = torch.Generator().manual_seed(seed + have + made)
             images = pipe([prompt] * n, generator=generator).images
             for image in images:
-                final = out / f"class-{have + made:05d}.png"
-                tmp = final.with_name(f".{final.name}.tmp")
-                image.save(tmp, format="PNG")
-                os.replace(tmp, final)
+                save_png_atomic(image, out / f"class-{have + made:05d}.png")
                 made += 1
                 bar.update(1)
     return made
@@ -172,6 +171,4 @@ def peak_memory_mib(device: torch.device) -> float:
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=2, default=str))
