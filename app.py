@@ -1,9 +1,418 @@
-"""dreamlora's Gradio app (train, sample, evaluate, compare) is issue #6 and not built yet.
+"""`python app.py`: dreamlora in a browser. Train an adapter on your photos, watch it learn, stop and resume
+it, try prompts, and compare methods, without typing an accelerate command.
 
-This file exists so the project layout is the final one; it refuses to pretend.
+    python app.py                       # http://127.0.0.1:7860, the embedded tiny model, runs in ./runs/app
+    python app.py --base_model runwayml/stable-diffusion-v1-5 --runs_dir /data/runs --port 8080
+
+UI only: the work is done by `pipelines/app_jobs.py` (training subprocesses), `pipelines/app_sample.py`
+and `pipelines/app_eval.py`, which call the same commands and functions a user would.
 """
 
+from __future__ import annotations
+
+import argparse
+import functools
+import ipaddress
+import os
 import sys
+from pathlib import Path
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+import gradio as gr  # noqa: E402
+
+from dreamlora.train_args import METHOD_CHOICES  # noqa: E402
+from pipelines.app_eval import SCORERS, EvalSettings, Evaluator  # noqa: E402
+from pipelines.app_jobs import JobManager, TrainSettings, format_seconds, native_resolution  # noqa: E402
+from pipelines.app_safety import MAX_IMAGE_BYTES, MAX_IMAGES, AppInputError  # noqa: E402
+from pipelines.app_sample import Sampler  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent
+GPU = "gpu"  # the one concurrency id of every handler that uses the GPU
+ADAPTER_SLOTS = 4
+METHOD_HELP = {"lora": "LoRA: the classic low-rank update", "loraplus": "LoRA+: B learns 16× faster",
+               "dora": "DoRA: magnitude and direction", "singlora": "SingLoRA: one symmetric matrix"}
+INTRO = """# dreamlora
+Teach a Stable Diffusion model your subject from a few photos, then try prompts and compare methods.
+**1 · Train**: add 3-20 photos, pick a method, press *Start training* and watch the loss and the preview images.
+**2 · Sample**: pick your trained runs (several at once, each with its own strength) and write a prompt.
+**3 · Evaluate / Compare**: score runs on the DreamBench prompts and see methods side by side."""
+
+
+def refused(fn):
+    """Input the app refuses is shown to the user as a message, never as a traceback."""
+    @functools.wraps(fn)  # keeps the parameter names, which name the API's parameters
+    def wrapper(*args):
+        try:
+            return fn(*args)
+        except AppInputError as e:
+            raise gr.Error(str(e), title="Refused") from None
+    return wrapper
+
+
+class App:
+    """The handlers; each is a thin call into the job, sampling or evaluation module."""
+
+    def __init__(self, runs_dir: Path, base_model: str, allow_server_folders: bool):
+        self.jobs = JobManager(runs_dir)
+        self.sampler, self.evaluator = Sampler(self.jobs), Evaluator(self.jobs)
+        self.base_model, self.allow_server_folders = base_model, allow_server_folders
+
+    def refuse_while_training(self) -> None:
+        busy = self.jobs.active()
+        if busy:
+            raise AppInputError(f"Run {busy!r} is training and has the GPU (one GPU job at a time): stop it or "
+                                "wait for it to finish.")
+
+    # --- train ---------------------------------------------------------------------------------------------
+    def photos(self, files: list | None, folder: str | None) -> tuple[list[Path], list[str]]:
+        files = [Path(f) for f in files or []]
+        folder = (folder or "").strip()
+        if folder:
+            if not self.allow_server_folders:
+                raise AppInputError("Picking a folder on the server is off when the app is shared or listens beyond "
+                                    "this machine; upload the photos instead.")
+            from pipelines.data import DataError, list_images
+
+            try:
+                files += list_images(Path(folder).expanduser(), "The folder")
+            except DataError as e:
+                raise AppInputError(str(e)) from None
+        return files, [f.name for f in files]
+
+    def train(self, name, base_model, files, folder, token, class_noun, instance_prompt, method, rank, steps,
+              learning_rate, prior, class_prompt, num_class_images, text_encoder, resolution, validation_prompt,
+              validation_steps, checkpointing_steps, seed):
+        """Start a training run; returns a message and the run picker set to the new run."""
+        self.refuse_while_training()
+        photos, labels = self.photos(files, folder)
+        settings = TrainSettings(name=name, base_model=base_model, token=token, class_noun=class_noun,
+                                 instance_prompt=instance_prompt, method=method, rank=rank, steps=steps,
+                                 learning_rate=learning_rate, prior_preservation=bool(prior), class_prompt=class_prompt,
+                                 num_class_images=num_class_images, train_text_encoder=bool(text_encoder),
+                                 resolution=resolution, validation_prompt=validation_prompt or "",
+                                 validation_steps=validation_steps, checkpointing_steps=checkpointing_steps, seed=seed)
+        message = self.jobs.start(settings, photos, labels)
+        return message, gr.update(choices=self.jobs.names(), value=settings.name)
+
+    def stop(self, name):
+        """Ask the run to save a checkpoint and exit (SIGUSR1), escalating to SIGTERM and SIGKILL."""
+        if not name:
+            raise AppInputError("Pick a run to stop.")
+        return self.jobs.stop(name)
+
+    def resume(self, name):
+        """Continue a stopped or failed run from its latest checkpoint, with its saved settings."""
+        if not name:
+            raise AppInputError("Pick a run to resume.")
+        self.refuse_while_training()
+        return self.jobs.resume(name)
+
+    def progress(self, name):
+        """Step/total, ETA, the loss curve, validation images and the log tail of a run."""
+        if not name:
+            return "No run yet: set one up on the left and press *Start training*.", loss_frame([]), [], ""
+        p = self.jobs.progress(name)
+        eta = f" · ETA {format_seconds(p.eta_s)}" if p.status == "running" and p.eta_s is not None else ""
+        loss = f" · loss {p.losses[-1][1]:.4f}" if p.losses else ""
+        ckpt = f" · last checkpoint: step {p.checkpoints[-1]}" if p.checkpoints else ""
+        headline = f"**{name}** · {p.status} · step {p.step}/{p.total or '?'}{eta}{loss}{ckpt}"
+        gallery = [(str(f), f.stem.replace("step-", "step ")) for f in p.validation[-8:]]
+        return headline, loss_frame(p.losses), gallery, p.log_tail
+
+    def runs(self):
+        """Every run with its status (running / finished / stopped / failed) and whether it can be resumed."""
+        return table_frame(self.jobs.table())
+
+    def poll(self, name, seen):
+        """The Timer: refresh the Running panel only when the run's files changed (cheap for idle pages)."""
+        active = self.jobs.active()
+        if not name and active:
+            name = active
+        signature = self.signature(name)
+        if signature == seen:
+            return (gr.skip(),) * 7
+        headline, frame, gallery, log = self.progress(name)
+        names = self.jobs.names()
+        return (headline, frame, gallery, log, self.runs(), gr.update(choices=names, value=name), signature)
+
+    def signature(self, name) -> tuple:
+        if not name:
+            return (None, tuple(self.jobs.names()))
+        run_dir = self.jobs.runs_dir / name
+        stats = [(run_dir / f).stat().st_mtime_ns if (run_dir / f).exists() else 0
+                 for f in ("progress.jsonl", "job.json", "exit.json", "train.log")]
+        return (name, self.jobs.is_running(name), *stats, tuple(self.jobs.names()))
+
+    def on_load(self):
+        """A new or reloaded page: pick up the running run (or the newest) and fresh choices everywhere."""
+        names = self.jobs.names()
+        current = self.jobs.active() or (names[0] if names else None)
+        adapters = self.adapter_runs()
+        return (gr.update(choices=names, value=current), *self.progress(current), self.runs(),
+                *[gr.update(choices=[""] + adapters) for _ in range(ADAPTER_SLOTS)],
+                gr.update(choices=adapters), gr.update(choices=self.sampler.folders()), gr.update(choices=adapters),
+                suggest_name(names))
+
+    def adapter_runs(self) -> list[str]:
+        return [n for n in self.jobs.names() if self.jobs.has_adapter(n)]
+
+    def refresh_choices(self):
+        adapters = self.adapter_runs()
+        return (*[gr.update(choices=[""] + adapters) for _ in range(ADAPTER_SLOTS)], gr.update(choices=adapters),
+                gr.update(choices=self.sampler.folders()), gr.update(choices=adapters))
+
+    # --- sample / evaluate / compare -------------------------------------------------------------------------
+    def sample(self, base_model, adapter_1, scale_1, adapter_2, scale_2, adapter_3, scale_3, adapter_4, scale_4,
+               prompt, negative_prompt, seed, num_images, steps, guidance, size):
+        """Images from the base model plus up to four adapters (run, scale); returns the gallery and the files."""
+        self.refuse_while_training()
+        adapters = [(adapter_1, scale_1), (adapter_2, scale_2), (adapter_3, scale_3), (adapter_4, scale_4)]
+        out, files = self.sampler.sample(base_model, adapters, prompt, negative_prompt, seed, num_images, steps,
+                                         guidance, size)
+        caption = prompt if len(prompt) < 60 else prompt[:57] + "..."
+        gallery = [(str(f), f"{caption} (seed {int(seed) + k})") for k, f in enumerate(files)]
+        return gallery, [str(f) for f in files], f"{len(files)} images in {out.relative_to(self.jobs.runs_dir)}"
+
+    def evaluate(self, runs, folders, max_prompts, images_per_prompt, steps, seed, scorer):
+        """DreamBench generation for the runs, scoring (runs and sample folders), the table and the plot."""
+        self.refuse_while_training()
+        settings = EvalSettings(max_prompts, images_per_prompt, steps, seed, scorer)
+        rows, plot = self.evaluator.evaluate(list(runs or []), list(folders or []), settings)
+        return table_frame(rows), str(plot), f"Scored {len(rows)} with the {scorer!r} scorer."
+
+    def compare(self, runs, max_prompts, images_per_prompt, steps, seed, scorer):
+        """One subject, several methods: an image grid per prompt and the score/params/time/memory table."""
+        self.refuse_while_training()
+        settings = EvalSettings(max_prompts, images_per_prompt, steps, seed, scorer)
+        grids, rows, plot = self.evaluator.compare(list(runs or []), settings)
+        return [(str(g), p) for g, p in grids], table_frame(rows), str(plot), f"{len(runs)} runs side by side."
+
+
+def loss_frame(losses: list[tuple[int, float]]):
+    import pandas as pd
+
+    frame = pd.DataFrame(losses or [], columns=["step", "loss"])
+    return frame.astype({"step": "int64", "loss": "float64"})  # numbers, or the plot's axes turn categorical
+
+
+def table_frame(rows: list[dict]):
+    import pandas as pd
+
+    return pd.DataFrame(rows)
+
+
+def suggest_name(names: list[str]) -> str:
+    n = len(names) + 1
+    while f"run-{n}" in names:
+        n += 1
+    return f"run-{n}"
+
+
+def build(runs_dir: Path, base_model: str = "tiny", allow_server_folders: bool = True) -> gr.Blocks:
+    app = App(runs_dir, base_model, allow_server_folders)
+    with gr.Blocks(title="dreamlora") as demo:
+        gr.Markdown(INTRO)
+        base = gr.Textbox(base_model, label="Base model",
+                          info="tiny = the embedded tiny model (random weights: to try the app in seconds); or a local "
+                               "diffusers folder, or a hub id such as runwayml/stable-diffusion-v1-5")
+        with gr.Tab("Train"):
+            train_tab(app, base)
+        with gr.Tab("Sample"):
+            sample_tab(app, base)
+        with gr.Tab("Evaluate"):
+            evaluate_tab(app)
+        with gr.Tab("Compare"):
+            compare_tab(app)
+        wire_load(app, demo)
+    return demo
+
+
+def train_tab(app: App, base) -> None:
+    c = app.train_components = {}
+    with gr.Row():
+        with gr.Column(scale=5):
+            gr.Markdown("### Setup")
+            c["name"] = gr.Textbox("run-1", label="Run name", info="letters, digits, . _ - (a folder in the runs dir)")
+            c["files"] = gr.File(file_count="multiple", file_types=["image"], type="filepath",
+                                 label=f"Photos of your subject (3-20 is typical; at most {MAX_IMAGES}, "
+                                       f"{MAX_IMAGE_BYTES // 2**20} MB each)")
+            c["folder"] = gr.Textbox(label="…or a folder of photos on this machine",
+                                     placeholder="/path/to/photos", visible=app.allow_server_folders)
+            with gr.Row():
+                c["token"] = gr.Textbox("sks", label="Identifier", info="a rare word that will mean your subject")
+                c["class_noun"] = gr.Textbox("dog", label="Class", info="what it is: dog, backpack, clock…")
+            c["instance_prompt"] = gr.Textbox(label="Instance prompt", placeholder="a photo of sks dog (default)")
+            c["method"] = gr.Radio([(METHOD_HELP[m], m) for m in METHOD_CHOICES], value="lora", label="Method")
+            with gr.Row():
+                c["rank"] = gr.Number(4, label="Rank", precision=0, minimum=1, maximum=256)
+                c["steps"] = gr.Number(400, label="Steps", precision=0, minimum=1)
+                c["lr"] = gr.Number(1e-4, label="Learning rate")
+            with gr.Row():
+                c["prior"] = gr.Checkbox(False, label="Prior preservation", info="also learn from class images")
+                c["text_encoder"] = gr.Checkbox(False, label="Train the text encoder too")
+            with gr.Accordion("More settings", open=False):
+                with gr.Row():
+                    c["class_prompt"] = gr.Textbox(label="Class prompt", placeholder="a photo of dog (default)")
+                    c["num_class_images"] = gr.Number(50, label="Class images", precision=0, minimum=1)
+                with gr.Row():
+                    c["resolution"] = gr.Number(native_resolution(base.value), label="Resolution", precision=0)
+                    c["seed"] = gr.Number(0, label="Seed", precision=0)
+                c["validation_prompt"] = gr.Textbox("a photo of sks dog on the beach", label="Preview prompt",
+                                                    info="drawn every 'preview every' steps; empty: no previews")
+                with gr.Row():
+                    c["validation_steps"] = gr.Number(100, label="Preview every (steps)", precision=0, minimum=1)
+                    c["checkpointing_steps"] = gr.Number(100, label="Checkpoint every (steps)", precision=0, minimum=1)
+            start = gr.Button("Start training", variant="primary")
+            c["message"] = gr.Markdown()
+        with gr.Column(scale=6):
+            gr.Markdown("### Running")
+            with gr.Row():
+                c["run"] = gr.Dropdown([], label="Run", allow_custom_value=True, scale=3)
+                stop = gr.Button("Stop (save a checkpoint)", variant="stop", scale=1)
+                resume = gr.Button("Resume", scale=1)
+            c["headline"] = gr.Markdown(elem_id="run-status")
+            c["loss"] = gr.LinePlot(loss_frame([]), x="step", y="loss", title="Training loss", height=240)
+            c["validation"] = gr.Gallery(label="Preview images (validation prompt)", columns=4, height=220)
+            c["log"] = gr.Textbox(label="Trainer log (last lines)", lines=6, max_lines=6, autoscroll=True)
+    gr.Markdown("### Runs")
+    c["runs"] = gr.Dataframe(interactive=False, wrap=True)
+    seen = gr.State(None)
+    inputs = [c[k] for k in ("name",)] + [base] + [c[k] for k in (
+        "files", "folder", "token", "class_noun", "instance_prompt", "method", "rank", "steps", "lr", "prior",
+        "class_prompt", "num_class_images", "text_encoder", "resolution", "validation_prompt", "validation_steps",
+        "checkpointing_steps", "seed")]
+    start.click(refused(app.train), inputs, [c["message"], c["run"]], api_name="train", concurrency_id=GPU,
+                concurrency_limit=1)
+    stop.click(refused(app.stop), c["run"], c["message"], api_name="stop", concurrency_limit=4)
+    resume.click(refused(app.resume), c["run"], c["message"], api_name="resume", concurrency_id=GPU,
+                 concurrency_limit=1)
+    panel = [c["headline"], c["loss"], c["validation"], c["log"]]
+    c["run"].input(refused(app.progress), c["run"], panel, api_name="progress", concurrency_limit=None)
+    gr.Button("Refresh runs", size="sm").click(app.runs, None, c["runs"], api_name="runs", concurrency_limit=None)
+    timer = gr.Timer(1.0)
+    timer.tick(app.poll, [c["run"], seen], [*panel, c["runs"], c["run"], seen], api_visibility="private",
+               show_progress="hidden", concurrency_limit=None)
+
+
+def sample_tab(app: App, base) -> None:
+    c = app.sample_components = {}
+    gr.Markdown("Pick trained runs (empty slots are skipped) and how strongly each applies, then write a prompt.")
+    slots = []
+    with gr.Row():
+        for i in range(ADAPTER_SLOTS):
+            with gr.Column(min_width=160):
+                slots.append(gr.Dropdown([""], value="", label=f"Adapter {i + 1}", elem_id=f"adapter-{i + 1}",
+                                          allow_custom_value=True))
+                slots.append(gr.Slider(-1, 2, value=1.0, step=0.05, label="Scale"))
+    c["slots"] = slots
+    prompt = gr.Textbox("a photo of sks dog on the beach", label="Prompt")
+    negative = gr.Textbox(label="Negative prompt", placeholder="blurry, low quality")
+    with gr.Row():
+        seed = gr.Number(0, label="Seed", precision=0)
+        num = gr.Slider(1, 8, value=2, step=1, label="Images")
+        steps = gr.Slider(1, 150, value=20 if native_resolution(base.value) <= 64 else 30, step=1, label="Steps")
+        guidance = gr.Slider(1, 15, value=7.5, step=0.5, label="Guidance")
+        size = gr.Dropdown([64, 128, 256, 512, 768], value=native_resolution(base.value), label="Size")
+    go = gr.Button("Generate", variant="primary")
+    gallery = gr.Gallery(label="Images", columns=4, height=320, buttons=["download", "download_all", "fullscreen"],
+                         elem_id="sample-gallery")
+    files = gr.File(label="Downloads", file_count="multiple")
+    message = gr.Markdown()
+    go.click(refused(app.sample), [base, *slots, prompt, negative, seed, num, steps, guidance, size],
+             [gallery, files, message], api_name="sample", concurrency_id=GPU, concurrency_limit=1)
+
+
+def eval_settings():
+    with gr.Row():
+        prompts = gr.Slider(1, 25, value=4, step=1, label="DreamBench prompts", info="of 25; fewer is quicker")
+        per = gr.Slider(1, 8, value=1, step=1, label="Images per prompt", info="the paper uses 4")
+        steps = gr.Slider(1, 150, value=20, step=1, label="Sampling steps")
+        seed = gr.Number(0, label="Seed", precision=0)
+    default = "offline" if os.environ.get("HF_HUB_OFFLINE") == "1" else "paper"
+    scorer = gr.Radio([(text, key) for key, text in SCORERS.items()], value=default, label="Scorer")
+    return [prompts, per, steps, seed, scorer]
+
+
+def evaluate_tab(app: App) -> None:
+    c = app.eval_components = {}
+    gr.Markdown("Generate the DreamBench prompts with each run (reused if done before), score subject fidelity "
+                "(DINO, CLIP-I) and prompt fidelity (CLIP-T) against the run's own photos, and tabulate.")
+    with gr.Row():
+        c["runs"] = gr.Dropdown([], multiselect=True, label="Runs", allow_custom_value=True)
+        c["folders"] = gr.Dropdown([], multiselect=True, label="…and/or sample folders (from the Sample tab)",
+                                   allow_custom_value=True)
+    settings = eval_settings()
+    go = gr.Button("Evaluate", variant="primary")
+    message = gr.Markdown()
+    table = gr.Dataframe(interactive=False, wrap=True, label="Scores")
+    plot = gr.Image(label="Subject fidelity (DINO) against prompt fidelity (CLIP-T)", type="filepath", height=380)
+    go.click(refused(app.evaluate), [c["runs"], c["folders"], *settings], [table, plot, message], api_name="evaluate",
+             concurrency_id=GPU, concurrency_limit=1)
+
+
+def compare_tab(app: App) -> None:
+    c = app.compare_components = {}
+    gr.Markdown("Several methods on one subject: the same prompts and seeds, a row of images per prompt, and "
+                "what each cost (trainable parameters, training time, peak memory) beside its scores.")
+    c["runs"] = gr.Dropdown([], multiselect=True, label="Runs of one subject (two or more)",
+                                allow_custom_value=True)
+    settings = eval_settings()
+    go = gr.Button("Compare", variant="primary")
+    message = gr.Markdown()
+    grids = gr.Gallery(label="One row per prompt (columns: runs)", columns=1, height=480, object_fit="contain")
+    table = gr.Dataframe(interactive=False, wrap=True, label="Scores and costs")
+    plot = gr.Image(label="DINO against CLIP-T", type="filepath", height=380)
+    go.click(refused(app.compare), [c["runs"], *settings], [grids, table, plot, message], api_name="compare",
+             concurrency_id=GPU, concurrency_limit=1)
+
+
+def wire_load(app: App, demo: gr.Blocks) -> None:
+    t = app.train_components
+    choice_outputs = [*app.sample_components["slots"][0::2], app.eval_components["runs"],
+                      app.eval_components["folders"], app.compare_components["runs"]]
+    demo.load(app.on_load, None, [t["run"], t["headline"], t["loss"], t["validation"], t["log"], t["runs"],
+                                  *choice_outputs, t["name"]], api_visibility="private", show_progress="hidden")
+    # new adapters appear in the pickers when a run ends; cheap, so on every status change
+    t["headline"].change(app.refresh_choices, None, choice_outputs, api_visibility="private", show_progress="hidden")
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--share", action="store_true", help="also serve through a public gradio.live link")
+    p.add_argument("--runs_dir", default=str(ROOT / "runs" / "app"), help="where runs, samples and scores live; the "
+                   "only folder the app serves files from")
+    p.add_argument("--base_model", default="tiny", help="default base model: tiny (embedded), a folder or a hub id")
+    p.add_argument("--max_queue", type=int, default=32, help="requests waiting for the GPU beyond this are refused")
+    return p.parse_args(argv)
+
+
+def launch(args: argparse.Namespace, **kwargs):
+    runs_dir = Path(args.runs_dir).resolve()
+    local = is_loopback(args.host) and not args.share
+    demo = build(runs_dir, args.base_model, allow_server_folders=local)
+    demo.queue(max_size=args.max_queue)
+    return demo, demo.launch(server_name=args.host, server_port=args.port, share=args.share,
+                             allowed_paths=[str(runs_dir)], max_file_size=MAX_IMAGE_BYTES, footer_links=["api"],
+                             **kwargs)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if not is_loopback(args.host):
+        print(f"warning: listening on {args.host}: anyone who can reach this machine can use the app", file=sys.stderr)
+    launch(args)
+    return 0
+
 
 if __name__ == "__main__":
-    sys.exit("dreamlora app: not built yet (issue #6). Use the Python API in the README meanwhile.")
+    sys.exit(main())

@@ -1,0 +1,196 @@
+"""The Evaluate and Compare tabs: DreamBench generation (`pipelines.dreambench.main`, the CLI's own entry point),
+scoring (`eval.score`, encoders loaded once per server) and the method table (`eval.compare`).
+
+A run's DreamBench images go to RUNS/<run>/eval/<settings>/ and are reused by later evaluations and
+comparisons with the same settings (the generator skips images that exist); scores are recomputed only when
+the images changed. Tables and plots of one evaluation go to RUNS/_eval/<id>/.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from dreamlora.io import atomic_write_text
+from pipelines.app_jobs import SUBJECT, JobManager, read_json, resolve_base_model
+from pipelines.app_safety import AppInputError, inside
+from pipelines.dreambench import main as dreambench_main
+
+SCORERS = {
+    "offline": "random-weight CLIP and DINO + real EfficientNet-Lite0 (works offline; CLIP/DINO numbers are "
+               "only a smoke test)",
+    "paper": "CLIP ViT-B-32 (openai) + DINO ViT-S/16, as in the DreamBooth paper (downloads weights once)",
+}
+
+
+@dataclass
+class EvalSettings:
+    max_prompts: int = 4
+    images_per_prompt: int = 1
+    steps: int = 30
+    seed: int = 0
+    scorer: str = "offline"
+
+    def validate(self) -> EvalSettings:
+        for key, (low, high) in {"max_prompts": (1, 25), "images_per_prompt": (1, 8), "steps": (1, 150)}.items():
+            value = int(getattr(self, key))
+            if not low <= value <= high:
+                raise AppInputError(f"{key.replace('_', ' ').capitalize()} must be between {low} and {high}.")
+            setattr(self, key, value)
+        if self.scorer not in SCORERS:
+            raise AppInputError(f"Scorer {self.scorer!r}: one of {', '.join(SCORERS)}.")
+        self.seed = int(self.seed)
+        return self
+
+    @property
+    def key(self) -> str:
+        return f"p{self.max_prompts}-k{self.images_per_prompt}-s{self.steps}-seed{self.seed}"
+
+
+class Evaluator:
+    def __init__(self, jobs: JobManager):
+        self.jobs = jobs
+        self._encoders: dict[str, tuple] = {}
+        self._lock = threading.Lock()
+
+    # --- generation --------------------------------------------------------------------------------------
+    def dreambench(self, name: str, settings: EvalSettings) -> Path:
+        """DreamBench images of one run (its subject, its token, its base model and resolution)."""
+        run_dir = self.jobs.existing(name)
+        if not self.jobs.has_adapter(name):
+            raise AppInputError(f"Run {name!r} has no adapter yet (it is written when a run finishes or stops).")
+        job = self.jobs.settings(name)
+        out = run_dir / "eval" / settings.key
+        base = resolve_base_model(self.jobs.runs_dir, job["base_model"])
+        size = str(job.get("resolution", 512))
+        argv = ["--pretrained_model_name_or_path", base, "--subject", SUBJECT, "--class_noun", job["class_noun"],
+                "--token", job["token"], "--adapter", str(run_dir), "--num_images_per_prompt",
+                str(settings.images_per_prompt), "--max_prompts", str(settings.max_prompts), "--num_inference_steps",
+                str(settings.steps), "--seed", str(settings.seed), "--height", size, "--width", size,
+                "--output_dir", str(out)]
+        if dreambench_main(argv) != 0:  # its own errors are printed to the server's stderr
+            raise AppInputError(f"DreamBench generation for {name!r} failed; the server log says why.")
+        return out
+
+    # --- scoring -----------------------------------------------------------------------------------------
+    def encoders(self, scorer: str) -> tuple:
+        if scorer not in self._encoders:
+            from eval.encoders import load_clip, load_dino, load_efficientnet_lite0
+
+            if scorer == "paper":
+                self._encoders[scorer] = (load_clip("ViT-B-32", "openai"), load_dino(pretrained="hub"), None)
+            else:
+                self._encoders[scorer] = (load_clip("ViT-B-32", "none"), load_dino(pretrained="none"),
+                                          load_efficientnet_lite0())
+        return self._encoders[scorer]
+
+    def score(self, folder: Path, references: Path, scorer: str) -> dict:
+        """scores.json of `folder`, recomputed only if an image or the scorer changed since."""
+        from eval.score import ScoreError, score, summarise, write_outputs
+
+        scores = folder / "scores.json"
+        newest = max(p.stat().st_mtime for p in folder.rglob("*")
+                     if p.suffix in (".png", ".jsonl") and p.name != "scores.png")
+        old = read_json(scores) if scores.is_file() and scores.stat().st_mtime >= newest else {}
+        if old.get("settings", {}).get("app_scorer") == scorer:
+            return old
+        try:
+            clip, dino, extra = self.encoders(scorer)
+        except (OSError, RuntimeError, ValueError) as e:
+            raise AppInputError(f"The {scorer!r} scorer could not load its weights ({e}); offline, choose "
+                                "'offline'.") from None
+        cache = self.jobs.runs_dir / "_cache" / "embeddings"
+        try:
+            rows = score(folder, references, clip, dino, extra=extra, cache_dir=cache)
+        except ScoreError as e:
+            raise AppInputError(str(e)) from None
+        settings = {"clip": clip.image.key, "dino": dino.key, "extra": extra.key if extra else None,
+                    "identifier_in_clip_t": False, "app_scorer": scorer}
+        write_outputs(folder, rows, summarise(rows), settings)
+        return read_json(scores)
+
+    # --- the table ---------------------------------------------------------------------------------------
+    def evaluate(self, runs: list[str], sample_folders: list[str], settings: EvalSettings) -> tuple[list[dict], Path]:
+        """Generate (runs) and score (runs and sample folders); returns the table rows and the plot."""
+        settings.validate()
+        if not runs and not sample_folders:
+            raise AppInputError("Pick at least one run or sample folder.")
+        with self._lock:
+            targets = [(self.dreambench(name, settings), self.jobs.run_dir(name) / "data", name) for name in runs]
+            for folder in sample_folders:
+                path = inside(self.jobs.runs_dir, folder)
+                references = read_json(path / "run.json").get("references")
+                if not (path / "metadata.jsonl").is_file() or not references:
+                    raise AppInputError(f"{folder!r} is not a sample folder made with an adapter.")
+                targets.append((path, inside(self.jobs.runs_dir, references), folder))
+            for folder, references, _ in targets:
+                self.score(folder, references, settings.scorer)
+        return self.table(targets)
+
+    def table(self, targets: list[tuple[Path, Path, str]]) -> tuple[list[dict], Path]:
+        from eval.compare import plot, read_run
+
+        rows = []
+        for folder, _, label in targets:
+            row = read_run(folder)
+            row["run"] = label
+            extra = [s for s in read_json(folder / "scores.json")["summary"] if s["subject"] == "all"][0].get("extra")
+            row["extra"] = extra
+            rows.append(row)
+        out = self.jobs.runs_dir / "_eval" / f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        out.mkdir(parents=True)
+        atomic_write_text(out / "comparison.json", json.dumps(rows, indent=1))
+        return [display_row(r) for r in rows], plot(rows, out / "comparison.png")
+
+    # --- side by side ------------------------------------------------------------------------------------
+    def compare(self, runs: list[str], settings: EvalSettings) -> tuple[list[tuple[Path, str]], list[dict], Path]:
+        """One subject, several methods: a labelled grid per prompt, and the table."""
+        if len(runs) < 2:
+            raise AppInputError("Pick at least two runs to compare.")
+        nouns = {self.jobs.settings(name).get("class_noun") for name in runs}
+        if len(nouns) > 1:
+            raise AppInputError(f"Compare runs of one subject; these are of {', '.join(sorted(nouns))}. "
+                                "The Evaluate tab takes mixed subjects.")
+        rows, plot = self.evaluate(runs, [], settings)
+        folders = [self.jobs.run_dir(name) / "eval" / settings.key for name in runs]
+        metadata = [{r["file_name"]: r for r in map(json.loads, (f / "metadata.jsonl").read_text().splitlines())}
+                    for f in folders]
+        out = plot.parent
+        grids = []
+        for file_name, row in metadata[0].items():
+            if not file_name.endswith("_0.png"):
+                continue
+            cells = [(folder / file_name, name) for folder, name in zip(folders, runs, strict=True)]
+            grids.append((labelled_row(cells, out / f"grid-{Path(file_name).stem}.png"), row["prompt"]))
+        return grids, rows, plot
+
+
+def display_row(r: dict) -> dict:
+    def pm(metric: str) -> str | None:
+        return None if r.get(metric) is None else f"{r[metric]:.3f} ± {r[metric + '_std']:.3f}"
+
+    return {"run": r["run"], "method": r["method"], "rank": r.get("rank"),
+            "trainable params": r.get("trainable_params"), "train time (s)": r.get("train_time_s"),
+            "peak memory (MiB)": r.get("peak_memory_mib"), "images": r["n"], "DINO": pm("dino"),
+            "CLIP-I": pm("clip_i"), "CLIP-T": pm("clip_t"),
+            "EfficientNet-Lite0": None if r.get("extra") is None else f"{r['extra']:.3f}"}
+
+
+def labelled_row(cells: list[tuple[Path, str]], out: Path, size: int = 192) -> Path:
+    """The images side by side, each with its run's name above it."""
+    from PIL import Image, ImageDraw
+
+    from pipelines.data import save_png_atomic
+
+    band = 22
+    canvas = Image.new("RGB", (size * len(cells), size + band), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i, (path, label) in enumerate(cells):
+        with Image.open(path) as im:
+            canvas.paste(im.convert("RGB").resize((size, size)), (i * size, band))
+        draw.text((i * size + 6, 5), label[:28], fill="black")
+    return save_png_atomic(canvas, out)

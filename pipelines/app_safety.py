@@ -1,0 +1,80 @@
+"""What the app accepts from a browser: run names, uploaded photos, and paths inside its runs folder.
+
+Everything here refuses with an `AppInputError` whose message is shown to the user as is; nothing is
+silently "fixed", so a name or file the user did not mean never reaches the disk.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+MAX_IMAGES = 50
+MAX_IMAGE_BYTES = 20 * 2**20
+MAX_IMAGE_PIXELS = 50_000_000  # a 7000×7000 photo; more is a decompression bomb, not a camera
+MIN_IMAGE_SIDE = 32
+IMAGE_FORMATS = {"JPEG", "PNG", "WEBP", "BMP", "TIFF", "MPO"}  # MPO: what many phones call a JPEG
+
+
+class AppInputError(ValueError):
+    """Input the app refuses; the message says why and is shown in the page."""
+
+
+def check_run_name(name: str | None) -> str:
+    """A run name becomes a folder under the runs folder: letters, digits, `.`, `_`, `-`, at most 64, starting
+    with a letter or digit, and never `..`. Names starting with `_` are the app's own folders."""
+    name = (name or "").strip()
+    if not name:
+        raise AppInputError("Give the run a name (letters, digits, '.', '_' or '-').")
+    if not RUN_NAME.fullmatch(name) or ".." in name:
+        raise AppInputError(f"Run name {name!r} refused: use 1-64 letters, digits, '.', '_' or '-', starting with "
+                            "a letter or digit (no slashes, no '..').")
+    return name
+
+
+def inside(root: Path, path: str | Path) -> Path:
+    """`path` resolved (symlinks too), refused unless it lies inside `root`."""
+    root = Path(root).resolve()
+    resolved = (root / path).resolve() if not Path(path).is_absolute() else Path(path).resolve()
+    if resolved != root and root not in resolved.parents:
+        raise AppInputError(f"{str(path)!r} is outside the app's runs folder and is not served.")
+    return resolved
+
+
+def check_image(path: Path, label: str | None = None) -> tuple[int, int]:
+    """A real, decodable photo of a sane size: (width, height). The extension is not trusted."""
+    label = label or Path(path).name
+    size = Path(path).stat().st_size
+    if size > MAX_IMAGE_BYTES:
+        raise AppInputError(f"{label}: {size / 2**20:.1f} MB is over the {MAX_IMAGE_BYTES // 2**20} MB limit.")
+    try:
+        with Image.open(path) as im:
+            if im.format not in IMAGE_FORMATS:
+                raise AppInputError(f"{label}: {im.format} images are not accepted "
+                                    f"({', '.join(sorted(IMAGE_FORMATS - {'MPO'}))} are).")
+            width, height = im.size
+            if width * height > MAX_IMAGE_PIXELS:
+                raise AppInputError(f"{label}: {width}×{height} pixels is too large.")
+            im.load()  # a full decode: truncated or fake files fail here
+    except AppInputError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise AppInputError(f"{label} is not a readable image ({type(e).__name__}).") from None
+    if min(width, height) < MIN_IMAGE_SIDE:
+        raise AppInputError(f"{label}: {width}×{height} is too small (at least {MIN_IMAGE_SIDE} px a side).")
+    return width, height
+
+
+def check_images(paths: list[Path], labels: list[str] | None = None) -> list[Path]:
+    """Every file a real image, between 1 and MAX_IMAGES of them; refused as a whole on the first bad one."""
+    if not paths:
+        raise AppInputError("Add at least one photo of your subject (upload, or pick a folder).")
+    if len(paths) > MAX_IMAGES:
+        raise AppInputError(f"{len(paths)} photos is over the limit of {MAX_IMAGES}; 3-20 is typical.")
+    labels = labels or [Path(p).name for p in paths]
+    for path, label in zip(paths, labels, strict=True):
+        check_image(Path(path), label)
+    return [Path(p) for p in paths]

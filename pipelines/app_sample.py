@@ -1,0 +1,105 @@
+"""The Sample tab's work: a base model plus trained adapters with scales, through `pipelines.sample`.
+
+The base pipeline stays loaded between requests (the app serialises GPU work, and a lock guards the shared
+pipeline besides); each request attaches its adapters, generates, and detaches them again. Images go to
+RUNS/_samples/<id>/ with `metadata.jsonl` (prompt, seed, adapters, plus subject, method and
+prompt_for_clip_t so the folder can be scored) and a `run.json` naming the adapters' training folders.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from pathlib import Path
+
+from dreamlora.io import atomic_write_text
+from pipelines.app_jobs import SUBJECT, JobManager, resolve_base_model
+from pipelines.app_safety import AppInputError
+
+SAMPLES = "_samples"
+LIMITS = {"num_images": (1, 8), "steps": (1, 150), "size": (64, 1024)}
+
+
+class Sampler:
+    def __init__(self, jobs: JobManager):
+        self.jobs = jobs
+        self._pipe, self._model = None, None
+        self._lock = threading.Lock()
+
+    def _pipeline(self, model: str):
+        from pipelines.sample import load_pipeline
+
+        if self._model != model:
+            self._pipe, self._model = None, None
+            try:
+                self._pipe = load_pipeline(model)
+            except (OSError, ValueError) as e:
+                raise AppInputError(f"Base model {model!r} could not be loaded: {e}") from None
+            self._model = model
+        return self._pipe
+
+    def specs(self, adapters: list[tuple[str | None, float]]) -> list:
+        """(run name, scale) pairs -> AdapterSpecs of runs that have an adapter; empty slots are skipped."""
+        from pipelines.sample import AdapterSpec
+
+        specs = []
+        for name, scale in adapters:
+            if not name:
+                continue
+            run_dir = self.jobs.existing(name)
+            if not self.jobs.has_adapter(name):
+                raise AppInputError(f"Run {name!r} has no adapter yet: it is written when the run finishes or "
+                                    "is stopped.")
+            if not -4 <= float(scale) <= 4:
+                raise AppInputError(f"Scale {scale} of {name!r}: between -4 and 4.")
+            specs.append(AdapterSpec(run_dir, float(scale)))
+        return specs
+
+    def sample(self, base_model: str, adapters: list[tuple[str | None, float]], prompt: str,
+               negative_prompt: str = "", seed: int = 0, num_images: int = 1, steps: int = 30,
+               guidance: float = 7.5, size: int = 512) -> tuple[Path, list[Path]]:
+        """Generate; returns the output folder and its PNGs."""
+        import dreamlora
+        from pipelines.sample import apply_adapters, generate
+
+        prompt = (prompt or "").strip()
+        if not prompt:
+            raise AppInputError("Write a prompt.")
+        values = {"num_images": int(num_images), "steps": int(steps), "size": int(size)}
+        for key, (low, high) in LIMITS.items():
+            if not low <= values[key] <= high:
+                raise AppInputError(f"{key.replace('_', ' ').capitalize()} must be between {low} and {high}.")
+        if values["size"] % 8:
+            raise AppInputError("Image size must be a multiple of 8.")
+        specs = self.specs(adapters)
+        model = resolve_base_model(self.jobs.runs_dir, base_model)
+        out = self.jobs.runs_dir / SAMPLES / f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        with self._lock:
+            pipe = self._pipeline(model)
+            try:
+                applied = apply_adapters(pipe, specs)
+                first = self.jobs.settings(specs[0].path.name) if specs else {}
+                token = first.get("token", "")
+                extra = {"adapters": applied, "subject": SUBJECT,
+                         "method": "+".join(a["method"] for a in applied) or "base",
+                         "prompt_for_clip_t": " ".join(w for w in prompt.split() if w != token)}
+                generate(pipe, [prompt], out, negative_prompt=(negative_prompt or "").strip() or None, seed=int(seed),
+                         num_images_per_prompt=values["num_images"], num_inference_steps=values["steps"],
+                         guidance_scale=float(guidance), height=values["size"], width=values["size"], extra=extra)
+            finally:
+                for component in (pipe.unet, pipe.text_encoder):
+                    for name in dreamlora.adapter_names(component):
+                        dreamlora.detach(component, name)
+        run = {"base_model": model, "adapters": applied, "prompt": prompt,
+               "references": str(specs[0].path / "data") if specs else None}
+        atomic_write_text(out / "run.json", json.dumps(run, indent=1))
+        return out, sorted(out.glob("*.png"))
+
+    def folders(self) -> list[str]:
+        """Sample folders that can be scored (made with at least one adapter), newest first."""
+        root = self.jobs.runs_dir / SAMPLES
+        found = [p for p in root.glob("*") if (p / "metadata.jsonl").is_file()
+                 and json.loads((p / "run.json").read_text() if (p / "run.json").is_file() else "{}").get("references")]
+        return [f"{SAMPLES}/{p.name}" for p in sorted(found, reverse=True)]

@@ -1,0 +1,188 @@
+"""The app's endpoints driven by gradio_client against a real server on the tiny model: train, follow, stop,
+resume, list runs, sample with two adapters (and ten clients at once), evaluate, compare, and refusals."""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from app_server import ASSETS, serve, wait_for
+from gradio_client import Client, handle_file
+
+DOG = sorted(p for p in (ASSETS / "dog").iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+BACKPACK = sorted(p for p in (ASSETS / "backpack").iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_model_dir):
+    runs = tmp_path_factory.mktemp("app") / "runs"
+    with serve(runs, tiny_model_dir) as (url, _):
+        yield url, runs, str(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return Client(server[0], verbose=False)
+
+
+def train(client, base, name, photos, method="lora", steps=2000, **kw):
+    values = {"name": name, "base_model": base, "files": [handle_file(str(p)) for p in photos], "folder": "",
+              "token": "sks", "class_noun": "dog", "instance_prompt": "", "method": method, "rank": 4,
+              "steps": steps, "learning_rate": 1e-3, "prior": False, "class_prompt": "", "num_class_images": 10,
+              "text_encoder": False, "resolution": 64, "validation_prompt": "a photo of sks dog on the beach",
+              "validation_steps": 10, "checkpointing_steps": 1000, "seed": 0, **kw}
+    return client.predict(*values.values(), api_name="/train")
+
+
+def step_of(client, name) -> tuple[str, int]:
+    headline = client.predict(name, api_name="/progress")[0]
+    return headline, int(re.search(r"step (\d+)/", headline).group(1))
+
+
+def runs_table(client) -> dict[str, dict]:
+    table = client.predict(api_name="/runs")
+    return {row[0]: dict(zip(table["headers"], row, strict=True)) for row in table["data"]}
+
+
+def sample(client, base, adapters, prompt="a photo of sks dog", num_images=2, seed=0):
+    slots = [*adapters, *[("", 1.0)] * (4 - len(adapters))]
+    return client.predict(base, *[v for slot in slots for v in slot], prompt, "", seed, num_images, 4, 7.5, 64,
+                          api_name="/sample")
+
+
+def test_endpoints_are_named(client):
+    named = set(client.view_api(return_format="dict")["named_endpoints"])
+    assert {"/train", "/stop", "/resume", "/progress", "/runs", "/sample", "/evaluate", "/compare"} <= named
+
+
+def test_train_stop_resume(server, client):
+    _, runs, base = server
+    message, _ = train(client, base, "dog-lora", DOG)
+    assert "Started 'dog-lora'" in message
+    # progress moves while the trainer runs, read from its progress file
+    _, first = wait_for(lambda: (s := step_of(client, "dog-lora"))[1] >= 3 and s, 120, "training to start")
+    headline, later = wait_for(lambda: (s := step_of(client, "dog-lora"))[1] > first and s, 60, "a later step")
+    assert "running" in headline and "ETA" in headline and "loss" in headline
+    with pytest.raises(Exception, match="one GPU job at a time"):  # a second training waits its turn
+        train(client, base, "dog-other", DOG)
+
+    assert "saved a checkpoint and stopped" in client.predict("dog-lora", api_name="/stop")
+    row = runs_table(client)["dog-lora"]
+    assert row["status"] == "stopped" and row["resumable"] and row["adapter"]
+    stopped_at = row["last checkpoint"]
+    assert stopped_at >= later and (runs / "dog-lora" / f"checkpoint-{stopped_at}").is_dir()
+    assert (runs / "dog-lora" / "run.json").is_file()
+
+    assert "Resumed" in client.predict("dog-lora", api_name="/resume")
+    wait_for(lambda: step_of(client, "dog-lora")[1] > stopped_at, 120, "the resumed run to pass its checkpoint")
+    records = [json.loads(line) for line in (runs / "dog-lora" / "progress.jsonl").read_text().splitlines()]
+    resumed = [r for r in records if r["event"] == "started"][-1]
+    assert resumed["step"] == stopped_at and resumed["resumed_from"].endswith(f"checkpoint-{stopped_at}")
+    assert "stopped" in client.predict("dog-lora", api_name="/stop")
+    assert runs_table(client)["dog-lora"]["status"] == "stopped"
+
+    # a short run that finishes: listed as finished and no longer resumable
+    train(client, base, "dog-dora", DOG, method="dora", steps=12)
+    wait_for(lambda: runs_table(client)["dog-dora"]["status"] == "finished", 120, "dog-dora to finish")
+    assert not runs_table(client)["dog-dora"]["resumable"]
+    with pytest.raises(Exception, match="finished all its steps"):
+        client.predict("dog-dora", api_name="/resume")
+    _, _, validation, log = client.predict("dog-dora", api_name="/progress")
+    assert len(validation) == 4 and "training" in log  # previews at steps 10 and 12, two images each
+
+
+def test_sample_with_two_adapters(server, client):
+    _, runs, base = server
+    gallery, files, message = sample(client, base, [("dog-lora", 1.0), ("dog-dora", 0.5)])
+    assert len(gallery) == 2 and len(files) == 2 and "2 images" in message
+    folder = runs / message.split(" in ")[-1]
+    rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
+    assert [(a["method"], a["scale"]) for a in rows[0]["adapters"]] == [("lora", 1.0), ("dora", 0.5)]
+    assert Path(files[0]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_ten_concurrent_sampling_clients(server):
+    url, _, base = server
+    results, errors = {}, []
+
+    def one(i):
+        try:
+            results[i] = sample(Client(url, verbose=False), base, [("dog-lora", 1.0)], num_images=1, seed=i)
+        except Exception as e:  # noqa: BLE001 - every failure is reported below
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(10)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert not errors
+    assert sorted(results) == list(range(10))
+    assert all(len(gallery) == 1 and Path(files[0]).is_file() for gallery, files, _ in results.values())
+
+
+def test_evaluate_runs_and_a_sample_folder(server, client):
+    _, runs, _ = server
+    folders = [f"_samples/{p.name}" for p in sorted((runs / "_samples").iterdir())][:1]
+    table, plot, message = client.predict(["dog-lora", "dog-dora"], folders, 2, 1, 4, 0, "offline",
+                                          api_name="/evaluate")
+    rows = {r[0]: dict(zip(table["headers"], r, strict=True)) for r in table["data"]}
+    assert set(rows) == {"dog-lora", "dog-dora", folders[0]} and "Scored 3" in message
+    assert rows["dog-dora"]["method"] == "dora" and rows["dog-dora"]["trainable params"] > 0
+    assert all(re.fullmatch(r"-?\d\.\d{3} ± \d\.\d{3}", rows[r]["DINO"]) for r in rows)
+    assert Path(plot).is_file()
+    assert len(list((runs / "dog-lora" / "eval" / "p2-k1-s4-seed0" / "subject").glob("*.png"))) == 2
+
+
+def test_compare_two_methods(server, client):
+    grids, table, plot, message = client.predict(["dog-lora", "dog-dora"], 2, 1, 4, 0, "offline",
+                                                 api_name="/compare")
+    assert len(grids) == 2 and all(Path(g["image"]).is_file() for g in grids)  # one grid per prompt
+    assert grids[0]["caption"].startswith("a sks dog") or "sks dog" in grids[0]["caption"]
+    columns = table["headers"]
+    assert {"trainable params", "train time (s)", "peak memory (MiB)", "DINO", "CLIP-T"} <= set(columns)
+    assert [r[columns.index("method")] for r in table["data"]] == ["lora", "dora"]
+    assert Path(plot).is_file() and "2 runs" in message
+
+
+@pytest.mark.parametrize("name", ["../escape", "/etc/passwd", "a/b", "..", ".hidden", "x" * 65, "_samples", ""])
+def test_malicious_run_name_is_refused(server, client, name):
+    _, runs, base = server
+    before = set(p.name for p in runs.parent.rglob("*"))
+    with pytest.raises(Exception, match="Refused|Run name|name"):
+        train(client, base, name, DOG)
+    assert set(p.name for p in runs.parent.rglob("*")) == before
+
+
+def test_fake_image_upload_is_refused(server, client, tmp_path):
+    _, runs, base = server
+    fake = tmp_path / "holiday.jpg"
+    fake.write_text("#!/bin/sh\necho not a photo\n")
+    with pytest.raises(Exception, match="holiday.jpg is not a readable image"):
+        train(client, base, "fake-upload", [*DOG[:2], fake])
+    assert not (runs / "fake-upload").exists()
+
+
+def test_paths_outside_the_runs_folder_are_refused(server, client):
+    url, runs, _ = server
+    with pytest.raises(Exception, match="outside the app's runs folder"):
+        client.predict([], ["../../../etc"], 1, 1, 1, 0, "offline", api_name="/evaluate")
+    with pytest.raises(Exception, match="no run called"):
+        sample(client, server[2], [("no-such-run", 1.0)])
+
+    def status(path: str) -> int:
+        try:
+            return urllib.request.urlopen(url + "gradio_api/file=" + path).status
+        except urllib.error.HTTPError as e:
+            return e.code
+
+    inside = next(runs.rglob("*.png"))
+    assert status(str(inside)) == 200
+    assert status(str(Path(__file__).resolve())) in (403, 404)
+    assert status("/etc/passwd") in (403, 404)
+    assert status(str(runs) + "/../../../../etc/passwd") in (403, 404)

@@ -1,0 +1,101 @@
+"""The app end to end in headless Chromium (Debian's `chromium`, driven by Python Playwright): upload photos,
+start a training, see the progress move (and survive a page reload), stop it, generate a sample and see it in
+the gallery. Screenshots go to tests/artifacts/app/ (git-ignored)."""
+
+from __future__ import annotations
+
+import re
+import shutil
+
+import pytest
+from app_server import ARTIFACTS, ASSETS, serve
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+        "--no-first-run"]
+STEP = re.compile(r"step (\d+)/(\d+)")
+
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH: `make browser` (or .ci/run) "
+                                                         "installs Debian's chromium")
+
+
+@pytest.fixture(scope="module")
+def page(tmp_path_factory, tiny_model_dir):
+    from playwright.sync_api import sync_playwright
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    runs = tmp_path_factory.mktemp("app-browser") / "runs"
+    with serve(runs, tiny_model_dir) as (url, _), sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1300})
+        page.set_default_timeout(60_000)
+        page.goto(url)
+        page.runs_dir, page.app_url = runs, url
+        try:
+            yield page
+        finally:
+            browser.close()
+
+
+def current_step(page) -> int:
+    match = STEP.search(page.locator("#run-status").inner_text())
+    return int(match.group(1)) if match else -1
+
+
+def wait_step_above(page, step: int, timeout_ms: int = 120_000) -> int:
+    page.wait_for_function(
+        """(n) => { const m = (document.querySelector('#run-status')?.innerText || '').match(/step (\\d+)\\//);
+                   return m && parseInt(m[1]) > n; }""", arg=step, timeout=timeout_ms)
+    return current_step(page)
+
+
+def test_first_view(page):
+    page.get_by_role("button", name="Start training").wait_for()
+    for tab in ("Train", "Sample", "Evaluate", "Compare"):
+        assert page.get_by_role("tab", name=tab).is_visible()
+    page.wait_for_function("(document.querySelector('#run-status')?.innerText || '').includes('No run yet')")
+    page.screenshot(path=str(ARTIFACTS / "01-first-view.png"), full_page=True)
+
+
+def test_train_progress_stop_then_sample(page):
+    photos = sorted(str(p) for p in (ASSETS / "dog").iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    page.locator("input[type=file]").first.set_input_files(photos)
+    page.get_by_text(re.compile(r"^\w.*\.(jpe?g|png)$", re.I)).first.wait_for()  # the upload list shows them
+    page.get_by_label("Run name").fill("browser-run")
+    page.get_by_label("Steps", exact=True).fill("2000")
+    page.get_by_text("More settings").click()
+    page.get_by_label("Preview every (steps)").fill("15")
+    page.get_by_role("button", name="Start training").click()
+
+    page.wait_for_function("(document.querySelector('#run-status')?.innerText || '').includes('browser-run')")
+    first = wait_step_above(page, 2)
+    later = wait_step_above(page, first)  # the progress moves
+    assert later > first
+    page.reload()  # the run lives in the server: a new page finds it running
+    page.wait_for_function("(document.querySelector('#run-status')?.innerText || '').includes('running')")
+    wait_step_above(page, 16)  # past the first preview
+    page.locator("img[src*='step-0000']").first.wait_for()
+    page.screenshot(path=str(ARTIFACTS / "02-training.png"), full_page=True)
+
+    page.get_by_role("button", name="Stop (save a checkpoint)").click()
+    page.wait_for_function("(document.querySelector('#run-status')?.innerText || '').includes('stopped')")
+    assert "last checkpoint" in page.locator("#run-status").inner_text()
+    assert page.get_by_text("saved a checkpoint and stopped").is_visible()
+
+    page.get_by_role("tab", name="Sample").click()
+    page.locator("#adapter-1 input").click()
+    page.get_by_role("option", name="browser-run").click()
+    page.get_by_role("button", name="Generate").click()
+    page.locator("#sample-gallery img").first.wait_for()
+    assert page.locator("#sample-gallery img").count() >= 2
+    assert page.get_by_text(re.compile(r"2 images in _samples/")).is_visible()
+    page.screenshot(path=str(ARTIFACTS / "03-sample.png"), full_page=True)
+
+
+def test_bad_run_name_is_refused_in_the_page(page):
+    page.get_by_role("tab", name="Train").click()
+    page.get_by_label("Run name").fill("../../etc")
+    page.get_by_role("button", name="Start training").click()
+    page.get_by_text(re.compile("Run name '../../etc' refused")).first.wait_for()
+    page.screenshot(path=str(ARTIFACTS / "04-refused.png"))  # the viewport, where the message pops up
+    assert not (page.runs_dir.parent / "etc").exists()

@@ -1,0 +1,133 @@
+"""The app's plain-Python parts, without a server: input checks, run status, and Stop's escalation."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import time
+from pathlib import Path
+
+import pytest
+from app_server import ASSETS, wait_for
+from PIL import Image
+
+from pipelines.app_jobs import JobManager, TrainSettings, native_resolution, tail
+from pipelines.app_safety import MAX_IMAGES, AppInputError, check_images, check_run_name, inside
+
+DOG = sorted(p for p in (ASSETS / "dog").iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+
+
+@pytest.mark.parametrize("name", ["dog-lora", "Run_2", "a.b", "x" * 64, "7"])
+def test_good_run_names(name):
+    assert check_run_name(f"  {name} ") == name
+
+
+@pytest.mark.parametrize("name", ["", "  ", "../x", "a/b", "a\\b", "..", "a..b", ".git", "_samples", "-rf",
+                                  "x" * 65, "dog lora", "dög", "a\x00b", "~root", "$(id)"])
+def test_bad_run_names_are_refused(name):
+    with pytest.raises(AppInputError):
+        check_run_name(name)
+
+
+def test_inside_refuses_escapes_and_symlinks(tmp_path):
+    root = tmp_path / "runs"
+    (root / "a").mkdir(parents=True)
+    (root / "link").symlink_to(tmp_path)
+    assert inside(root, "a") == (root / "a").resolve()
+    for path in ("../x", "/etc/passwd", "link/secret", str(tmp_path / "other")):
+        with pytest.raises(AppInputError, match="outside"):
+            inside(root, path)
+
+
+def test_uploads_are_decoded_not_trusted_by_name(tmp_path):
+    assert check_images(DOG) == DOG
+    fake = tmp_path / "cat.png"
+    fake.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 100)  # a PNG signature and nothing else
+    truncated = tmp_path / "half.jpg"
+    truncated.write_bytes(DOG[0].read_bytes()[:4000])
+    tiny = tmp_path / "dot.png"
+    Image.new("RGB", (8, 8)).save(tiny)
+    gif = tmp_path / "anim.gif"
+    Image.new("RGB", (64, 64)).save(gif)
+    for bad, message in [(fake, "not a readable image"), (truncated, "not a readable image"), (tiny, "too small"),
+                         (gif, "GIF images are not accepted")]:
+        with pytest.raises(AppInputError, match=message):
+            check_images([DOG[0], bad])
+    with pytest.raises(AppInputError, match="at least one photo"):
+        check_images([])
+    with pytest.raises(AppInputError, match=f"limit of {MAX_IMAGES}"):
+        check_images(DOG * (MAX_IMAGES // len(DOG) + 1))
+
+
+def test_oversized_upload_is_refused(tmp_path):
+    big = tmp_path / "big.png"
+    big.write_bytes(DOG[0].read_bytes())
+    with open(big, "ab") as f:
+        f.truncate(21 * 2**20)
+    with pytest.raises(AppInputError, match="over the 20 MB limit"):
+        check_images([big])
+
+
+def test_settings_are_checked_and_become_trainer_flags(tmp_path):
+    s = TrainSettings(name="r", base_model="tiny", method="dora", rank=8, steps=50, prior_preservation=True,
+                      validation_prompt="a sks dog", train_text_encoder=True).validate()
+    argv = s.argv(tmp_path)
+    assert argv[argv.index("--adapter") + 1] == "dora" and argv[argv.index("--instance_prompt") + 1] == \
+        "a photo of sks dog"
+    assert {"--with_prior_preservation", "--train_text_encoder", "--validation_prompt"} <= set(argv)
+    assert argv[argv.index("--class_prompt") + 1] == "a photo of dog"
+    for bad in ({"method": "full"}, {"rank": 0}, {"steps": -1}, {"resolution": 100}, {"learning_rate": 5},
+                {"token": "a b"}, {"class_noun": "../x"}):
+        with pytest.raises(AppInputError):
+            TrainSettings(name="r", base_model="tiny", **bad).validate()
+
+
+def test_native_resolution(tiny_model_dir):
+    assert native_resolution("tiny") == 64 and native_resolution(str(tiny_model_dir)) == 64
+    assert native_resolution("runwayml/stable-diffusion-v1-5") == 512
+
+
+def test_log_tail_shows_a_progress_bar_once(tmp_path):
+    log = tmp_path / "train.log"
+    log.write_text("loading\ntraining: 1/9\rtraining: 2/9\rtraining: 9/9\ndone\n")
+    assert tail(log, 5) == "loading\ntraining: 9/9\ndone"
+
+
+def fake_trainer(tmp_path: Path, ignore: str) -> str:
+    """A stand-in for python that ignores the given signals: Stop must escalate past them."""
+    script = tmp_path / "stubborn-python"
+    script.write_text(f"#!/bin/bash\ntrap '' {ignore}\nsleep 60 & wait\nsleep 60 & wait\nsleep 60 & wait\n")
+    script.chmod(script.stat().st_mode | stat.S_IEXEC)
+    return str(script)
+
+
+@pytest.mark.parametrize("ignore, outcome", [("USR1", "terminated (SIGTERM)"), ("USR1 TERM", "killed (SIGKILL)")])
+def test_stop_escalates_to_the_process_group(tmp_path, ignore, outcome):
+    jobs = JobManager(tmp_path / "runs", python=fake_trainer(tmp_path, ignore), stop_timeouts=(1.0, 1.0))
+    jobs.start(TrainSettings(name="stubborn", base_model=str(tmp_path / "model")), DOG[:1])
+    wait_for(lambda: (tmp_path / "runs" / "stubborn" / "job.json").is_file(), 10, "job.json")
+    pid = json.loads((tmp_path / "runs" / "stubborn" / "job.json").read_text())["pid"]
+    assert jobs.is_running("stubborn") and os.getpgid(pid) == pid  # its own process group
+    # a second manager (a restarted server) finds the run by its pid and stops it
+    restarted = JobManager(tmp_path / "runs", stop_timeouts=(1.0, 1.0))
+    assert restarted.active() == "stubborn"
+    started = time.time()
+    assert outcome in restarted.stop("stubborn")
+    assert time.time() - started < 15
+    with pytest.raises(ProcessLookupError):
+        os.killpg(pid, 0)  # the whole group is gone: the sleeps too
+    assert restarted.progress("stubborn").status == "stopped" and restarted.progress("stubborn").resumable
+
+
+def test_a_crashed_run_is_failed_and_resumable(tmp_path):
+    script = tmp_path / "crash"
+    script.write_text("#!/bin/bash\necho boom >&2\nexit 3\n")
+    script.chmod(0o755)
+    jobs = JobManager(tmp_path / "runs", python=str(script))
+    jobs.start(TrainSettings(name="crash", base_model=str(tmp_path)), DOG[:1])
+    wait_for(lambda: (tmp_path / "runs" / "crash" / "exit.json").is_file(), 10, "the exit code")
+    p = jobs.progress("crash")
+    assert p.status == "failed" and p.resumable and "boom" in p.log_tail
+    with pytest.raises(AppInputError, match="exists already"):
+        jobs.start(TrainSettings(name="crash", base_model=str(tmp_path)), DOG[:1])
