@@ -12,7 +12,6 @@ import dataclasses
 import logging
 import math
 import os
-import signal
 import sys
 import time
 from pathlib import Path
@@ -34,25 +33,6 @@ from pipelines.models import encode_prompts, load_components
 log = logging.getLogger("dreamlora.train")
 
 
-class TrainingDiverged(RuntimeError):
-    pass
-
-
-def make_accelerator(args):
-    from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration
-
-    output_dir = Path(args.output_dir)
-    project = ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir))
-    return Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
-        log_with=args.report_to,
-        project_config=project,
-        cpu=not torch.cuda.is_available(),  # without CUDA, `--multi_gpu` processes must still join over gloo
-    )
-
-
 def adapter_config(args, targets: list[str]) -> AdapterConfig:
     return AdapterConfig(method=args.adapter, rank=args.rank, alpha=args.alpha, target_modules=targets,
                          dropout=args.lora_dropout, use_rslora=args.use_rslora, init=args.init_lora_weights,
@@ -72,7 +52,7 @@ def make_optimizer(args, param_groups):
 
 
 def noise_generator(seed: int, epoch: int, batch: int, process: int) -> torch.Generator:
-    return torch.Generator().manual_seed(hash((seed, epoch, batch, process)) & (2**63 - 1))
+    return torch.Generator().manual_seed(training.batch_seed(seed, epoch, batch, process))
 
 
 class LatentEncoder:
@@ -167,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     # --- data first: bad input fails before anything is written -----------------------------------------
     instances = dbdata.read_examples(args.instance_data_dir, "--instance_data_dir", args.instance_prompt,
                                      args.resolution, is_class=False)
-    accelerator = make_accelerator(args)
+    accelerator = training.make_accelerator(args)
     from accelerate.utils import set_seed
 
     set_seed(args.seed)
@@ -216,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     plog = training.ProgressLog(output_dir / args.progress_file if accelerator.is_main_process else None,
                                 max_steps, progress.global_step)
     plog.write(event="started", step=progress.global_step, total=max_steps, resumed_from=str(resume_from or ""))
-    stop_requested = install_stop_signal()
+    stop_requested = training.install_stop_signal()
     from tqdm.auto import tqdm
 
     bar = tqdm(total=max_steps, initial=progress.global_step, desc="training", unit="step",
@@ -225,58 +205,48 @@ def main(argv: list[str] | None = None) -> int:
     params = [p for g in groups for p in g["params"]]
     for model in trained_models.values():
         model.train()
-    while progress.global_step < max_steps and not stop_requested():
-        epoch, skip = progress.epoch, progress.batch_in_epoch
-        if skip >= batches_per_epoch:
-            epoch, skip = epoch + 1, 0
+    def select_epoch(epoch: int) -> None:
         dataset.select_epoch(epoch)
         sampler.select_epoch(epoch)
-        batches = accelerator.skip_first_batches(loader, skip) if skip else loader
-        for index, batch in enumerate(batches, start=skip):
-            with accelerator.accumulate(*trained_models.values()):
-                gen = noise_generator(args.seed, epoch, index, accelerator.process_index)
-                latents = encoder(batch, gen)
-                parts = denoising_loss(trained_models["unet"], sd.noise_scheduler, latents,
-                                       prompt_embeddings(batch["prompts"]).to(weight_dtype), batch["is_class"], gen,
-                                       prior_loss_weight=args.prior_loss_weight, snr_gamma=args.snr_gamma,
-                                       noise_offset=args.noise_offset)
-                loss = parts["loss"] + sum(dreamlora.regularization_loss(m) for m in trained.values())
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(params, args.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                if accelerator.sync_gradients:
-                    for model in trained.values():
-                        dreamlora.on_optimizer_step(model, optimizer)
-                optimizer.zero_grad(set_to_none=True)
-            progress.epoch, progress.batch_in_epoch = epoch, index + 1
-            if not accelerator.sync_gradients:
-                continue
-            progress.global_step += 1
-            last_loss = accelerator.gather(loss.detach()[None]).mean().item()
-            if not math.isfinite(last_loss):
-                bar.close()  # so the error is the last line the user sees
-                raise TrainingDiverged(f"loss became {last_loss} at step {progress.global_step}; stopped without "
-                                       f"saving. Last good checkpoint: {last_checkpoint or 'none'}")
-            lr = lr_scheduler.get_last_lr()[0]
-            bar.update(1)
-            bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}")
-            accelerator.log({"train/loss": last_loss, "train/lr": lr,
-                             **{f"train/{k}": v.item() for k, v in parts.items() if k != "loss"}},
-                            step=progress.global_step)
-            plog.step(progress.global_step, last_loss, lr)
-            step = progress.global_step
-            if step % args.checkpointing_steps == 0 or step == max_steps or stop_requested():
-                last_checkpoint = training.save_checkpoint(accelerator, output_dir, step, args.checkpoints_total_limit)
-                plog.write(event="checkpoint", step=step, path=str(last_checkpoint))
-            if args.validation_prompt and accelerator.is_main_process and (step % args.validation_steps == 0
-                                                                           or step == max_steps):
-                run_validation(args, sd, accelerator, trained, weight_dtype, step)
-            if step >= max_steps or stop_requested():
-                break
-        else:
-            progress.epoch, progress.batch_in_epoch = epoch + 1, 0
+
+    batches = training.resumable_batches(accelerator, loader, progress, batches_per_epoch, select_epoch)
+    while progress.global_step < max_steps:
+        epoch, index, batch = next(batches)
+        with accelerator.accumulate(*trained_models.values()):
+            gen = noise_generator(args.seed, epoch, index, accelerator.process_index)
+            latents = encoder(batch, gen)
+            parts = denoising_loss(trained_models["unet"], sd.noise_scheduler, latents,
+                                   prompt_embeddings(batch["prompts"]).to(weight_dtype), batch["is_class"], gen,
+                                   prior_loss_weight=args.prior_loss_weight, snr_gamma=args.snr_gamma,
+                                   noise_offset=args.noise_offset)
+            loss = parts["loss"] + sum(dreamlora.regularization_loss(m) for m in trained.values())
+            accelerator.backward(loss)
+            training.optimizer_step(accelerator, optimizer, lr_scheduler, params, args.max_grad_norm,
+                                    trained.values())
+        if not accelerator.sync_gradients:
+            continue
+        progress.global_step += 1
+        last_loss = accelerator.gather(loss.detach()[None]).mean().item()
+        if not math.isfinite(last_loss):
+            bar.close()  # so the error is the last line the user sees
+            raise training.TrainingDiverged(f"loss became {last_loss} at step {progress.global_step}; stopped without "
+                                   f"saving. Last good checkpoint: {last_checkpoint or 'none'}")
+        lr = lr_scheduler.get_last_lr()[0]
+        bar.update(1)
+        bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}")
+        accelerator.log({"train/loss": last_loss, "train/lr": lr,
+                         **{f"train/{k}": v.item() for k, v in parts.items() if k != "loss"}},
+                        step=progress.global_step)
+        plog.step(progress.global_step, last_loss, lr)
+        step = progress.global_step
+        if step % args.checkpointing_steps == 0 or step == max_steps or stop_requested():
+            last_checkpoint = training.save_checkpoint(accelerator, output_dir, step, args.checkpoints_total_limit)
+            plog.write(event="checkpoint", step=step, path=str(last_checkpoint))
+        if args.validation_prompt and accelerator.is_main_process and (step % args.validation_steps == 0
+                                                                       or step == max_steps):
+            run_validation(args, sd, accelerator, trained, weight_dtype, step)
+        if stop_requested():  # checked after a full optimizer step, which has just been checkpointed
+            break
     bar.close()
 
     # --- save ----------------------------------------------------------------------------------------------
@@ -288,18 +258,6 @@ def main(argv: list[str] | None = None) -> int:
         plog.write(event="done" if finished else "stopped", step=progress.global_step)
     accelerator.end_training()
     return 0
-
-
-def install_stop_signal():
-    """SIGUSR1 (the app's Stop) asks for a checkpoint at the next step and a clean exit."""
-    flag = {"stop": False}
-
-    def handler(signum, frame):
-        flag["stop"] = True
-
-    if hasattr(signal, "SIGUSR1"):
-        signal.signal(signal.SIGUSR1, handler)
-    return lambda: flag["stop"]
 
 
 def class_pipeline(args, sd, dtype, device):
@@ -362,19 +320,7 @@ def write_outputs(args, output_dir: Path, trained, sd, accelerator, progress, st
 
 
 def cli(argv: list[str] | None = None) -> int:
-    try:
-        return main(argv)
-    except (ArgError, dbdata.DataError, FileNotFoundError, PermissionError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except (ValueError, TypeError) as e:
-        if "AdapterConfig" in str(e) or "target_modules" in str(e) or "exceeds what" in str(e):
-            print(f"error: {e}", file=sys.stderr)  # adapter errors name the flag's field and the module
-            return 2
-        raise
-    except TrainingDiverged as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    return training.run_cli(main, argv)
 
 
 if __name__ == "__main__":

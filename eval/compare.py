@@ -68,10 +68,9 @@ def plot(rows: list[dict], path: Path) -> Path:
     ax.set_xlabel("CLIP-T (prompt fidelity)")
     ax.set_ylabel("DINO (subject fidelity)")
     ax.grid(alpha=0.3)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    from eval.plots import save_figure
+
+    return save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,9 +28,17 @@ def method_bars(summary: list[dict], path: Path) -> Path:
         ax.set_xticks(range(len(methods)), methods, rotation=20)
         ax.set_title(label)
         ax.grid(axis="y", alpha=0.3)
+    return save_figure(fig, path)
+
+
+def save_figure(fig, path: Path, dpi: int = 110) -> Path:
+    """Write under a temporary name, then rename: a reader never sees half a PNG. Closes the figure."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.savefig(tmp, dpi=110)
+    fig.savefig(tmp, dpi=dpi)
     plt.close(fig)
     os.replace(tmp, path)
     return path

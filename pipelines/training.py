@@ -1,4 +1,5 @@
-"""The parts of a DreamBooth run that are not the loop: class images, checkpoints, validation, progress."""
+"""The parts of a training run that are not the model-specific step, shared by the DreamBooth and text
+trainers: the accelerator, class images, checkpoints, resumable batches, the optimizer step, progress."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import logging
 import math
 import os
 import shutil
+import signal
 import tempfile
 import time
 from pathlib import Path
@@ -14,11 +16,64 @@ from pathlib import Path
 import torch
 
 import dreamlora
-from dreamlora.io import atomic_write_text
+from dreamlora.io import atomic_save_file, atomic_write_text, read_metadata
 from pipelines.data import save_png_atomic
 
 log = logging.getLogger(__name__)
 CHECKPOINT_PREFIX = "checkpoint-"
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN/inf; the run stops without saving over its last good checkpoint."""
+
+
+def run_cli(main, argv: list[str] | None) -> int:
+    """A trainer's exit codes: 2 with one line for bad input (it names the flag or file), 1 if training diverged."""
+    import sys
+
+    from dreamlora.train_args import ArgError
+    from pipelines.data import DataError
+
+    try:
+        return main(argv)
+    except (ArgError, DataError, FileNotFoundError, PermissionError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (ValueError, TypeError) as e:
+        if "AdapterConfig" in str(e) or "target_modules" in str(e) or "exceeds what" in str(e):
+            print(f"error: {e}", file=sys.stderr)  # adapter errors name the flag's field and the module
+            return 2
+        raise
+    except TrainingDiverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+def make_accelerator(args):
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    output_dir = Path(args.output_dir)
+    project = ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir))
+    return Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=args.report_to,
+        project_config=project,
+        cpu=not torch.cuda.is_available(),  # without CUDA, `--multi_gpu` processes must still join over gloo
+    )
+
+
+def install_stop_signal():
+    """SIGUSR1 (the app's Stop) asks for a checkpoint at the next step and a clean exit."""
+    flag = {"stop": False}
+
+    def handler(signum, frame):
+        flag["stop"] = True
+
+    if hasattr(signal, "SIGUSR1"):
+        signal.signal(signal.SIGUSR1, handler)
+    return lambda: flag["stop"]
 
 
 # --- class images for prior preservation -------------------------------------------------------------------
@@ -105,6 +160,15 @@ def adapter_file(folder: Path, component: str) -> Path:
     return Path(folder) / f"{component}_adapter.safetensors"
 
 
+def full_weights_file(folder: Path, component: str) -> Path:
+    return Path(folder) / f"{component}_trained_weights.safetensors"
+
+
+def trained_outside_adapters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """Trainable weights that are not adapter factors, e.g. a classifier head trained in full."""
+    return {n: p for n, p in model.named_parameters() if p.requires_grad and ".adapters." not in n}
+
+
 def register_adapter_hooks(accelerator, components: dict[str, torch.nn.Module]) -> None:
     """Checkpoints hold only the adapters (not the frozen base): accelerate's model weights are replaced by
     dreamlora's native files, one per trained component."""
@@ -115,13 +179,28 @@ def register_adapter_hooks(accelerator, components: dict[str, torch.nn.Module]) 
     def save_hook(models, weights, output_dir):
         for model in models:
             if accelerator.is_main_process:
-                dreamlora.save(accelerator.unwrap_model(model), adapter_file(output_dir, owner(model)))
+                unwrapped, name = accelerator.unwrap_model(model), owner(model)
+                dreamlora.save(unwrapped, adapter_file(output_dir, name))
+                extra = trained_outside_adapters(unwrapped)
+                if extra:
+                    atomic_save_file({n: p.detach().contiguous() for n, p in extra.items()},
+                                     full_weights_file(output_dir, name), {"format": "pt"})
         weights.clear()  # accelerate must not write the full base weights
 
     def load_hook(models, input_dir):
         while models:
             model = models.pop()
-            dreamlora.load_weights(accelerator.unwrap_model(model), adapter_file(input_dir, owner(model)))
+            unwrapped, name = accelerator.unwrap_model(model), owner(model)
+            dreamlora.load_weights(unwrapped, adapter_file(input_dir, name))
+            extra = trained_outside_adapters(unwrapped)
+            if extra:
+                from safetensors.torch import load_file
+
+                read_metadata(full_weights_file(input_dir, name))  # safetensors or refuse
+                saved = load_file(str(full_weights_file(input_dir, name)))
+                with torch.no_grad():
+                    for n, p in extra.items():
+                        p.copy_(saved[n])
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
@@ -139,6 +218,45 @@ class Progress:
     def load_state_dict(self, state: dict) -> None:
         self.global_step, self.epoch, self.batch_in_epoch = (int(state[k]) for k in
                                                              ("global_step", "epoch", "batch_in_epoch"))
+
+
+def resumable_batches(accelerator, loader, progress: Progress, batches_per_epoch: int, select_epoch):
+    """(epoch, index, batch) from where `progress` says, epoch after epoch, until the caller stops.
+
+    Each epoch's order comes from `select_epoch(epoch)` (seeded samplers and augmentation), not from
+    accelerate's own `set_epoch` counter, which restarts at 0 after a resume. `progress` always names the
+    next unseen batch, so a checkpoint taken after any step resumes exactly there.
+    """
+    while True:
+        epoch, skip = progress.epoch, progress.batch_in_epoch
+        if skip >= batches_per_epoch:
+            epoch, skip = epoch + 1, 0
+        select_epoch(epoch)
+        batches = accelerator.skip_first_batches(loader, skip) if skip else loader
+        for index, batch in enumerate(batches, start=skip):
+            progress.epoch, progress.batch_in_epoch = epoch, index + 1
+            yield epoch, index, batch
+        progress.epoch, progress.batch_in_epoch = epoch + 1, 0
+
+
+def batch_seed(seed: int, epoch: int, batch: int, process: int) -> int:
+    """The seed of everything random in one micro-batch (noise, timesteps, dropout): a pure function of where
+    the batch is, so a resumed run draws exactly what the uninterrupted one drew (a fresh DataLoader
+    iterator after a resume would otherwise shift the global RNG)."""
+    return hash((seed, epoch, batch, process)) & (2**63 - 1)
+
+
+def optimizer_step(accelerator, optimizer, lr_scheduler, params, max_grad_norm: float, models) -> None:
+    """Clip, step, schedule, then the core's per-step hook (SingLoRA's ramp) only on real updates, so
+    gradient accumulation does not advance it."""
+    if accelerator.sync_gradients:
+        accelerator.clip_grad_norm_(params, max_grad_norm)
+    optimizer.step()
+    lr_scheduler.step()
+    if accelerator.sync_gradients:
+        for model in models:
+            dreamlora.on_optimizer_step(model, optimizer)
+    optimizer.zero_grad(set_to_none=True)
 
 
 class ProgressLog:
