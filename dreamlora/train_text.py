@@ -164,9 +164,10 @@ def main(argv: list[str] | None = None) -> int:
         train_seconds += time.time() - step_started  # evaluation and checkpoints are not training time
         if eval_features and (step == max_steps or (args.eval_steps and step % args.eval_steps == 0)):
             metrics = evaluate(model, eval_features, collator, args, accelerator, len(labels))
-            accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
-            history.write(event="eval", step=step, train_time_s=round(train_seconds, 2), **metrics)
-            bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+            if is_main:
+                accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
+                history.write(event="eval", step=step, train_time_s=round(train_seconds, 2), **metrics)
+                bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         if (args.checkpointing_steps and step % args.checkpointing_steps == 0) or stop_requested():
             checkpoint = training.save_checkpoint(accelerator, output_dir, step, args.checkpoints_total_limit)
             plog.write(event="checkpoint", step=step, path=str(checkpoint))

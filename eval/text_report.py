@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -145,15 +144,9 @@ def write_report(sweep_dir: str | Path) -> str:
     summary = summarise(runs)
     text = table(summary)
     atomic_write_text(sweep_dir / "report.md", text)
-    atomic_write_text(sweep_dir / "report.json", json.dumps(summary, indent=2, default=_json_default))
+    atomic_write_text(sweep_dir / "report.json", json.dumps(summary, indent=2))
     plot(summary, sweep_dir)
     return text
-
-
-def _json_default(value):
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    return str(value)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -119,6 +119,29 @@ def test_resume_from_a_checkpoint_retraces_the_uninterrupted_run(tiny_text_model
     assert resumed["eval_accuracy"] == straight["eval_accuracy"]
 
 
+def test_two_processes_with_accelerate_launch(tiny_text_models, tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2` on CPU: two gloo processes, one result."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    trainer = Path(dreamlora.__file__).parent / "train_text.py"
+    out = tmp_path / "run"
+    done = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                           str(trainer), "--model_name_or_path", str(tiny_text_models["bert"]), "--train_file",
+                           str(SST2_TRAIN), "--validation_file", str(SST2_DEV), "--max_train_steps", "4",
+                           "--eval_steps", "2", "--per_device_train_batch_size", "8", "--adapter", "dora",
+                           "--checkpointing_steps", "2", "--report_to", "none", "--output_dir", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((out / "run.json").read_text())
+    assert summary["world_size"] == 2 and summary["finished"] and summary["steps"] == 4
+    assert (out / "checkpoint-2" / "random_states_1.pkl").is_file()
+    assert [json.loads(x)["step"] for x in (out / "eval.jsonl").read_text().splitlines()] == [2, 4]
+    metrics, _ = reload_and_score(out)
+    assert metrics["accuracy"] == summary["eval_accuracy"]
+
+
 def test_sentence_pairs_from_tsv_use_both_columns(tiny_text_models, tmp_path):
     rows = [(f"the cat sat on mat {i}", f"a cat is {'sitting' if i % 2 else 'flying'}", ["yes", "no"][i % 2])
             for i in range(24)]
