@@ -30,6 +30,7 @@ from pipelines.app_sample import Sampler  # noqa: E402
 ROOT = Path(__file__).resolve().parent
 GPU = "gpu"  # the one concurrency id of every handler that uses the GPU
 ADAPTER_SLOTS = 4
+RUN_COLUMNS = ["run", "status", "method", "rank", "step", "last checkpoint", "resumable", "adapter"]
 METHOD_HELP = {"lora": "LoRA: the classic low-rank update", "loraplus": "LoRA+: B learns 16× faster",
                "dora": "DoRA: magnitude and direction", "singlora": "SingLoRA: one symmetric matrix"}
 INTRO = """# dreamlora
@@ -122,7 +123,7 @@ class App:
 
     def runs(self):
         """Every run with its status (running / finished / stopped / failed) and whether it can be resumed."""
-        return table_frame(self.jobs.table())
+        return table_frame(self.jobs.table(), RUN_COLUMNS)
 
     def poll(self, name, seen):
         """The Timer: refresh the Running panel only when the run's files changed (cheap for idle pages)."""
@@ -196,10 +197,10 @@ def loss_frame(losses: list[tuple[int, float]]):
     return frame.astype({"step": "int64", "loss": "float64"})  # numbers, or the plot's axes turn categorical
 
 
-def table_frame(rows: list[dict]):
+def table_frame(rows: list[dict], columns: list[str] | None = None):
     import pandas as pd
 
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=columns)
 
 
 def suggest_name(names: list[str]) -> str:

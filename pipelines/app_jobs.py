@@ -203,6 +203,19 @@ def native_resolution(base_model: str) -> int:
     return int(size) * 8 if isinstance(size, int) else 512
 
 
+def live_group_members(pgid: int) -> list[int]:
+    """Processes of group `pgid` that are alive (zombies waiting for their parent do not count)."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[-1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            members.append(int(stat.parent.name))
+    return members
+
+
 class JobManager:
     """Start, follow, stop and resume training runs under `runs_dir`; one training at a time."""
 
@@ -371,8 +384,20 @@ class JobManager:
             except ProcessLookupError:
                 break
             if self._wait_exit(name, wait):
+                self._kill_leftovers(pid)
                 return f"{name!r} {outcome}."
         return f"{name!r} could not be stopped (pid {pid})."
+
+    @staticmethod
+    def _kill_leftovers(pgid: int) -> None:
+        """The trainer is gone; anything it started (data workers, a launcher's children) goes with it."""
+        deadline = time.time() + 5
+        while live_group_members(pgid) and time.time() < deadline:
+            try:
+                os.killpg(pgid, signal.SIGKILL)
+            except ProcessLookupError:
+                return
+            time.sleep(0.05)
 
     def _wait_exit(self, name: str, timeout: float) -> bool:
         deadline = time.time() + timeout

@@ -9,8 +9,13 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 ASSETS = Path(__file__).resolve().parent / "assets"
+# gradio 6.31's event analytics call pandas options that pandas 3 deprecates; not ours to fix
+GRADIO_PANDAS_NOISE = [pytest.mark.filterwarnings("ignore:.*no_silent_downcasting.*"),
+                       pytest.mark.filterwarnings("ignore:The copy keyword is deprecated")]
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts" / "app"  # screenshots; git-ignored
 
 

@@ -11,11 +11,11 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from app_server import ASSETS, serve, wait_for
+from app_server import ASSETS, GRADIO_PANDAS_NOISE, serve, wait_for
 from gradio_client import Client, handle_file
 
 DOG = sorted(p for p in (ASSETS / "dog").iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
-BACKPACK = sorted(p for p in (ASSETS / "backpack").iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+pytestmark = GRADIO_PANDAS_NOISE
 
 
 @pytest.fixture(scope="module")
