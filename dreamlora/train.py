@@ -176,13 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     trained_models = dict(zip(trained, prepared[: len(trained)], strict=True))
     optimizer, loader, lr_scheduler = prepared[len(trained):]
     training.register_adapter_hooks(accelerator, trained)
-    progress = training.Progress()
-    accelerator.register_for_checkpointing(progress)
-
-    resume_from = training.resolve_resume(output_dir, args.resume_from_checkpoint)
-    if resume_from is not None:
-        accelerator.load_state(str(resume_from))
-        log.info("resumed from %s at step %d", resume_from, progress.global_step)
+    progress, resume_from = training.restore_progress(accelerator, output_dir, args.resume_from_checkpoint)
 
     encoder = LatentEncoder(sd.vae, weight_dtype, args.cache_latents)
     if args.cache_latents:
@@ -312,10 +306,7 @@ def write_outputs(args, output_dir: Path, trained, sd, accelerator, progress, st
         "args": vars(args), "method": args.adapter, "adapter_config": config,
         "trainable_params": sum(dreamlora.trainable_parameter_count(m) for m in trained.values()),
         "steps": progress.global_step, "finished": finished, "wall_time_s": round(time.time() - started, 2),
-        "peak_memory_mib": round(training.peak_memory_mib(accelerator.device), 1), "final_loss": last_loss,
-        "world_size": accelerator.num_processes, "device": str(accelerator.device),
-        "mixed_precision": accelerator.mixed_precision, "resumed_from": str(resume_from) if resume_from else None,
-        "versions": {"torch": torch.__version__, "dreamlora": dreamlora.__version__},
+        "final_loss": last_loss, **training.run_environment(accelerator, resume_from),
     })
 
 

@@ -44,16 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prior_loss_weight", type=float, default=1.0)
     g.add_argument("--sample_batch_size", type=int, default=4, help="batch size of class-image generation")
 
-    g = p.add_argument_group("adapter")
-    g.add_argument("--adapter", choices=METHOD_CHOICES, default="lora")
-    g.add_argument("--rank", type=int, default=4)
-    g.add_argument("--alpha", type=float, default=None, help="default: --rank")
-    g.add_argument("--lora_dropout", type=float, default=0.0)
-    g.add_argument("--use_rslora", action="store_true")
-    g.add_argument("--init_lora_weights", choices=("gaussian", "kaiming"), default="gaussian",
-                   help="down-factor init; gaussian as diffusers' DreamBooth script")
-    g.add_argument("--loraplus_ratio", type=float, default=16.0)
-    g.add_argument("--singlora_ramp_steps", type=int, default=100)
+    g = add_adapter_flags(p, rank=4, init="gaussian", init_help="gaussian as diffusers' DreamBooth script")
     g.add_argument("--target_modules", default=UNET_TARGETS, help="comma-separated UNet module names")
     g.add_argument("--train_text_encoder", action="store_true")
     g.add_argument("--text_encoder_target_modules", default=TEXT_ENCODER_TARGETS)
@@ -111,6 +102,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def add_adapter_flags(parser: argparse.ArgumentParser, rank: int, init: str, init_help: str):
+    """The adapter flags both trainers share; returns the group so a trainer can add its targets."""
+    g = parser.add_argument_group("adapter")
+    g.add_argument("--adapter", choices=METHOD_CHOICES, default="lora")
+    g.add_argument("--rank", type=int, default=rank)
+    g.add_argument("--alpha", type=float, default=None, help="default: --rank")
+    g.add_argument("--lora_dropout", type=float, default=0.0)
+    g.add_argument("--use_rslora", action="store_true")
+    g.add_argument("--init_lora_weights", choices=("gaussian", "kaiming"), default=init,
+                   help=f"down-factor init; {init_help}")
+    g.add_argument("--loraplus_ratio", type=float, default=16.0)
+    g.add_argument("--singlora_ramp_steps", type=int, default=100)
+    return g
+
+
 def read_config_file(path: str) -> dict:
     file = Path(path)
     if not file.is_file():
@@ -131,7 +137,11 @@ def read_config_file(path: str) -> dict:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = build_parser()
+    return parse_with_config(build_parser(), argv, validate)
+
+
+def parse_with_config(parser: argparse.ArgumentParser, argv: list[str] | None, check) -> argparse.Namespace:
+    """Flags, with `--config FILE` values as defaults (the command line wins), then `check(args)`."""
     first, _ = parser.parse_known_args(argv)
     if first.config:
         values = read_config_file(first.config)
@@ -141,7 +151,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             raise ArgError(f"--config {first.config!r}: unknown keys {unknown}")
         parser.set_defaults(**values)  # file values become defaults, so the command line still wins
     args = parser.parse_args(argv)
-    validate(args)
+    check(args)
     return args
 
 

@@ -115,12 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     model, optimizer, loader, lr_scheduler = accelerator.prepare(model, optimizer, loader, lr_scheduler)
     unwrapped = accelerator.unwrap_model(model)
     training.register_adapter_hooks(accelerator, {"model": unwrapped})
-    progress = training.Progress()
-    accelerator.register_for_checkpointing(progress)
-    resume_from = training.resolve_resume(output_dir, args.resume_from_checkpoint)
-    if resume_from is not None:
-        accelerator.load_state(str(resume_from))
-        log.info("resumed from %s at step %d", resume_from, progress.global_step)
+    progress, resume_from = training.restore_progress(accelerator, output_dir, args.resume_from_checkpoint)
 
     # --- the loop ----------------------------------------------------------------------------------------
     if accelerator.is_main_process:
@@ -183,10 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         write_outputs(args, output_dir, unwrapped, what_trains, labels, max_length, metrics, {
             "steps": progress.global_step, "finished": finished, "wall_time_s": round(time.time() - started, 2),
             "train_time_s": round(train_seconds, 2), "final_loss": last_loss,
-            "peak_memory_mib": round(training.peak_memory_mib(accelerator.device), 1),
-            "world_size": accelerator.num_processes, "device": str(accelerator.device),
-            "mixed_precision": accelerator.mixed_precision,
-            "resumed_from": str(resume_from) if resume_from else None,
+            **training.run_environment(accelerator, resume_from),
             "train_examples": len(train_features), "eval_examples": len(eval_features or []),
         })
         plog.write(event="done" if finished else "stopped", step=progress.global_step)
@@ -206,7 +198,6 @@ def write_outputs(args, output_dir: Path, model, what_trains: dict, labels: list
         "adapter_config": dataclasses.asdict(dreamlora.adapter_config(model, "default")),
         "trainable_params": what_trains["adapter_params"] + what_trains["head_params"], **what_trains, **run,
         **{f"eval_{k}": v for k, v in metrics.items()},
-        "versions": {"torch": torch.__version__, "dreamlora": dreamlora.__version__},
     })
 
 

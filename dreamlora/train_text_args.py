@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from dreamlora.train_args import METHOD_CHOICES, SCHEDULERS, ArgError, _split, read_config_file
+from dreamlora.train_args import SCHEDULERS, ArgError, _split, add_adapter_flags, parse_with_config
 
 DATA_FORMATS = ("csv", "tsv", "jsonl", "label_text")
 
@@ -39,15 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max_train_samples", type=int, default=None, help="use the first N training examples")
     g.add_argument("--max_eval_samples", type=int, default=None, help="use the first N validation examples")
 
-    g = p.add_argument_group("adapter")
-    g.add_argument("--adapter", choices=METHOD_CHOICES, default="lora")
-    g.add_argument("--rank", type=int, default=8)
-    g.add_argument("--alpha", type=float, default=None, help="default: --rank")
-    g.add_argument("--lora_dropout", type=float, default=0.0)
-    g.add_argument("--use_rslora", action="store_true")
-    g.add_argument("--init_lora_weights", choices=("gaussian", "kaiming"), default="kaiming")
-    g.add_argument("--loraplus_ratio", type=float, default=16.0)
-    g.add_argument("--singlora_ramp_steps", type=int, default=100)
+    g = add_adapter_flags(p, rank=8, init="kaiming", init_help="kaiming as PEFT")
     g.add_argument("--target_modules", default=None,
                    help="comma-separated module names; default per family: query,value (BERT/RoBERTa), "
                         "c_attn (GPT-2)")
@@ -82,17 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = build_parser()
-    first, _ = parser.parse_known_args(argv)
-    if first.config:
-        values = read_config_file(first.config)
-        unknown = sorted(set(values) - {a.dest for a in parser._actions})
-        if unknown:
-            raise ArgError(f"--config {first.config!r}: unknown keys {unknown}")
-        parser.set_defaults(**values)
-    args = parser.parse_args(argv)
-    validate(args)
-    return args
+    return parse_with_config(build_parser(), argv, validate)
 
 
 def validate(args: argparse.Namespace) -> None:

@@ -259,6 +259,18 @@ def optimizer_step(accelerator, optimizer, lr_scheduler, params, max_grad_norm: 
     optimizer.zero_grad(set_to_none=True)
 
 
+def restore_progress(accelerator, output_dir: Path, resume: str | None) -> tuple[Progress, Path | None]:
+    """Register the run's position for checkpointing and, with --resume_from_checkpoint, load everything
+    (adapters via the hooks, optimizer, scheduler, RNG, position) from the checkpoint it names."""
+    progress = Progress()
+    accelerator.register_for_checkpointing(progress)
+    resume_from = resolve_resume(output_dir, resume)
+    if resume_from is not None:
+        accelerator.load_state(str(resume_from))
+        log.info("resumed from %s at step %d", resume_from, progress.global_step)
+    return progress, resume_from
+
+
 class ProgressLog:
     """JSON lines the app follows: one per optimizer step and one per event. Main process only."""
 
@@ -286,6 +298,14 @@ def peak_memory_mib(device: torch.device) -> float:
         return torch.cuda.max_memory_allocated(device) / 2**20
     with open("/proc/self/status") as f:  # Linux; peak resident set size
         return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+
+
+def run_environment(accelerator, resume_from: Path | None) -> dict:
+    """The run.json fields every trainer shares: where and how it ran."""
+    return {"peak_memory_mib": round(peak_memory_mib(accelerator.device), 1), "world_size": accelerator.num_processes,
+            "device": str(accelerator.device), "mixed_precision": accelerator.mixed_precision,
+            "resumed_from": str(resume_from) if resume_from else None,
+            "versions": {"torch": torch.__version__, "dreamlora": dreamlora.__version__}}
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
