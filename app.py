@@ -59,6 +59,18 @@ class App:
         self.sampler, self.evaluator = Sampler(self.jobs), Evaluator(self.jobs)
         self.base_model, self.allow_server_folders = base_model, allow_server_folders
 
+    def check_base(self, base_model: str) -> str:
+        """Shared or listening beyond this machine, the base model is the server's: a visitor cannot make it
+        download a hub model or read a folder of its choosing."""
+        base_model = (base_model or "").strip() or "tiny"
+        if not self.allow_server_folders and base_model != self.base_model:
+            raise AppInputError(f"The base model is fixed to {self.base_model!r} while the app is shared.")
+        return base_model
+
+    def free_gpu(self) -> None:
+        self.sampler.release()
+        self.evaluator.release()
+
     def refuse_while_training(self) -> None:
         busy = self.jobs.active()
         if busy:
@@ -87,12 +99,14 @@ class App:
         """Start a training run; returns a message and the run picker set to the new run."""
         self.refuse_while_training()
         photos, labels = self.photos(files, folder)
-        settings = TrainSettings(name=name, base_model=base_model, token=token, class_noun=class_noun,
+        settings = TrainSettings(name=name, base_model=self.check_base(base_model), token=token, class_noun=class_noun,
                                  instance_prompt=instance_prompt, method=method, rank=rank, steps=steps,
                                  learning_rate=learning_rate, prior_preservation=bool(prior), class_prompt=class_prompt,
                                  num_class_images=num_class_images, train_text_encoder=bool(text_encoder),
                                  resolution=resolution, validation_prompt=validation_prompt or "",
                                  validation_steps=validation_steps, checkpointing_steps=checkpointing_steps, seed=seed)
+        settings.validate()
+        self.free_gpu()
         message = self.jobs.start(settings, photos, labels)
         return message, gr.update(choices=self.jobs.names(), value=settings.name)
 
@@ -107,12 +121,15 @@ class App:
         if not name:
             raise AppInputError("Pick a run to resume.")
         self.refuse_while_training()
+        self.free_gpu()
         return self.jobs.resume(name)
 
     def progress(self, name):
         """Step/total, ETA, the loss curve, validation images and the log tail of a run."""
         if not name:
-            return "No run yet: set one up on the left and press *Start training*.", loss_frame([]), [], ""
+            hint = "Pick a run above to follow it." if self.jobs.names() else \
+                "No run yet: set one up on the left and press *Start training*."
+            return hint, loss_frame([]), [], ""
         p = self.jobs.progress(name)
         eta = f" · ETA {format_seconds(p.eta_s)}" if p.status == "running" and p.eta_s is not None else ""
         loss = f" · loss {p.losses[-1][1]:.4f}" if p.losses else ""
@@ -127,14 +144,13 @@ class App:
 
     def poll(self, name, seen):
         """The Timer: refresh the Running panel only when the run's files changed (cheap for idle pages)."""
-        active = self.jobs.active()
-        if not name and active:
-            name = active
+        names = self.jobs.names()
+        if name not in names:  # nothing picked yet, or a name typed by hand that is no run
+            name = self.jobs.active() or None
         signature = self.signature(name)
         if signature == seen:
             return (gr.skip(),) * 7
         headline, frame, gallery, log = self.progress(name)
-        names = self.jobs.names()
         return (headline, frame, gallery, log, self.runs(), gr.update(choices=names, value=name), signature)
 
     def signature(self, name) -> tuple:
@@ -169,8 +185,8 @@ class App:
         """Images from the base model plus up to four adapters (run, scale); returns the gallery and the files."""
         self.refuse_while_training()
         adapters = [(adapter_1, scale_1), (adapter_2, scale_2), (adapter_3, scale_3), (adapter_4, scale_4)]
-        out, files = self.sampler.sample(base_model, adapters, prompt, negative_prompt, seed, num_images, steps,
-                                         guidance, size)
+        out, files = self.sampler.sample(self.check_base(base_model), adapters, prompt, negative_prompt, seed,
+                                         num_images, steps, guidance, size)
         caption = prompt if len(prompt) < 60 else prompt[:57] + "..."
         gallery = [(str(f), f"{caption} (seed {int(seed) + k})") for k, f in enumerate(files)]
         return gallery, [str(f) for f in files], f"{len(files)} images in {out.relative_to(self.jobs.runs_dir)}"
@@ -188,6 +204,12 @@ class App:
         settings = EvalSettings(max_prompts, images_per_prompt, steps, seed, scorer)
         grids, rows, plot = self.evaluator.compare(list(runs or []), settings)
         return [(str(g), p) for g, p in grids], table_frame(rows), str(plot), f"{len(runs)} runs side by side."
+
+
+def preview_prompts(token: str, class_noun: str):
+    """The prompts' defaults follow the identifier and class as they are typed."""
+    return (gr.update(placeholder=f"a photo of {token} {class_noun} (default)"),
+            f"a photo of {token} {class_noun} on the beach")
 
 
 def loss_frame(losses: list[tuple[int, float]]):
@@ -214,7 +236,7 @@ def build(runs_dir: Path, base_model: str = "tiny", allow_server_folders: bool =
     app = App(runs_dir, base_model, allow_server_folders)
     with gr.Blocks(title="dreamlora") as demo:
         gr.Markdown(INTRO)
-        base = gr.Textbox(base_model, label="Base model",
+        base = gr.Textbox(base_model, label="Base model", interactive=allow_server_folders,
                           info="tiny = the embedded tiny model (random weights: to try the app in seconds); or a local "
                                "diffusers folder, or a hub id such as runwayml/stable-diffusion-v1-5")
         with gr.Tab("Train"):
@@ -283,6 +305,9 @@ def train_tab(app: App, base) -> None:
         "files", "folder", "token", "class_noun", "instance_prompt", "method", "rank", "steps", "lr", "prior",
         "class_prompt", "num_class_images", "text_encoder", "resolution", "validation_prompt", "validation_steps",
         "checkpointing_steps", "seed")]
+    for field in (c["token"], c["class_noun"]):
+        field.input(preview_prompts, [c["token"], c["class_noun"]], [c["instance_prompt"], c["validation_prompt"]],
+                    api_visibility="private", queue=False, show_progress="hidden")
     start.click(refused(app.train), inputs, [c["message"], c["run"]], api_name="train", concurrency_id=GPU,
                 concurrency_limit=1)
     stop.click(refused(app.stop), c["run"], c["message"], api_name="stop", concurrency_limit=4)

@@ -17,7 +17,8 @@ from pathlib import Path
 
 from dreamlora.io import atomic_write_text
 from pipelines.app_jobs import SUBJECT, JobManager, read_json, resolve_base_model
-from pipelines.app_safety import AppInputError, inside
+from pipelines.app_safety import AppInputError, inside, number
+from pipelines.app_sample import free_gpu_cache
 from pipelines.dreambench import main as dreambench_main
 
 SCORERS = {
@@ -36,14 +37,11 @@ class EvalSettings:
     scorer: str = "offline"
 
     def validate(self) -> EvalSettings:
-        for key, (low, high) in {"max_prompts": (1, 25), "images_per_prompt": (1, 8), "steps": (1, 150)}.items():
-            value = int(getattr(self, key))
-            if not low <= value <= high:
-                raise AppInputError(f"{key.replace('_', ' ').capitalize()} must be between {low} and {high}.")
-            setattr(self, key, value)
+        limits = {"max_prompts": (1, 25), "images_per_prompt": (1, 8), "steps": (1, 150), "seed": (0, 2**32 - 1)}
+        for key, (low, high) in limits.items():
+            setattr(self, key, number(getattr(self, key), key.replace("_", " ").capitalize(), low, high))
         if self.scorer not in SCORERS:
             raise AppInputError(f"Scorer {self.scorer!r}: one of {', '.join(SCORERS)}.")
-        self.seed = int(self.seed)
         return self
 
     @property
@@ -56,6 +54,12 @@ class Evaluator:
         self.jobs = jobs
         self._encoders: dict[str, tuple] = {}
         self._lock = threading.Lock()
+
+    def release(self) -> None:
+        """Free the scoring encoders (their GPU memory) before a training subprocess needs it."""
+        with self._lock:
+            self._encoders.clear()
+        free_gpu_cache()
 
     # --- generation --------------------------------------------------------------------------------------
     def dreambench(self, name: str, settings: EvalSettings) -> Path:

@@ -32,7 +32,7 @@ from PIL import Image
 
 from dreamlora.io import atomic_write_text
 from dreamlora.train_args import METHOD_CHOICES
-from pipelines.app_safety import AppInputError, check_images, check_run_name, inside
+from pipelines.app_safety import AppInputError, check_images, check_run_name, inside, number
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN_SCRIPT = ROOT / "dreamlora" / "train.py"
@@ -77,16 +77,13 @@ class TrainSettings:
         if self.method not in METHOD_CHOICES:
             raise AppInputError(f"Method {self.method!r}: one of {', '.join(METHOD_CHOICES)}.")
         limits = {"rank": (1, 256), "steps": (1, 100_000), "num_class_images": (1, 1000), "resolution": (64, 2048),
-                  "validation_steps": (1, 100_000), "checkpointing_steps": (1, 100_000)}
+                  "validation_steps": (1, 100_000), "checkpointing_steps": (1, 100_000), "seed": (0, 2**32 - 1)}
         for key, (low, high) in limits.items():
-            value = int(getattr(self, key))
-            if not low <= value <= high:
-                raise AppInputError(f"{key.replace('_', ' ').capitalize()} must be between {low} and {high}.")
-            setattr(self, key, value)
+            setattr(self, key, number(getattr(self, key), key.replace("_", " ").capitalize(), low, high))
         if self.resolution % 8:
             raise AppInputError(f"Resolution must be a multiple of 8, got {self.resolution}.")
-        if not 0 < float(self.learning_rate) < 1:
-            raise AppInputError(f"Learning rate must be between 0 and 1, got {self.learning_rate}.")
+        self.learning_rate = number(self.learning_rate, "Learning rate", 1e-8, 0.1, float)
+        self.validation_prompt = (self.validation_prompt or "").strip()
         return self
 
     def argv(self, run_dir: Path) -> list[str]:

@@ -6,6 +6,7 @@ silently "fixed", so a name or file the user did not mean never reaches the disk
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
@@ -33,6 +34,20 @@ def check_run_name(name: str | None) -> str:
         raise AppInputError(f"Run name {name!r} refused: use 1-64 letters, digits, '.', '_' or '-', starting with "
                             "a letter or digit (no slashes, no '..').")
     return name
+
+
+def number(value, label: str, low: float, high: float, kind: type = int) -> int | float:
+    """A form field as a number in [low, high]; an empty, non-numeric or out-of-range value is refused."""
+    try:
+        converted = kind(value)
+        if kind is int and float(value) != converted:
+            raise ValueError
+    except (TypeError, ValueError, OverflowError):
+        raise AppInputError(f"{label} must be {'a whole number' if kind is int else 'a number'}, got {value!r}.") \
+            from None
+    if not (math.isfinite(converted) and low <= converted <= high):
+        raise AppInputError(f"{label} must be between {low} and {high}, got {value!r}.")
+    return converted
 
 
 def inside(root: Path, path: str | Path) -> Path:

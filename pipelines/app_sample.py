@@ -16,7 +16,7 @@ from pathlib import Path
 
 from dreamlora.io import atomic_write_text
 from pipelines.app_jobs import SUBJECT, JobManager, resolve_base_model
-from pipelines.app_safety import AppInputError
+from pipelines.app_safety import AppInputError, number
 
 SAMPLES = "_samples"
 LIMITS = {"num_images": (1, 8), "steps": (1, 150), "size": (64, 1024)}
@@ -40,6 +40,12 @@ class Sampler:
             self._model = model
         return self._pipe
 
+    def release(self) -> None:
+        """Free the cached pipeline (its GPU memory) before a training subprocess needs it."""
+        with self._lock:
+            self._pipe, self._model = None, None
+        free_gpu_cache()
+
     def specs(self, adapters: list[tuple[str | None, float]]) -> list:
         """(run name, scale) pairs -> AdapterSpecs of runs that have an adapter; empty slots are skipped."""
         from pipelines.sample import AdapterSpec
@@ -52,9 +58,7 @@ class Sampler:
             if not self.jobs.has_adapter(name):
                 raise AppInputError(f"Run {name!r} has no adapter yet: it is written when the run finishes or "
                                     "is stopped.")
-            if not -4 <= float(scale) <= 4:
-                raise AppInputError(f"Scale {scale} of {name!r}: between -4 and 4.")
-            specs.append(AdapterSpec(run_dir, float(scale)))
+            specs.append(AdapterSpec(run_dir, number(scale, f"The scale of {name!r}", -4, 4, float)))
         return specs
 
     def sample(self, base_model: str, adapters: list[tuple[str | None, float]], prompt: str,
@@ -67,10 +71,9 @@ class Sampler:
         prompt = (prompt or "").strip()
         if not prompt:
             raise AppInputError("Write a prompt.")
-        values = {"num_images": int(num_images), "steps": int(steps), "size": int(size)}
-        for key, (low, high) in LIMITS.items():
-            if not low <= values[key] <= high:
-                raise AppInputError(f"{key.replace('_', ' ').capitalize()} must be between {low} and {high}.")
+        given = {"num_images": num_images, "steps": steps, "size": size}
+        values = {key: number(given[key], key.replace("_", " ").capitalize(), *LIMITS[key]) for key in LIMITS}
+        seed, guidance = number(seed, "Seed", 0, 2**32 - 1), number(guidance, "Guidance", 0, 30, float)
         if values["size"] % 8:
             raise AppInputError("Image size must be a multiple of 8.")
         specs = self.specs(adapters)
@@ -85,9 +88,9 @@ class Sampler:
                 extra = {"adapters": applied, "subject": SUBJECT,
                          "method": "+".join(a["method"] for a in applied) or "base",
                          "prompt_for_clip_t": " ".join(w for w in prompt.split() if w != token)}
-                generate(pipe, [prompt], out, negative_prompt=(negative_prompt or "").strip() or None, seed=int(seed),
+                generate(pipe, [prompt], out, negative_prompt=(negative_prompt or "").strip() or None, seed=seed,
                          num_images_per_prompt=values["num_images"], num_inference_steps=values["steps"],
-                         guidance_scale=float(guidance), height=values["size"], width=values["size"], extra=extra)
+                         guidance_scale=guidance, height=values["size"], width=values["size"], extra=extra)
             finally:
                 for component in (pipe.unet, pipe.text_encoder):
                     for name in dreamlora.adapter_names(component):
@@ -103,3 +106,13 @@ class Sampler:
         found = [p for p in root.glob("*") if (p / "metadata.jsonl").is_file()
                  and json.loads((p / "run.json").read_text() if (p / "run.json").is_file() else "{}").get("references")]
         return [f"{SAMPLES}/{p.name}" for p in sorted(found, reverse=True)]
+
+
+def free_gpu_cache() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -14,6 +14,8 @@ import pytest
 from app_server import ASSETS, GRADIO_PANDAS_NOISE, serve, wait_for
 from gradio_client import Client, handle_file
 
+from pipelines.app_safety import AppInputError
+
 DOG = sorted(p for p in (ASSETS / "dog").iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
 pytestmark = GRADIO_PANDAS_NOISE
 
@@ -186,3 +188,19 @@ def test_paths_outside_the_runs_folder_are_refused(server, client):
     assert status(str(Path(__file__).resolve())) in (403, 404)
     assert status("/etc/passwd") in (403, 404)
     assert status(str(runs) + "/../../../../etc/passwd") in (403, 404)
+
+
+def test_shared_app_fixes_the_base_model_and_refuses_server_folders(tmp_path):
+    import app
+
+    shared = app.App(tmp_path / "runs", "tiny", allow_server_folders=False)
+    assert shared.check_base("tiny") == "tiny"
+    with pytest.raises(AppInputError, match="fixed to 'tiny'"):
+        shared.check_base("some/hub-model")
+    with pytest.raises(AppInputError, match="upload the photos instead"):
+        shared.photos([], str(ASSETS / "dog"))
+    local = app.App(tmp_path / "runs", "tiny", allow_server_folders=True)
+    assert local.check_base("some/hub-model") == "some/hub-model"
+    assert len(local.photos([], str(ASSETS / "dog"))[0]) == len(DOG)
+    assert app.is_loopback("127.0.0.1") and app.is_loopback("localhost") and not app.is_loopback("0.0.0.0")
+    assert app.parse_args([]).host == "127.0.0.1" and app.parse_args([]).port == 7860

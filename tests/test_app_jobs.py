@@ -13,7 +13,7 @@ from app_server import ASSETS, wait_for
 from PIL import Image
 
 from pipelines.app_jobs import JobManager, TrainSettings, live_group_members, native_resolution, tail
-from pipelines.app_safety import MAX_IMAGES, AppInputError, check_images, check_run_name, inside
+from pipelines.app_safety import MAX_IMAGES, AppInputError, check_images, check_run_name, inside, number
 
 DOG = sorted(p for p in (ASSETS / "dog").iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
 
@@ -67,6 +67,13 @@ def test_oversized_upload_is_refused(tmp_path):
         f.truncate(21 * 2**20)
     with pytest.raises(AppInputError, match="over the 20 MB limit"):
         check_images([big])
+
+
+def test_form_numbers_are_checked():
+    assert number("12", "Steps", 1, 100) == 12 and number(0.5, "Scale", -4, 4, float) == 0.5
+    for value in (None, "", "abc", 4.5, float("nan"), 1e400, 101, 0):
+        with pytest.raises(AppInputError, match="Steps must be"):
+            number(value, "Steps", 1, 100)
 
 
 def test_settings_are_checked_and_become_trainer_flags(tmp_path):
