@@ -22,7 +22,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 import gradio as gr  # noqa: E402
 
 from dreamlora.train_args import METHOD_CHOICES  # noqa: E402
-from pipelines.app_eval import SCORERS, EvalSettings, Evaluator  # noqa: E402
+from pipelines.app_eval import SCORE_COLUMNS, SCORERS, EvalSettings, Evaluator  # noqa: E402
 from pipelines.app_jobs import JobManager, TrainSettings, format_seconds, native_resolution  # noqa: E402
 from pipelines.app_safety import MAX_IMAGE_BYTES, MAX_IMAGES, AppInputError  # noqa: E402
 from pipelines.app_sample import Sampler  # noqa: E402
@@ -196,14 +196,15 @@ class App:
         self.refuse_while_training()
         settings = EvalSettings(max_prompts, images_per_prompt, steps, seed, scorer)
         rows, plot = self.evaluator.evaluate(list(runs or []), list(folders or []), settings)
-        return table_frame(rows), str(plot), f"Scored {len(rows)} with the {scorer!r} scorer."
+        return table_frame(rows, SCORE_COLUMNS), str(plot), f"Scored {len(rows)} with the {scorer!r} scorer."
 
     def compare(self, runs, max_prompts, images_per_prompt, steps, seed, scorer):
         """One subject, several methods: an image grid per prompt and the score/params/time/memory table."""
         self.refuse_while_training()
         settings = EvalSettings(max_prompts, images_per_prompt, steps, seed, scorer)
         grids, rows, plot = self.evaluator.compare(list(runs or []), settings)
-        return [(str(g), p) for g, p in grids], table_frame(rows), str(plot), f"{len(runs)} runs side by side."
+        gallery = [(str(g), p) for g, p in grids]
+        return gallery, table_frame(rows, SCORE_COLUMNS), str(plot), f"{len(runs)} runs side by side."
 
 
 def preview_prompts(token: str, class_noun: str):
@@ -299,7 +300,7 @@ def train_tab(app: App, base) -> None:
             c["validation"] = gr.Gallery(label="Preview images (validation prompt)", columns=4, height=220)
             c["log"] = gr.Textbox(label="Trainer log (last lines)", lines=6, max_lines=6, autoscroll=True)
     gr.Markdown("### Runs")
-    c["runs"] = gr.Dataframe(interactive=False, wrap=True)
+    c["runs"] = gr.Dataframe(table_frame([], RUN_COLUMNS), interactive=False, wrap=True)
     seen = gr.State(None)
     inputs = [c[k] for k in ("name",)] + [base] + [c[k] for k in (
         "files", "folder", "token", "class_noun", "instance_prompt", "method", "rank", "steps", "lr", "prior",
@@ -371,7 +372,7 @@ def evaluate_tab(app: App) -> None:
     settings = eval_settings()
     go = gr.Button("Evaluate", variant="primary")
     message = gr.Markdown()
-    table = gr.Dataframe(interactive=False, wrap=True, label="Scores")
+    table = gr.Dataframe(table_frame([], SCORE_COLUMNS), interactive=False, wrap=True, label="Scores")
     plot = gr.Image(label="Subject fidelity (DINO) against prompt fidelity (CLIP-T)", type="filepath", height=380)
     go.click(refused(app.evaluate), [c["runs"], c["folders"], *settings], [table, plot, message], api_name="evaluate",
              concurrency_id=GPU, concurrency_limit=1)
@@ -386,8 +387,9 @@ def compare_tab(app: App) -> None:
     settings = eval_settings()
     go = gr.Button("Compare", variant="primary")
     message = gr.Markdown()
-    grids = gr.Gallery(label="One row per prompt (columns: runs)", columns=1, height=480, object_fit="contain")
-    table = gr.Dataframe(interactive=False, wrap=True, label="Scores and costs")
+    grids = gr.Gallery(label="One grid per prompt (columns: runs)", columns=2, height="auto", object_fit="contain",
+                       elem_id="compare-grids")
+    table = gr.Dataframe(table_frame([], SCORE_COLUMNS), interactive=False, wrap=True, label="Scores and costs")
     plot = gr.Image(label="DINO against CLIP-T", type="filepath", height=380)
     go.click(refused(app.compare), [c["runs"], *settings], [grids, table, plot, message], api_name="compare",
              concurrency_id=GPU, concurrency_limit=1)

@@ -169,8 +169,12 @@ class Evaluator:
             if not file_name.endswith("_0.png"):
                 continue
             cells = [(folder / file_name, name) for folder, name in zip(folders, runs, strict=True)]
-            grids.append((labelled_row(cells, out / f"grid-{Path(file_name).stem}.png"), row["prompt"]))
+            grids.append((labelled_row(cells, out / f"grid-{Path(file_name).stem}.png", row["prompt"]), row["prompt"]))
         return grids, rows, plot
+
+
+SCORE_COLUMNS = ["run", "method", "rank", "trainable params", "train time (s)", "peak memory (MiB)", "images", "DINO",
+                 "CLIP-I", "CLIP-T", "EfficientNet-Lite0"]
 
 
 def display_row(r: dict) -> dict:
@@ -184,17 +188,24 @@ def display_row(r: dict) -> dict:
             "EfficientNet-Lite0": None if r.get("extra") is None else f"{r['extra']:.3f}"}
 
 
-def labelled_row(cells: list[tuple[Path, str]], out: Path, size: int = 192) -> Path:
-    """The images side by side, each with its run's name above it."""
-    from PIL import Image, ImageDraw
+def labelled_row(cells: list[tuple[Path, str]], out: Path, title: str = "", size: int = 192) -> Path:
+    """The images side by side under the prompt, each with its run's name above it."""
+    import textwrap
+
+    from PIL import Image, ImageDraw, ImageFont
 
     from pipelines.data import save_png_atomic
 
+    font = ImageFont.load_default(size=14)
+    lines = textwrap.wrap(title, width=max(20, size * len(cells) // 8)) if title else []
+    top = 8 + 18 * len(lines)
     band = 22
-    canvas = Image.new("RGB", (size * len(cells), size + band), "white")
+    canvas = Image.new("RGB", (size * len(cells), top + band + size), "white")
     draw = ImageDraw.Draw(canvas)
+    for k, line in enumerate(lines):
+        draw.text((6, 4 + 18 * k), line, fill="#222222", font=font)
     for i, (path, label) in enumerate(cells):
         with Image.open(path) as im:
-            canvas.paste(im.convert("RGB").resize((size, size)), (i * size, band))
-        draw.text((i * size + 6, 5), label[:28], fill="black")
+            canvas.paste(im.convert("RGB").resize((size, size)), (i * size, top + band))
+        draw.text((i * size + 6, top + 3), label[:26], fill="#1f4e8c", font=font)
     return save_png_atomic(canvas, out)

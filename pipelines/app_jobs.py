@@ -372,7 +372,7 @@ class JobManager:
         atomic_write_text(run_dir / "job.json", json.dumps(job, indent=1))
         pid = job["pid"]
         usr1_wait, term_wait = self.stop_timeouts
-        steps = [(signal.SIGUSR1, usr1_wait, False, "saved a checkpoint and stopped"),
+        steps = [(signal.SIGUSR1, usr1_wait, False, None),
                  (signal.SIGTERM, term_wait, True, "did not stop in time after SIGUSR1: terminated (SIGTERM)"),
                  (signal.SIGKILL, 10, True, "did not stop after SIGTERM: killed (SIGKILL)")]
         for sig, wait, whole_group, outcome in steps:
@@ -382,8 +382,18 @@ class JobManager:
                 break
             if self._wait_exit(name, wait):
                 self._kill_leftovers(pid)
-                return f"{name!r} {outcome}."
+                return f"{name!r} {outcome or self._clean_stop_outcome(run_dir)}."
         return f"{name!r} could not be stopped (pid {pid})."
+
+    @staticmethod
+    def _clean_stop_outcome(run_dir: Path) -> str:
+        """What SIGUSR1 did: a checkpoint and a clean exit, or (before the trainer's first step, while it
+        loads models or makes class images) an exit with nothing to save."""
+        ends = [r for r in read_progress_records(run_dir / "progress.jsonl") if r.get("event") in
+                ("started", "stopped", "done")]
+        if ends and ends[-1]["event"] == "stopped":
+            return f"saved a checkpoint at step {ends[-1]['step']} and stopped"
+        return "stopped before its first step (nothing to save; Resume starts it again)"
 
     @staticmethod
     def _kill_leftovers(pgid: int) -> None:

@@ -73,10 +73,11 @@ def test_train_stop_resume(server, client):
     with pytest.raises(Exception, match="one GPU job at a time"):  # a second training waits its turn
         train(client, base, "dog-other", DOG)
 
-    assert "saved a checkpoint and stopped" in client.predict("dog-lora", api_name="/stop")
+    stopped = re.search(r"saved a checkpoint at step (\d+) and stopped", client.predict("dog-lora", api_name="/stop"))
     row = runs_table(client)["dog-lora"]
     assert row["status"] == "stopped" and row["resumable"] and row["adapter"]
     stopped_at = row["last checkpoint"]
+    assert stopped and int(stopped.group(1)) == stopped_at
     assert stopped_at >= later and (runs / "dog-lora" / f"checkpoint-{stopped_at}").is_dir()
     assert (runs / "dog-lora" / "run.json").is_file()
 

@@ -83,7 +83,7 @@ def test_train_progress_stop_then_sample(page):
     page.get_by_role("button", name="Stop (save a checkpoint)").click()
     page.wait_for_function("(document.querySelector('#run-status')?.innerText || '').includes('stopped')")
     assert "last checkpoint" in page.locator("#run-status").inner_text()
-    assert page.get_by_text("saved a checkpoint and stopped").is_visible()
+    assert page.get_by_text(re.compile(r"saved a checkpoint at step \d+ and stopped")).is_visible()
 
     page.get_by_role("tab", name="Sample").click()
     page.locator("#adapter-1 input").click()

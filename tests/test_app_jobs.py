@@ -104,7 +104,8 @@ def test_log_tail_shows_a_progress_bar_once(tmp_path):
 def fake_trainer(tmp_path: Path, ignore: str) -> str:
     """A stand-in for python that ignores the given signals: Stop must escalate past them."""
     script = tmp_path / "stubborn-python"
-    script.write_text(f"#!/bin/bash\ntrap '' {ignore}\nsleep 60 & wait\nsleep 60 & wait\nsleep 60 & wait\n")
+    script.write_text(f"#!/bin/bash\ntrap '' {ignore}\ntouch {tmp_path}/ready\nsleep 60 & wait\nsleep 60 & wait\n"
+                      "sleep 60 & wait\n")
     script.chmod(script.stat().st_mode | stat.S_IEXEC)
     return str(script)
 
@@ -118,12 +119,23 @@ def test_stop_escalates_to_the_process_group(tmp_path, ignore, outcome):
     assert jobs.is_running("stubborn") and os.getpgid(pid) == pid  # its own process group
     # a second manager (a restarted server) finds the run by its pid and stops it
     restarted = JobManager(tmp_path / "runs", stop_timeouts=(1.0, 1.0))
-    wait_for(lambda: restarted.active() == "stubborn", 10, "the pid's command line (set at exec)")
+    wait_for(lambda: restarted.active() == "stubborn", 30, "the pid's command line (set at exec)")
+    wait_for(lambda: (tmp_path / "ready").is_file(), 30, "the stand-in to ignore its signals")
     started = time.time()
     assert outcome in restarted.stop("stubborn")
     assert time.time() - started < 15
     assert live_group_members(pid) == []  # the whole group is gone: the sleeps too
     assert restarted.progress("stubborn").status == "stopped" and restarted.progress("stubborn").resumable
+
+
+def test_stop_before_the_first_step_says_nothing_was_saved(tmp_path):
+    script = tmp_path / "slow-start"
+    script.write_text("#!/bin/bash\nsleep 60 & wait\n")  # SIGUSR1 ends it, as it ends a trainer still loading
+    script.chmod(0o755)
+    jobs = JobManager(tmp_path / "runs", python=str(script), stop_timeouts=(10.0, 1.0))
+    jobs.start(TrainSettings(name="early", base_model=str(tmp_path)), DOG[:1])
+    assert "nothing to save" in jobs.stop("early")
+    assert jobs.progress("early").status == "stopped"
 
 
 def test_a_crashed_run_is_failed_and_resumable(tmp_path):
