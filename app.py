@@ -35,9 +35,10 @@ METHOD_HELP = {"lora": "LoRA: the classic low-rank update", "loraplus": "LoRA+: 
                "dora": "DoRA: magnitude and direction", "singlora": "SingLoRA: one symmetric matrix"}
 INTRO = """# dreamlora
 Teach a Stable Diffusion model your subject from a few photos, then try prompts and compare methods.
-**1 · Train**: add 3-20 photos, pick a method, press *Start training* and watch the loss and the preview images.
-**2 · Sample**: pick your trained runs (several at once, each with its own strength) and write a prompt.
-**3 · Evaluate / Compare**: score runs on the DreamBench prompts and see methods side by side."""
+
+1. **Train**: add 3-20 photos, pick a method, press *Start training*, and watch the loss and the preview images.
+2. **Sample**: pick trained runs (several at once, each with its own strength) and write a prompt.
+3. **Evaluate / Compare**: score runs on the DreamBench prompts and see methods side by side."""
 
 
 def refused(fn):
@@ -213,9 +214,14 @@ def preview_prompts(token: str, class_noun: str):
             f"a photo of {token} {class_noun} on the beach")
 
 
-def loss_frame(losses: list[tuple[int, float]]):
+def loss_frame(losses: list[tuple[int, float]], points: int = 500):
+    """The loss curve; a long run is averaged into `points` bins (the page redraws it every second)."""
     import pandas as pd
 
+    if len(losses) > points:
+        width = -(-len(losses) // points)
+        losses = [(chunk[-1][0], sum(v for _, v in chunk) / len(chunk))
+                  for chunk in (losses[i:i + width] for i in range(0, len(losses), width))]
     frame = pd.DataFrame(losses or [], columns=["step", "loss"])
     return frame.astype({"step": "int64", "loss": "float64"})  # numbers, or the plot's axes turn categorical
 

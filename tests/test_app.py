@@ -72,6 +72,8 @@ def test_train_stop_resume(server, client):
     assert "running" in headline and "ETA" in headline and "loss" in headline
     with pytest.raises(Exception, match="one GPU job at a time"):  # a second training waits its turn
         train(client, base, "dog-other", DOG)
+    with pytest.raises(Exception, match="'dog-lora' is training and has the GPU"):  # so does sampling
+        sample(client, base, [])
 
     stopped = re.search(r"saved a checkpoint at step (\d+) and stopped", client.predict("dog-lora", api_name="/stop"))
     row = runs_table(client)["dog-lora"]
@@ -205,3 +207,11 @@ def test_shared_app_fixes_the_base_model_and_refuses_server_folders(tmp_path):
     assert len(local.photos([], str(ASSETS / "dog"))[0]) == len(DOG)
     assert app.is_loopback("127.0.0.1") and app.is_loopback("localhost") and not app.is_loopback("0.0.0.0")
     assert app.parse_args([]).host == "127.0.0.1" and app.parse_args([]).port == 7860
+
+
+def test_a_long_loss_curve_is_binned_for_the_page():
+    import app
+
+    frame = app.loss_frame([(step, float(step % 2)) for step in range(1, 2001)])
+    assert len(frame) == 500 and frame["step"].iloc[-1] == 2000 and frame["loss"].between(0.4, 0.6).all()
+    assert len(app.loss_frame([(1, 0.5), (2, 0.25)])) == 2 and list(app.loss_frame([]).columns) == ["step", "loss"]
