@@ -23,9 +23,10 @@ import gradio as gr  # noqa: E402
 
 from dreamlora.train_args import METHOD_CHOICES  # noqa: E402
 from pipelines.app_eval import SCORE_COLUMNS, SCORERS, EvalSettings, Evaluator  # noqa: E402
-from pipelines.app_jobs import JobManager, TrainSettings, format_seconds, native_resolution  # noqa: E402
+from pipelines.app_jobs import JobManager, format_seconds  # noqa: E402
 from pipelines.app_safety import MAX_IMAGE_BYTES, MAX_IMAGES, AppInputError  # noqa: E402
 from pipelines.app_sample import Sampler  # noqa: E402
+from pipelines.app_settings import TrainSettings, native_resolution  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
 GPU = "gpu"  # the one concurrency id of every handler that uses the GPU

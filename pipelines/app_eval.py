@@ -16,9 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dreamlora.io import atomic_write_text
-from pipelines.app_jobs import SUBJECT, JobManager, read_json, resolve_base_model
+from pipelines.app_jobs import JobManager, read_json
 from pipelines.app_safety import AppInputError, inside, number
 from pipelines.app_sample import free_gpu_cache
+from pipelines.app_settings import SUBJECT, resolve_base_model
 from pipelines.dreambench import main as dreambench_main
 
 SCORERS = {

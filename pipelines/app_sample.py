@@ -15,8 +15,9 @@ import uuid
 from pathlib import Path
 
 from dreamlora.io import atomic_write_text
-from pipelines.app_jobs import SUBJECT, JobManager, resolve_base_model
+from pipelines.app_jobs import JobManager
 from pipelines.app_safety import AppInputError, number
+from pipelines.app_settings import SUBJECT, resolve_base_model
 
 SAMPLES = "_samples"
 LIMITS = {"num_images": (1, 8), "steps": (1, 150), "size": (64, 1024)}

@@ -12,8 +12,9 @@ import pytest
 from app_server import ASSETS, wait_for
 from PIL import Image
 
-from pipelines.app_jobs import JobManager, TrainSettings, live_group_members, native_resolution, tail
+from pipelines.app_jobs import JobManager, live_group_members, tail
 from pipelines.app_safety import MAX_IMAGES, AppInputError, check_images, check_run_name, inside, number
+from pipelines.app_settings import TrainSettings, native_resolution, resolve_base_model
 
 DOG = sorted(p for p in (ASSETS / "dog").iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
 
@@ -88,6 +89,15 @@ def test_settings_are_checked_and_become_trainer_flags(tmp_path):
                 {"token": "a b"}, {"class_noun": "../x"}):
         with pytest.raises(AppInputError):
             TrainSettings(name="r", base_model="tiny", **bad).validate()
+
+
+def test_the_default_base_model_is_the_embedded_tiny_model_built_once(tmp_path):
+    built = Path(resolve_base_model(tmp_path, "tiny"))
+    assert built == tmp_path / "_models" / "tiny-sd" and (built / "model_index.json").is_file()
+    stamp = (built / "model_index.json").stat().st_mtime_ns
+    assert resolve_base_model(tmp_path, "") == str(built)
+    assert (built / "model_index.json").stat().st_mtime_ns == stamp  # not rebuilt
+    assert resolve_base_model(tmp_path, " some/hub-id ") == "some/hub-id"
 
 
 def test_native_resolution(tiny_model_dir):

@@ -1,0 +1,109 @@
+"""What the Train tab asks for, checked and turned into `dreamlora/train.py` flags; and the base model."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from dreamlora.train_args import METHOD_CHOICES
+from pipelines.app_safety import AppInputError, check_run_name, number
+
+SUBJECT = "subject"  # the photos' folder under data/: also the reference folder name for scoring
+TOKEN = re.compile(r"[A-Za-z0-9]{1,24}")
+CLASS_NOUN = re.compile(r"[A-Za-z][A-Za-z0-9 _-]{0,39}")
+_TINY_LOCK = threading.Lock()  # two first requests must not both build the tiny model
+
+
+@dataclass
+class TrainSettings:
+    """What the Train tab asks for; `validate` refuses bad values before anything is written."""
+
+    name: str
+    base_model: str
+    token: str = "sks"
+    class_noun: str = "dog"
+    instance_prompt: str = ""  # default: "a photo of {token} {class_noun}"
+    method: str = "lora"
+    rank: int = 4
+    steps: int = 400
+    learning_rate: float = 1e-4
+    prior_preservation: bool = False
+    class_prompt: str = ""  # default: "a photo of {class_noun}"
+    num_class_images: int = 50
+    train_text_encoder: bool = False
+    resolution: int = 512
+    validation_prompt: str = ""  # empty: no validation images
+    validation_steps: int = 100
+    checkpointing_steps: int = 100
+    seed: int = 0
+
+    def validate(self) -> TrainSettings:
+        self.name = check_run_name(self.name)
+        self.base_model = (self.base_model or "").strip() or "tiny"
+        if not TOKEN.fullmatch(self.token or ""):
+            raise AppInputError(f"Identifier {self.token!r}: 1-24 letters or digits, e.g. sks.")
+        if not CLASS_NOUN.fullmatch(self.class_noun or ""):
+            raise AppInputError(f"Class {self.class_noun!r}: a plain noun such as dog or backpack.")
+        self.instance_prompt = (self.instance_prompt or "").strip() or f"a photo of {self.token} {self.class_noun}"
+        self.class_prompt = (self.class_prompt or "").strip() or f"a photo of {self.class_noun}"
+        if self.method not in METHOD_CHOICES:
+            raise AppInputError(f"Method {self.method!r}: one of {', '.join(METHOD_CHOICES)}.")
+        limits = {"rank": (1, 256), "steps": (1, 100_000), "num_class_images": (1, 1000), "resolution": (64, 2048),
+                  "validation_steps": (1, 100_000), "checkpointing_steps": (1, 100_000), "seed": (0, 2**32 - 1)}
+        for key, (low, high) in limits.items():
+            setattr(self, key, number(getattr(self, key), key.replace("_", " ").capitalize(), low, high))
+        if self.resolution % 8:
+            raise AppInputError(f"Resolution must be a multiple of 8, got {self.resolution}.")
+        self.learning_rate = number(self.learning_rate, "Learning rate", 1e-8, 0.1, float)
+        self.validation_prompt = (self.validation_prompt or "").strip()
+        return self
+
+    def argv(self, run_dir: Path) -> list[str]:
+        """The trainer's flags, as a user would type them."""
+        args = ["--pretrained_model_name_or_path", self.base_model, "--instance_data_dir", str(run_dir / "data" /
+                SUBJECT), "--instance_prompt", self.instance_prompt, "--output_dir", str(run_dir),
+                "--adapter", self.method, "--rank", str(self.rank), "--max_train_steps", str(self.steps),
+                "--learning_rate", str(self.learning_rate), "--resolution", str(self.resolution), "--center_crop",
+                "--checkpointing_steps", str(self.checkpointing_steps), "--checkpoints_total_limit", "2",
+                "--seed", str(self.seed), "--report_to", "none"]
+        if self.prior_preservation:
+            args += ["--with_prior_preservation", "--class_data_dir", str(run_dir / "class_images"),
+                     "--class_prompt", self.class_prompt, "--num_class_images", str(self.num_class_images)]
+        if self.train_text_encoder:
+            args.append("--train_text_encoder")
+        if self.validation_prompt.strip():
+            args += ["--validation_prompt", self.validation_prompt.strip(), "--validation_steps",
+                     str(self.validation_steps), "--validation_inference_steps", "20", "--num_validation_images", "2"]
+        return args
+
+
+def resolve_base_model(runs_dir: Path, value: str | None) -> str:
+    """`tiny` (or empty) is the embedded tiny model, built once into RUNS/_models/tiny-sd; anything else is a
+    local diffusers folder or a hub id, passed on as given."""
+    value = (value or "").strip()
+    if value not in ("", "tiny"):
+        return value
+    folder = Path(runs_dir) / "_models" / "tiny-sd"
+    with _TINY_LOCK:
+        if not (folder / "model_index.json").is_file():
+            from dreamlora import tiny
+
+            shutil.rmtree(folder, ignore_errors=True)
+            tiny.write(folder)
+    return str(folder)
+
+
+def native_resolution(base_model: str) -> int:
+    """The resolution a base model was trained at: its UNet's sample size × 8 (64 for tiny, 512 for SD 1.5)."""
+    if base_model in ("", "tiny"):
+        return 64
+    try:
+        config = json.loads((Path(base_model) / "unet" / "config.json").read_text())
+    except (OSError, ValueError):
+        config = {}
+    size = config.get("sample_size")
+    return int(size) * 8 if isinstance(size, int) else 512
