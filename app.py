@@ -4,8 +4,10 @@ it, try prompts, and compare methods, without typing an accelerate command.
     python app.py                       # http://127.0.0.1:7860, the embedded tiny model, runs in ./runs/app
     python app.py --base_model runwayml/stable-diffusion-v1-5 --runs_dir /data/runs --port 8080
 
-UI only: the work is done by `pipelines/app_jobs.py` (training subprocesses), `pipelines/app_sample.py`
-and `pipelines/app_eval.py`, which call the same commands and functions a user would.
+UI only. The work is done by plain modules without gradio, which call the same commands and functions a
+user would: `pipelines/app_jobs.py` (training subprocesses: start, follow, stop, resume, list),
+`pipelines/app_settings.py` (the Train form as trainer flags; the base model), `pipelines/app_safety.py`
+(run names, uploads, paths), `pipelines/app_sample.py` and `pipelines/app_eval.py`.
 """
 
 from __future__ import annotations
