@@ -12,6 +12,7 @@ import json
 import threading
 import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 from dreamlora.io import atomic_write_text
@@ -66,8 +67,7 @@ class Sampler:
                negative_prompt: str = "", seed: int = 0, num_images: int = 1, steps: int = 30,
                guidance: float = 7.5, size: int = 512) -> tuple[Path, list[Path]]:
         """Generate; returns the output folder and its PNGs."""
-        import dreamlora
-        from pipelines.sample import apply_adapters, generate
+        from pipelines.sample import generate
 
         prompt = (prompt or "").strip()
         if not prompt:
@@ -80,22 +80,14 @@ class Sampler:
         specs = self.specs(adapters)
         model = resolve_base_model(self.jobs.runs_dir, base_model)
         out = self.jobs.runs_dir / SAMPLES / f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-        with self._lock:
-            pipe = self._pipeline(model)
-            try:
-                applied = apply_adapters(pipe, specs)
-                first = self.jobs.settings(specs[0].path.name) if specs else {}
-                token = first.get("token", "")
-                extra = {"adapters": applied, "subject": SUBJECT,
-                         "method": "+".join(a["method"] for a in applied) or "base",
-                         "prompt_for_clip_t": " ".join(w for w in prompt.split() if w != token)}
-                generate(pipe, [prompt], out, negative_prompt=(negative_prompt or "").strip() or None, seed=seed,
-                         num_images_per_prompt=values["num_images"], num_inference_steps=values["steps"],
-                         guidance_scale=guidance, height=values["size"], width=values["size"], extra=extra)
-            finally:
-                for component in (pipe.unet, pipe.text_encoder):
-                    for name in dreamlora.adapter_names(component):
-                        dreamlora.detach(component, name)
+        with self._lock, adapters_attached(self._pipeline(model), specs, model) as (pipe, applied):
+            token = self.jobs.settings(specs[0].path.name).get("token", "") if specs else ""
+            method = "+".join(a["method"] for a in applied) or "base"
+            extra = {"adapters": applied, "subject": SUBJECT, "method": method,
+                     "prompt_for_clip_t": " ".join(w for w in prompt.split() if w != token)}
+            generate(pipe, [prompt], out, negative_prompt=(negative_prompt or "").strip() or None, seed=seed,
+                     num_images_per_prompt=values["num_images"], num_inference_steps=values["steps"],
+                     guidance_scale=guidance, height=values["size"], width=values["size"], extra=extra)
         run = {"base_model": model, "adapters": applied, "prompt": prompt,
                "references": str(specs[0].path / "data") if specs else None}
         atomic_write_text(out / "run.json", json.dumps(run, indent=1))
@@ -107,6 +99,28 @@ class Sampler:
         found = [p for p in root.glob("*") if (p / "metadata.jsonl").is_file()
                  and json.loads((p / "run.json").read_text() if (p / "run.json").is_file() else "{}").get("references")]
         return [f"{SAMPLES}/{p.name}" for p in sorted(found, reverse=True)]
+
+
+@contextmanager
+def adapters_attached(pipe, specs: list, model: str):
+    """The pipeline with `specs` attached (each under its own name and scale), detached again after."""
+    import dreamlora
+    from pipelines.sample import apply_adapters
+
+    def detach_all():
+        for component in (pipe.unet, pipe.text_encoder):
+            for name in dreamlora.adapter_names(component):
+                dreamlora.detach(component, name)
+
+    try:
+        applied = apply_adapters(pipe, specs)
+    except (ValueError, FileNotFoundError) as e:  # e.g. an adapter trained on another architecture
+        detach_all()
+        raise AppInputError(f"An adapter does not fit the base model {model!r}: {e}") from None
+    try:
+        yield pipe, applied
+    finally:
+        detach_all()
 
 
 def free_gpu_cache() -> None:
