@@ -307,7 +307,8 @@ def train_tab(app: App, base) -> None:
             c["headline"] = gr.Markdown(elem_id="run-status")
             c["loss"] = gr.LinePlot(loss_frame([]), x="step", y="loss", title="Training loss", height=240)
             c["validation"] = gr.Gallery(label="Preview images (validation prompt)", columns=4, height=220)
-            c["log"] = gr.Textbox(label="Trainer log (last lines)", lines=6, max_lines=6, autoscroll=True)
+            c["log"] = gr.Textbox(label="Trainer log (last lines; all of it in RUNS/<run>/train.log)", lines=8,
+                                  max_lines=8, autoscroll=True)
     gr.Markdown("### Runs")
     c["runs"] = gr.Dataframe(table_frame([], RUN_COLUMNS), interactive=False, wrap=True)
     seen = gr.State(None)

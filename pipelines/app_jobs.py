@@ -228,7 +228,7 @@ class JobManager:
             return "failed"
         return "stopped" if last == "stopped" else "failed"  # stopped: e.g. `kill -USR1` by hand
 
-    def progress(self, name: str, log_lines: int = 12) -> Progress:
+    def progress(self, name: str, log_lines: int = 6) -> Progress:
         run_dir = self.existing(name)
         records = read_progress_records(run_dir / "progress.jsonl")
         losses: dict[int, float] = {}
@@ -327,4 +327,5 @@ def tail(path: Path, lines: int) -> str:
         text = f.read().decode("utf-8", errors="replace")
     # a progress bar redraws itself with \r: keep what the terminal would show, its last state
     shown = [line.split("\r")[-1] or line.rstrip("\r").split("\r")[-1] for line in text.split("\n")]
-    return "\n".join([line for line in shown if line.strip()][-lines:])
+    kept = [line if len(line) <= 150 else line[:147] + "..." for line in shown if line.strip()]
+    return "\n".join(kept[-lines:])
