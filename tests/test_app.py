@@ -62,6 +62,18 @@ def test_endpoints_are_named(client):
     assert {"/train", "/stop", "/resume", "/progress", "/runs", "/sample", "/evaluate", "/compare"} <= named
 
 
+def test_gpu_work_shares_one_slot_and_the_queue_is_bounded(server, tiny_model_dir):
+    import app
+
+    demo = app.build(server[1].parent / "runs-config", str(tiny_model_dir))
+    demo.queue(max_size=5)
+    slots = {fn.api_name: (fn.concurrency_id, fn.concurrency_limit) for fn in demo.fns.values() if fn.api_name}
+    assert {name: slots[name] for name in ("train", "resume", "sample", "evaluate", "compare")} == \
+        dict.fromkeys(("train", "resume", "sample", "evaluate", "compare"), ("gpu", 1))
+    assert slots["stop"][0] != "gpu"  # Stop must never wait behind the GPU queue
+    assert demo._queue.max_size == 5 and app.parse_args([]).max_queue == 32
+
+
 def test_train_stop_resume(server, client):
     _, runs, base = server
     message, _ = train(client, base, "dog-lora", DOG)
