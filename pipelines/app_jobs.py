@@ -291,13 +291,20 @@ class JobManager:
 
     @staticmethod
     def _clean_stop_outcome(run_dir: Path) -> str:
-        """What SIGUSR1 did: a checkpoint and a clean exit, or (before the trainer's first step, while it
-        loads models or makes class images) an exit with nothing to save."""
+        """What SIGUSR1 did: a checkpoint and a clean exit; a clean exit whose last checkpoint is older (the
+        trainer can miss the signal's checkpoint when it arrives during a preview); or, before the trainer's
+        first step (while it loads models or makes class images), an exit with nothing to save."""
         ends = [r for r in read_progress_records(run_dir / "progress.jsonl") if r.get("event") in
                 ("started", "stopped", "done")]
-        if ends and ends[-1]["event"] == "stopped":
-            return f"saved a checkpoint at step {ends[-1]['step']} and stopped"
-        return "stopped before its first step (nothing to save; Resume starts it again)"
+        if not ends or ends[-1]["event"] != "stopped":
+            return "stopped before its first step (nothing to save; Resume starts it again)"
+        step = ends[-1]["step"]
+        saved = [c.name.split("-", 1)[1] for c in run_dir.glob("checkpoint-*")]
+        last = max((int(n) for n in saved if n.isdigit()), default=None)
+        if last == step:
+            return f"saved a checkpoint at step {step} and stopped"
+        where = f"its last checkpoint is step {last}" if last else "it has no checkpoint yet"
+        return f"stopped at step {step} (adapter saved); {where}, where Resume continues"
 
     @staticmethod
     def _kill_leftovers(pgid: int) -> None:

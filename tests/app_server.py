@@ -39,6 +39,17 @@ def serve(runs_dir: Path, base_model: Path, max_queue: int = 32):
         yield f"http://127.0.0.1:{port}/", demo
     finally:
         demo.close()
+        stop_leftover_trainers(runs_dir)
+
+
+def stop_leftover_trainers(runs_dir: Path) -> None:
+    """A failed test must not leave a 2000-step trainer running in its own session after pytest ends."""
+    from pipelines.app_jobs import JobManager
+
+    jobs = JobManager(runs_dir, stop_timeouts=(5, 2))
+    for name in jobs.names():
+        if jobs.is_running(name):
+            jobs.stop(name)
 
 
 def wait_for(predicate, timeout: float, what: str, interval: float = 0.25):

@@ -76,7 +76,7 @@ def test_gpu_work_shares_one_slot_and_the_queue_is_bounded(server, tiny_model_di
 
 def test_train_stop_resume(server, client):
     _, runs, base = server
-    message, _ = train(client, base, "dog-lora", DOG)
+    message, _ = train(client, base, "dog-lora", DOG, validation_steps=5000)  # previews delay a checkpoint
     assert "Started 'dog-lora'" in message
     # progress moves while the trainer runs, read from its progress file
     _, first = wait_for(lambda: (s := step_of(client, "dog-lora"))[1] >= 3 and s, 120, "training to start")

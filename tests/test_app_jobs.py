@@ -148,6 +148,16 @@ def test_stop_before_the_first_step_says_nothing_was_saved(tmp_path):
     assert jobs.progress("early").status == "stopped"
 
 
+def test_stop_reports_the_checkpoint_it_really_has(tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoint-10").mkdir(parents=True)
+    log = run / "progress.jsonl"
+    log.write_text('{"event": "started", "step": 0}\n{"event": "stopped", "step": 10}\n')
+    assert JobManager._clean_stop_outcome(run) == "saved a checkpoint at step 10 and stopped"
+    log.write_text('{"event": "started", "step": 0}\n{"event": "stopped", "step": 12}\n')
+    assert "stopped at step 12 (adapter saved); its last checkpoint is step 10" in JobManager._clean_stop_outcome(run)
+
+
 def test_a_crashed_run_is_failed_and_resumable(tmp_path):
     script = tmp_path / "crash"
     script.write_text("#!/bin/bash\necho boom >&2\nexit 3\n")
