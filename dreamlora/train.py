@@ -141,6 +141,7 @@ class PromptEncoder:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    stop_requested = training.install_stop_signal()  # first: a Stop during loading still ends cleanly
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     output_dir = Path(args.output_dir)
 
@@ -190,7 +191,6 @@ def main(argv: list[str] | None = None) -> int:
     plog = training.ProgressLog(output_dir / args.progress_file if accelerator.is_main_process else None,
                                 max_steps, progress.global_step)
     plog.write(event="started", step=progress.global_step, total=max_steps, resumed_from=str(resume_from or ""))
-    stop_requested = training.install_stop_signal()
     from tqdm.auto import tqdm
 
     bar = tqdm(total=max_steps, initial=progress.global_step, desc="training", unit="step",
@@ -233,13 +233,14 @@ def main(argv: list[str] | None = None) -> int:
                         step=progress.global_step)
         plog.step(progress.global_step, last_loss, lr)
         step = progress.global_step
-        if step % args.checkpointing_steps == 0 or step == max_steps or stop_requested():
+        stop = stop_requested()  # read once: a Stop arriving later in this step must not skip its checkpoint
+        if step % args.checkpointing_steps == 0 or step == max_steps or stop:
             last_checkpoint = training.save_checkpoint(accelerator, output_dir, step, args.checkpoints_total_limit)
             plog.write(event="checkpoint", step=step, path=str(last_checkpoint))
         if args.validation_prompt and accelerator.is_main_process and (step % args.validation_steps == 0
                                                                        or step == max_steps):
             run_validation(args, sd, accelerator, trained, weight_dtype, step)
-        if stop_requested():  # checked after a full optimizer step, which has just been checkpointed
+        if stop:  # checked after a full optimizer step, which has just been checkpointed
             break
     bar.close()
 

@@ -84,6 +84,7 @@ def evaluate(model, features, collator, args, accelerator, num_labels: int) -> d
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    stop_requested = training.install_stop_signal()  # first: a Stop during loading still ends cleanly
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     output_dir = Path(args.output_dir)
 
@@ -127,7 +128,6 @@ def main(argv: list[str] | None = None) -> int:
     history = training.ProgressLog(output_dir / "eval.jsonl" if is_main and eval_features else None, max_steps,
                                    progress.global_step)
     plog.write(event="started", step=progress.global_step, total=max_steps, resumed_from=str(resume_from or ""))
-    stop_requested = training.install_stop_signal()
     from tqdm.auto import tqdm
 
     bar = tqdm(total=max_steps, initial=progress.global_step, desc="training", unit="step", disable=not is_main)
@@ -163,10 +163,11 @@ def main(argv: list[str] | None = None) -> int:
                 accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
                 history.write(event="eval", step=step, train_time_s=round(train_seconds, 2), **metrics)
                 bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-        if (args.checkpointing_steps and step % args.checkpointing_steps == 0) or stop_requested():
+        stop = stop_requested()  # read once: a Stop arriving later in this step must not skip its checkpoint
+        if (args.checkpointing_steps and step % args.checkpointing_steps == 0) or stop:
             checkpoint = training.save_checkpoint(accelerator, output_dir, step, args.checkpoints_total_limit)
             plog.write(event="checkpoint", step=step, path=str(checkpoint))
-        if stop_requested():
+        if stop:
             break
         step_started = time.time()
     bar.close()

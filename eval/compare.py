@@ -48,8 +48,8 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         lines.append(f"| {r['run']} | {r['method']} | {cell(r.get('rank'))} | {cell(r.get('trainable_params'), ',')} "
                      f"| {cell(r.get('train_time_s'), '.0f')} | {cell(r.get('peak_memory_mib'), '.0f')} | {r['n']} | "
-                     f"{r['dino']:.3f} ± {r['dino_std']:.3f} | {r['clip_i']:.3f} ± {r['clip_i_std']:.3f} | "
-                     f"{r['clip_t']:.3f} ± {r['clip_t_std']:.3f} |")
+                     + " | ".join(f"{cell(r[m], '.3f')} ± {cell(r[m + '_std'], '.3f')}"
+                                  for m in ("dino", "clip_i", "clip_t")) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -62,6 +62,8 @@ def plot(rows: list[dict], path: Path) -> Path:
 
     fig, ax = plt.subplots(figsize=(5.5, 4.2), constrained_layout=True)
     for r in rows:
+        if r["clip_t"] is None:  # scored without prompts: no CLIP-T to place it on
+            continue
         ax.errorbar(r["clip_t"], r["dino"], xerr=r["clip_t_std"], yerr=r["dino_std"], fmt="o", capsize=3)
         label = r["method"] + (f" r{r['rank']}" if r.get("rank") else "")
         ax.annotate(label, (r["clip_t"], r["dino"]), textcoords="offset points", xytext=(5, 5))

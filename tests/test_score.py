@@ -214,3 +214,12 @@ def test_dino_from_a_transformers_folder(tmp_path):
     with torch.no_grad():
         expected = reference(pixel_values=encoder.preprocess(image.convert("RGB"))[None]).last_hidden_state[0, 0]
     assert torch.allclose(emb[0], expected, atol=1e-5)
+
+
+def test_compare_table_and_plot_accept_runs_scored_without_prompts(tmp_path):
+    from eval.compare import plot, table
+
+    row = {"run": "r", "method": "lora", "n": 2, "dino": 0.5, "dino_std": 0.1, "clip_i": 0.6, "clip_i_std": 0.1,
+           "clip_t": None, "clip_t_std": None}
+    assert "| 0.500 ± 0.100 | 0.600 ± 0.100 | – ± – |" in table([row])
+    assert plot([row], tmp_path / "p.png").is_file()
