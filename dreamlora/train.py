@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
                         step=progress.global_step)
         plog.step(progress.global_step, last_loss, lr)
         step = progress.global_step
-        stop = stop_requested()  # read once: a Stop arriving later in this step must not skip its checkpoint
+        stop = training.stop_everywhere(accelerator, stop_requested)  # read once per step, on all processes
         if step % args.checkpointing_steps == 0 or step == max_steps or stop:
             last_checkpoint = training.save_checkpoint(accelerator, output_dir, step, args.checkpoints_total_limit)
             plog.write(event="checkpoint", step=step, path=str(last_checkpoint))

@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
                 accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
                 history.write(event="eval", step=step, train_time_s=round(train_seconds, 2), **metrics)
                 bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-        stop = stop_requested()  # read once: a Stop arriving later in this step must not skip its checkpoint
+        stop = training.stop_everywhere(accelerator, stop_requested)  # read once per step, on all processes
         if (args.checkpointing_steps and step % args.checkpointing_steps == 0) or stop:
             checkpoint = training.save_checkpoint(accelerator, output_dir, step, args.checkpoints_total_limit)
             plog.write(event="checkpoint", step=step, path=str(checkpoint))

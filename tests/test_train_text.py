@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 
 import pytest
 import torch
@@ -140,6 +141,52 @@ def test_two_processes_with_accelerate_launch(tiny_text_models, tmp_path):
     assert [json.loads(x)["step"] for x in (out / "eval.jsonl").read_text().splitlines()] == [2, 4]
     metrics, _ = reload_and_score(out)
     assert metrics["accuracy"] == summary["eval_accuracy"]
+
+
+def _rank_process(marker: str, rank: int) -> int:
+    """The pid of the trainer process with LOCAL_RANK=rank whose command line contains `marker`."""
+    from pathlib import Path
+
+    for proc in Path("/proc").iterdir():
+        try:
+            if marker in (proc / "cmdline").read_bytes().decode(errors="ignore") and \
+                    f"LOCAL_RANK={rank}".encode() in (proc / "environ").read_bytes().split(b"\0"):
+                return int(proc.name)
+        except (OSError, ValueError):
+            continue
+    raise LookupError(f"no rank-{rank} process for {marker}")
+
+
+def test_a_stop_seen_by_one_process_stops_both_with_a_checkpoint(tiny_text_models, tmp_path):
+    """SIGUSR1 to the non-main process only: both must agree to stop at the same step and checkpoint it."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    out = tmp_path / "stopped"
+    trainer = Path(dreamlora.__file__).parent / "train_text.py"
+    proc = subprocess.Popen([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+                             "2", str(trainer), "--model_name_or_path", str(tiny_text_models["bert"]), "--train_file",
+                             str(SST2_TRAIN), "--max_train_steps", "100000", "--per_device_train_batch_size", "4",
+                             "--report_to", "none", "--output_dir", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not (out / "progress.jsonl").is_file():
+            time.sleep(0.5)
+        time.sleep(2)  # a few steps in
+        os.kill(_rank_process(str(out), 1), signal.SIGUSR1)
+        _, err = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    events = [json.loads(x) for x in (out / "progress.jsonl").read_text().splitlines()]
+    stopped = [e for e in events if e["event"] == "stopped"]
+    checkpoints = [e for e in events if e["event"] == "checkpoint"]
+    assert stopped and checkpoints and checkpoints[-1]["step"] == stopped[0]["step"] < 100000
+    assert (out / f"checkpoint-{stopped[0]['step']}" / "random_states_1.pkl").is_file()
 
 
 def test_sentence_pairs_from_tsv_use_both_columns(tiny_text_models, tmp_path):
