@@ -77,7 +77,8 @@ def test_train_progress_stop_then_sample(page):
     page.reload()  # the run lives in the server: a new page finds it running
     page.wait_for_function("(document.querySelector('#run-status')?.innerText || '').includes('running')")
     wait_step_above(page, 16)  # past the first preview
-    page.locator("img[src*='step-0000']").first.wait_for()
+    # the first preview needs a pipeline load and 2 images: slow on a loaded 2-core machine (seen > 60 s)
+    page.locator("img[src*='step-0000']").first.wait_for(timeout=240_000)
     page.screenshot(path=str(ARTIFACTS / "02-training.png"), full_page=True)
 
     page.get_by_role("button", name="Stop (save a checkpoint)").click()
