@@ -192,7 +192,7 @@ def write_outputs(args, output_dir: Path, model, what_trains: dict, labels: list
     import dataclasses
 
     dreamlora.save(model, output_dir / text_models.ADAPTER_FILE)
-    text_models.save_head(model, what_trains["head_parameters"], output_dir / text_models.HEAD_FILE)
+    training.save_parameters(model, what_trains["head_parameters"], output_dir / text_models.HEAD_FILE)
     training.write_json_atomic(output_dir / "run.json", {
         "args": vars(args), "task": "text-classification", "method": args.adapter,
         "model_name_or_path": args.model_name_or_path, "labels": labels, "max_length": max_length,

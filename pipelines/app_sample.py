@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from dreamlora.io import atomic_write_text
-from pipelines.app_jobs import JobManager
+from pipelines.app_jobs import JobManager, read_json
 from pipelines.app_safety import AppInputError, number
 from pipelines.app_settings import SUBJECT, resolve_base_model
 
@@ -97,7 +97,7 @@ class Sampler:
         """Sample folders that can be scored (made with at least one adapter), newest first."""
         root = self.jobs.runs_dir / SAMPLES
         found = [p for p in root.glob("*") if (p / "metadata.jsonl").is_file()
-                 and json.loads((p / "run.json").read_text() if (p / "run.json").is_file() else "{}").get("references")]
+                 and read_json(p / "run.json").get("references")]
         return [f"{SAMPLES}/{p.name}" for p in sorted(found, reverse=True)]
 
 

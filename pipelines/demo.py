@@ -44,9 +44,11 @@ def grid(rows: dict[str, list[Path]], out: Path) -> Path:
     for r, (name, files) in enumerate(rows.items()):
         draw.text((6, r * cell + cell // 2 - 6), name, fill="black")
         for c, file in enumerate(files):
-            canvas.paste(Image.open(file).resize((cell, cell)), (label + c * cell, r * cell))
-    canvas.save(out)
-    return out
+            with Image.open(file) as im:
+                canvas.paste(im.convert("RGB").resize((cell, cell)), (label + c * cell, r * cell))
+    from pipelines.data import save_png_atomic
+
+    return save_png_atomic(canvas, out)
 
 
 def main(argv: list[str] | None = None) -> None:

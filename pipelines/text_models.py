@@ -14,7 +14,6 @@ from pathlib import Path
 
 import torch
 
-from dreamlora.io import atomic_save_file
 from dreamlora.train_args import ArgError
 from pipelines.data import DataError
 
@@ -102,30 +101,6 @@ def head_exclusions(model: torch.nn.Module) -> list[str]:
     return [name for name, child in model.named_children() if name != backbone]
 
 
-def save_head(model: torch.nn.Module, names: list[str], path: Path) -> None:
-    state = dict(model.named_parameters())
-    atomic_save_file({n: state[n].detach().contiguous() for n in names}, path, {"format": "pt"})
-
-
-def load_head(model: torch.nn.Module, path: Path) -> None:
-    from safetensors.torch import load_file
-
-    from dreamlora.io import read_metadata
-
-    read_metadata(path)  # refuses anything that is not safetensors before a parser sees it
-    tensors = load_file(str(path))
-    params = dict(model.named_parameters())
-    unknown = sorted(set(tensors) - set(params))
-    if unknown:
-        raise ValueError(f"{path}: head weights {unknown[:3]} do not exist in the model")
-    with torch.no_grad():
-        for name, value in tensors.items():
-            if params[name].shape != value.shape:
-                raise ValueError(f"{path}: {name} has shape {tuple(value.shape)}, the model's is "
-                                 f"{tuple(params[name].shape)}")
-            params[name].copy_(value)
-
-
 @torch.no_grad()
 def predict(model: torch.nn.Module, features: list[dict], collator, batch_size: int, device) -> list[int]:
     """Predicted class per feature, in input order; batches are formed by length so padding stays small."""
@@ -149,11 +124,12 @@ def load_trained(output_dir: str | os.PathLike):
     import json
 
     import dreamlora
+    from pipelines.training import load_parameters
 
     folder = Path(output_dir)
     summary = json.loads((folder / "run.json").read_text(encoding="utf-8"))
     path = resolve_model_path(summary["model_name_or_path"])
     model, _ = load_classifier(path, summary["labels"], ignore_mismatched_sizes=True)
     dreamlora.load(model, folder / ADAPTER_FILE)
-    load_head(model, folder / HEAD_FILE)
+    load_parameters(model, folder / HEAD_FILE)
     return model.eval(), load_tokenizer(path), summary

@@ -171,6 +171,31 @@ def full_weights_file(folder: Path, component: str) -> Path:
     return Path(folder) / f"{component}_trained_weights.safetensors"
 
 
+def save_parameters(model: torch.nn.Module, names: list[str], path: Path) -> None:
+    """Named parameters of `model` (e.g. a classifier head trained in full) as one safetensors file."""
+    params = dict(model.named_parameters())
+    atomic_save_file({n: params[n].detach().contiguous() for n in names}, path, {"format": "pt"})
+
+
+def load_parameters(model: torch.nn.Module, path: Path) -> None:
+    """The inverse of `save_parameters`: every name and shape is checked before anything is copied."""
+    from safetensors.torch import load_file
+
+    read_metadata(path)  # refuses anything that is not safetensors before a parser sees it
+    tensors = load_file(str(path))
+    params = dict(model.named_parameters())
+    unknown = sorted(set(tensors) - set(params))
+    if unknown:
+        raise ValueError(f"{path}: weights {unknown[:3]} do not exist in the model")
+    for name, value in tensors.items():
+        if params[name].shape != value.shape:
+            raise ValueError(f"{path}: {name} has shape {tuple(value.shape)}, the model's is "
+                             f"{tuple(params[name].shape)}")
+    with torch.no_grad():
+        for name, value in tensors.items():
+            params[name].copy_(value)
+
+
 def trained_outside_adapters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     """Trainable weights that are not adapter factors, e.g. a classifier head trained in full."""
     return {n: p for n, p in model.named_parameters() if p.requires_grad and ".adapters." not in n}
@@ -190,8 +215,7 @@ def register_adapter_hooks(accelerator, components: dict[str, torch.nn.Module]) 
                 dreamlora.save(unwrapped, adapter_file(output_dir, name))
                 extra = trained_outside_adapters(unwrapped)
                 if extra:
-                    atomic_save_file({n: p.detach().contiguous() for n, p in extra.items()},
-                                     full_weights_file(output_dir, name), {"format": "pt"})
+                    save_parameters(unwrapped, list(extra), full_weights_file(output_dir, name))
         weights.clear()  # accelerate must not write the full base weights
 
     def load_hook(models, input_dir):
@@ -199,15 +223,8 @@ def register_adapter_hooks(accelerator, components: dict[str, torch.nn.Module]) 
             model = models.pop()
             unwrapped, name = accelerator.unwrap_model(model), owner(model)
             dreamlora.load_weights(unwrapped, adapter_file(input_dir, name))
-            extra = trained_outside_adapters(unwrapped)
-            if extra:
-                from safetensors.torch import load_file
-
-                read_metadata(full_weights_file(input_dir, name))  # safetensors or refuse
-                saved = load_file(str(full_weights_file(input_dir, name)))
-                with torch.no_grad():
-                    for n, p in extra.items():
-                        p.copy_(saved[n])
+            if trained_outside_adapters(unwrapped):
+                load_parameters(unwrapped, full_weights_file(input_dir, name))
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
