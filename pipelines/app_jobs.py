@@ -32,6 +32,7 @@ from PIL import Image
 from dreamlora.io import atomic_write_text
 from pipelines.app_safety import AppInputError, check_images, check_run_name, inside
 from pipelines.app_settings import SUBJECT, TrainSettings, resolve_base_model
+from pipelines.training import list_checkpoints
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN_SCRIPT = ROOT / "dreamlora" / "train.py"
@@ -242,8 +243,7 @@ class JobManager:
         p.total = p.total or read_json(run_dir / "job.json").get("settings", {}).get("steps")
         p.losses = sorted(losses.items())
         p.validation = sorted((run_dir / "validation").glob("step-*.png"))
-        p.checkpoints = sorted(int(c.name.split("-")[1]) for c in run_dir.glob("checkpoint-*")
-                               if c.name.split("-")[1].isdigit())
+        p.checkpoints = [step for step, _ in list_checkpoints(run_dir)]
         p.log_tail = tail(run_dir / "train.log", log_lines)
         return p
 

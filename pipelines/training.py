@@ -52,6 +52,8 @@ def run_cli(main, argv: list[str] | None) -> int:
 def stop_everywhere(accelerator, stop_requested) -> bool:
     """A Stop seen by any process stops every process at the same step: the checkpoint it takes needs all
     of them (a signal to one process, or to the group arriving between steps, would otherwise hang the rest)."""
+    if accelerator.num_processes == 1:  # no collective (and no device sync) on the common path
+        return stop_requested()
     flag = torch.tensor([1.0 if stop_requested() else 0.0], device=accelerator.device)
     return bool(accelerator.gather(flag).max().item())
 
