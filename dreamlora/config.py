@@ -36,9 +36,11 @@ class AdapterConfig:
     use_rslora: bool = False
     """Rank-stabilised scaling alpha/sqrt(r) instead of alpha/r (Kalajdzievski 2023)."""
 
-    init: str = "kaiming"
-    """Init of the down factor: `kaiming` (Kaiming-uniform, a=sqrt(5), as PEFT) or `gaussian` (N(0, 1/r^2), as
-    diffusers' DreamBooth script)."""
+    init: str | None = None
+    """Init of the trainable factors; None means the method's own default (the first of its `inits`).
+    LoRA, LoRA+, DoRA: `kaiming` (Kaiming-uniform of A, a=sqrt(5), as PEFT; the default) or `gaussian`
+    (N(0, 1/r^2), as diffusers' DreamBooth script). SingLoRA: `scaled` (the default: entries of order
+    (d_in·d_out)^-1/4, see `dreamlora.methods.singlora`) or `kaiming` (the third-party reference init)."""
 
     loraplus_ratio: float = 16.0
     """LoRA+: the up factor B trains at lr * ratio (Hayou et al. 2024 recommend 2^4)."""
@@ -71,8 +73,13 @@ class AdapterConfig:
             raise ValueError("AdapterConfig.target_modules is empty: name at least one module pattern")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"AdapterConfig.dropout must be in [0, 1), got {self.dropout!r}")
-        if self.init not in ("kaiming", "gaussian"):
-            raise ValueError(f"AdapterConfig.init must be 'kaiming' or 'gaussian', got {self.init!r}")
+        inits = METHODS[self.method].inits
+        if self.init is None:
+            self.init = inits[0]
+        if self.init not in inits:
+            raise ValueError(
+                f"AdapterConfig.init: {self.init!r} is not an init of {self.method}; choose from {', '.join(inits)}"
+            )
         if not self.loraplus_ratio > 0:
             raise ValueError(f"AdapterConfig.loraplus_ratio must be > 0, got {self.loraplus_ratio!r}")
         if not self.loraplus_lr_embedding >= 0:
@@ -101,4 +108,16 @@ class AdapterConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"adapter config has unknown fields {unknown}; written by a newer dreamlora?")
-        return cls(**data)
+        return cls(**_legacy_init(data))
+
+
+def _legacy_init(data: dict) -> dict:
+    """Files written before per-method inits may name an init their method no longer takes (train.py stored
+    `gaussian` for SingLoRA). The init only shapes freshly created weights, and a loaded file overwrites them,
+    so such a value falls back to the method's default instead of refusing a good file."""
+    from dreamlora.methods import METHODS
+
+    cls = METHODS.get(data.get("method", "lora"))
+    if cls is not None and data.get("init") is not None and data["init"] not in cls.inits:
+        return {**data, "init": None}
+    return data

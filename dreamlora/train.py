@@ -23,7 +23,7 @@ import torch
 
 import dreamlora
 from dreamlora import AdapterConfig
-from dreamlora.train_args import ArgError, parse_args
+from dreamlora.train_args import ArgError, parse_args, resolve_init
 from pipelines import data as dbdata
 from pipelines import training
 from pipelines.export import write_diffusers_lora, write_kohya_lora
@@ -34,8 +34,9 @@ log = logging.getLogger("dreamlora.train")
 
 
 def adapter_config(args, targets: list[str]) -> AdapterConfig:
+    init = resolve_init(args.adapter, args.init_lora_weights, "gaussian")
     return AdapterConfig(method=args.adapter, rank=args.rank, alpha=args.alpha, target_modules=targets,
-                         dropout=args.lora_dropout, use_rslora=args.use_rslora, init=args.init_lora_weights,
+                         dropout=args.lora_dropout, use_rslora=args.use_rslora, init=init,
                          loraplus_ratio=args.loraplus_ratio, singlora_ramp_steps=args.singlora_ramp_steps)
 
 

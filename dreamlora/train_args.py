@@ -44,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prior_loss_weight", type=float, default=1.0)
     g.add_argument("--sample_batch_size", type=int, default=4, help="batch size of class-image generation")
 
-    g = add_adapter_flags(p, rank=4, init="gaussian", init_help="gaussian as diffusers' DreamBooth script")
+    g = add_adapter_flags(p, rank=4, init_help="gaussian for the LoRA family, as diffusers' DreamBooth script; "
+                                               "the method's own otherwise (SingLoRA: scaled)")
     g.add_argument("--target_modules", default=UNET_TARGETS, help="comma-separated UNet module names")
     g.add_argument("--train_text_encoder", action="store_true")
     g.add_argument("--text_encoder_target_modules", default=TEXT_ENCODER_TARGETS)
@@ -102,19 +103,33 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def add_adapter_flags(parser: argparse.ArgumentParser, rank: int, init: str, init_help: str):
+def add_adapter_flags(parser: argparse.ArgumentParser, rank: int, init_help: str):
     """The adapter flags both trainers share; returns the group so a trainer can add its targets."""
+    from dreamlora.methods import METHODS  # the registry says which inits exist
+
+
     g = parser.add_argument_group("adapter")
     g.add_argument("--adapter", choices=METHOD_CHOICES, default="lora")
     g.add_argument("--rank", type=int, default=rank)
     g.add_argument("--alpha", type=float, default=None, help="default: --rank")
     g.add_argument("--lora_dropout", type=float, default=0.0)
     g.add_argument("--use_rslora", action="store_true")
-    g.add_argument("--init_lora_weights", choices=("gaussian", "kaiming"), default=init,
-                   help=f"down-factor init; {init_help}")
+    inits = sorted({name for cls in METHODS.values() for name in cls.inits})  # each method checks its own
+    g.add_argument("--init_lora_weights", choices=inits, default=None,
+                   help=f"init of the adapter factors; default: {init_help}")
     g.add_argument("--loraplus_ratio", type=float, default=16.0)
     g.add_argument("--singlora_ramp_steps", type=int, default=100)
     return g
+
+
+def resolve_init(method: str, flag: str | None, preferred: str | None = None) -> str | None:
+    """The init a trainer passes to `AdapterConfig`: the user's flag if given; else the trainer's preferred
+    init where the method takes it (diffusers' `gaussian` in train.py); else None, the method's own default."""
+    from dreamlora.methods import METHODS
+
+    if flag is not None:
+        return flag
+    return preferred if preferred in METHODS[method].inits else None
 
 
 def read_config_file(path: str) -> dict:

@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max_train_samples", type=int, default=None, help="use the first N training examples")
     g.add_argument("--max_eval_samples", type=int, default=None, help="use the first N validation examples")
 
-    g = add_adapter_flags(p, rank=8, init="kaiming", init_help="kaiming as PEFT")
+    g = add_adapter_flags(p, rank=8, init_help="the method's own (LoRA family: kaiming as PEFT; SingLoRA: scaled)")
     g.add_argument("--target_modules", default=None,
                    help="comma-separated module names; default per family: query,value (BERT/RoBERTa), "
                         "c_attn (GPT-2)")

@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
              "--instance_data_dir", str(PHOTOS), "--instance_prompt", PROMPTS[0], "--output_dir", str(run_dir),
              "--adapter", method, "--rank", "8", "--resolution", "64", "--center_crop", "--random_flip",
              "--target_modules", "to_q,to_k,to_v,to_out.0,conv1,conv2,ff.net.0.proj,ff.net.2",
-             "--init_lora_weights", "kaiming", "--learning_rate", "1e-3", "--max_train_steps", str(args.steps),
+             "--learning_rate", "1e-3", "--max_train_steps", str(args.steps),
              "--checkpointing_steps", str(args.steps), "--validation_prompt", PROMPTS[1],
              "--validation_steps", str(args.steps), "--validation_inference_steps", "10", "--output_kohya_format"])
         sample_dir = run_dir / "samples"

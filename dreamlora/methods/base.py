@@ -40,6 +40,8 @@ class AdapterLayer(nn.Module):
     file_keys: ClassVar[dict[str, str]]
     # parameter attribute -> role used by optimizer grouping: "down", "up", "magnitude" or "shared".
     roles: ClassVar[dict[str, str]]
+    # the values `AdapterConfig.init` may take for this method; the first is its default (init=None).
+    inits: ClassVar[tuple[str, ...]] = ("kaiming", "gaussian")
 
     def __init__(self, kind: LinearKind, config: AdapterConfig):
         super().__init__()
@@ -126,6 +128,7 @@ def kaiming_(t: torch.Tensor) -> torch.Tensor:
 
 
 def init_down_(t: torch.Tensor, config: AdapterConfig) -> torch.Tensor:
+    """LoRA's down factor: Kaiming-uniform (PEFT) or N(0, 1/r²) (`gaussian`, diffusers' DreamBooth script)."""
     if config.init == "gaussian":
         return nn.init.normal_(t, std=1.0 / config.rank)
     return kaiming_(t)

@@ -1,7 +1,16 @@
 """SingLoRA (Bensaïd et al. 2025, arXiv 2507.05566): one matrix, ΔW = s·u(t)·A[:d_out]·A[:d_in]ᵀ.
 
 - A is (n, r) with n = max(d_in, d_out): the truncation (A·Aᵀ)[:d_out, :d_in] of the square update, which
-  handles d_out > d_in and d_out < d_in alike. Init Kaiming-uniform(a=√5), as both public implementations.
+  handles d_out > d_in and d_out < d_in alike.
+- Init (`scaled`, the default): Kaiming-uniform(a=√5) with fan √(d_in·d_out), i.e. entries U(±(d_in·d_out)^-1/4)
+  (Conv2d: d_in = C_in·kh·kw). The paper asks for entries of order Θ(n^-1/2) (§3.2, §4.2, App. A.1), and
+  ‖ΔW‖_F ≈ √(d_out·d_in·r)·σ² for entries of variance σ², so this gives ‖ΔW‖_F ≈ √r/3 at α = r on square and
+  non-square layers of any width: the scale of a learned LoRA update.
+  This departs from both public third-party implementations (kyegomez, PyPI `peft-singlora`), which call
+  `kaiming_uniform_` on the (n, r) tensor, so PyTorch takes fan_in = r and the entries are U(±1/√r): then
+  ‖ΔW‖_F ≈ d/(3√r), larger than the pretrained weight (45.5 on a 384-wide layer, ≈480 at 4096), and SingLoRA
+  overwrites the backbone instead of adapting it (52 % on SST-2 where LoRA reaches 84 %). That init stays
+  reachable as `init="kaiming"`, to reproduce runs made with those implementations.
 - s = α/r (α/√r with rsLoRA); u(t) = min(t/T, 1) with t the number of optimizer steps taken, set by the
   per-optimizer-step hook (never by forward calls), so gradient accumulation, gradient checkpointing and
   resume leave it right. T = 0 turns the ramp off (u = 1, and the layer is no longer an identity at init).
@@ -20,7 +29,7 @@ from torch import nn
 
 from dreamlora.config import AdapterConfig
 from dreamlora.layer_kinds import LinearKind
-from dreamlora.methods.base import AdapterLayer, init_down_, register
+from dreamlora.methods.base import AdapterLayer, kaiming_, register
 
 
 @register
@@ -28,13 +37,21 @@ class SingLoRA(AdapterLayer):
     method = "singlora"
     file_keys = {"singlora_A": "singlora_A"}
     roles = {"singlora_A": "shared"}
+    inits = ("scaled", "kaiming")
 
     def __init__(self, kind: LinearKind, config: AdapterConfig):
         super().__init__(kind, config)
         n = max(kind.d_in, kind.d_out)
         a = torch.empty(n, config.rank, device=kind.base.weight.device)  # (n, r)
-        self.singlora_A = nn.Parameter(init_down_(a, config))
+        self.singlora_A = nn.Parameter(self._init(a, kind, config))
         self.ramp_steps = config.singlora_ramp_steps
+
+    @staticmethod
+    def _init(a: torch.Tensor, kind: LinearKind, config: AdapterConfig) -> torch.Tensor:
+        if config.init == "kaiming":
+            return kaiming_(a)  # fan_in = r: the third-party reference init (see the module docstring)
+        bound = (kind.d_in * kind.d_out) ** -0.25  # Kaiming-uniform(a=√5) with fan √(d_in·d_out)
+        return nn.init.uniform_(a, -bound, bound)
 
     def ramp(self, step: int | None = None) -> float:
         """u(t) = min(t/T, 1); 1 when the ramp is off."""
