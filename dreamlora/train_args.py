@@ -107,7 +107,6 @@ def add_adapter_flags(parser: argparse.ArgumentParser, rank: int, init_help: str
     """The adapter flags both trainers share; returns the group so a trainer can add its targets."""
     from dreamlora.methods import METHODS  # the registry says which inits exist
 
-
     g = parser.add_argument_group("adapter")
     g.add_argument("--adapter", choices=METHOD_CHOICES, default="lora")
     g.add_argument("--rank", type=int, default=rank)
