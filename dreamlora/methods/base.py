@@ -7,11 +7,21 @@ runs the base layer and hands its output to each active adapter, PEFT's "variant
 
 A method says what it is through:
 - `forward(x, base_out)`: the adapted output, computed from the input side (never W0 + ΔW in training);
-- `delta_weight()` / `merged_weight()`: the merge rule, for export, inference and tests;
+- `delta_weight()` / `merge_into(w)`: the merge rule, for export, inference and tests;
 - `lora_factors()`: the update as plain LoRA factors (B, A), for PEFT/diffusers files;
 - class-level hooks over all layers of one adapter: `param_groups` (optimizer), `after_optimizer_step`
   (SingLoRA's ramp; ReLoRA's merge-and-reinit), `regularization` (AdaLoRA's orthogonality loss).
 The training loop calls those hooks through `dreamlora.hooks` and never asks which method it runs.
+
+Device and dtype moves (one rule, here, so every registered method follows it): a device move of the model
+(`.to("cuda")`, `.to("meta")`, `.cpu()`, accelerate's hooks) moves the adapter's parameters and buffers with
+it; a dtype cast of the model (`.to(torch.bfloat16)`, `.half()`, `.bfloat16()`, `.float()`, `.double()`) does
+not change them: they keep their own dtype (fp32) while the base layers take the new one. So an adapter on a
+half-precision base is fp32 whether it was attached before or after the cast, training keeps fp32 weights
+and optimizer states, and DoRA's cached fp32 ‖W0‖² keeps the layer an exact identity at init. State cached
+from the base weight lives in non-persistent buffers, so it moves with the module and never enters a file.
+Code that writes tensors without `nn.Module._apply` (accelerate's `set_module_tensor_to_device` with a dtype)
+can still hand an adapter half-precision tensors: the forward casts its input to the adapter's own dtype.
 """
 
 from __future__ import annotations
@@ -54,6 +64,18 @@ class AdapterLayer(nn.Module):
         self.step = 0  # optimizer steps taken; persisted through get/set_extra_state
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else None
 
+    def _apply(self, fn, recurse: bool = True):
+        """Every `Module.to/.half/.cuda/...` comes through here: keep device moves, drop dtype casts (see the
+        module docstring). `fn` is tried on an empty tensor of the same dtype and device to learn its target."""
+
+        def device_only(t: torch.Tensor) -> torch.Tensor:
+            target = fn(t.new_empty(0))
+            if target.dtype == t.dtype:
+                return fn(t)  # a pure device move (or to_empty, share_memory_): exactly what fn does
+            return t.to(device=target.device)  # one copy, no rounding through the cast dtype
+
+        return super()._apply(device_only, recurse)
+
     @property
     def effective_scale(self) -> float:
         return self.scaling * self.multiplier
@@ -73,10 +95,14 @@ class AdapterLayer(nn.Module):
         """ΔW as a (d_out, d_in) fp32 matrix, scale included."""
         raise NotImplementedError
 
+    def merge_into(self, w: torch.Tensor) -> torch.Tensor:
+        """The fp32 (d_out, d_in) matrix `w` with this adapter folded in. `w` is the base weight, or the base with
+        earlier adapters already folded in: `merge` chains these in fp32 and rounds once."""
+        return w + self.delta_weight()
+
     def merged_weight(self) -> torch.Tensor:
         """The base weight (in the base's own layout, fp32) with this adapter folded in."""
-        w0 = self.kind.weight_matrix().float()
-        return self.kind.weight_from_matrix(w0 + self.delta_weight())
+        return self.kind.weight_from_matrix(self.merge_into(self.kind.weight_matrix().float()))
 
     def lora_factors(self) -> dict[str, torch.Tensor]:
         """The update as PEFT LoRA tensors with alpha = r: keys `lora_A.weight`, `lora_B.weight`

@@ -29,14 +29,19 @@ class DoRA(LoRA):
 
     def __init__(self, kind: LinearKind, config: AdapterConfig):
         super().__init__(kind, config)
-        self.base_weight_changed()
+        # ‖W0‖² per row, cached because W0 is frozen. A non-persistent buffer, so device moves carry it (and it
+        # stays out of files); the base class keeps it fp32 through dtype casts, which keeps m/‖W0‖ = 1 exactly.
+        self.register_buffer("_w0_sq_norm", self._w0_row_sq_norm(), persistent=False)
         magnitude = self._w0_sq_norm.sqrt().reshape(kind.magnitude_shape())  # (d_out,) or (1, C_out, 1, 1)
         self.lora_magnitude_vector = nn.Parameter(magnitude.clone())
 
+    @torch.no_grad()
+    def _w0_row_sq_norm(self) -> torch.Tensor:
+        w0 = self.kind.weight_matrix().float()
+        return (w0 * w0).sum(dim=1)  # (d_out,) fp32
+
     def base_weight_changed(self) -> None:
-        with torch.no_grad():
-            w0 = self.kind.weight_matrix().float()
-            self._w0_sq_norm = (w0 * w0).sum(dim=1)  # (d_out,)
+        self._w0_sq_norm = self._w0_row_sq_norm()
 
     @torch.no_grad()
     def weight_norm(self) -> torch.Tensor:
@@ -52,13 +57,16 @@ class DoRA(LoRA):
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         ratio = self.lora_magnitude_vector.reshape(-1) / self.weight_norm()  # (d_out,), grad reaches m only
-        lora = self.lora_term(x)
         scaled = self.kind.per_output(ratio * self.effective_scale)
         if self.dropout is not None and self.training:
-            # PEFT rescales W0 applied to the *dropped* input, so recompute it rather than reuse base_out.
-            w0x = self.kind.base_without_bias(self._input(x, x.dtype)).to(lora.dtype)
+            # As PEFT: drop x once and use the dropped input in both terms, W0·x_d (recomputed, since base_out
+            # saw the undropped x) and B·A·x_d. Two draws would rescale W0 on a mask the update never saw.
+            xd = self._input(x, self.lora_A.dtype)
+            lora = self.lora_of_prepared(xd)
+            w0x = self.kind.base_without_bias(xd.to(x.dtype) if xd.is_floating_point() else xd).to(lora.dtype)
             delta = torch.addcmul(lora * scaled, w0x, self.kind.per_output(ratio - 1))
             return base_out + delta.to(base_out.dtype)
+        lora = self.lora_term(x)
         # y = (m/n)·(W0x + s·BAx) + b with W0x = base_out - b, rearranged so base_out is read once and the
         # layer stays bit-exact at init (m/n = 1 exactly, BA = 0):  y = (m/n)·base_out + (m/n)·s·BAx - (m/n - 1)·b
         out = lora * scaled
@@ -67,10 +75,10 @@ class DoRA(LoRA):
             out = out - self.kind.per_output((ratio - 1) * bias.to(ratio.dtype))
         return torch.addcmul(out, base_out.to(out.dtype), self.kind.per_output(ratio)).to(base_out.dtype)
 
-    def merged_weight(self) -> torch.Tensor:
-        w = self.kind.weight_matrix().float() + self.delta_weight()  # (d_out, d_in)
+    def merge_into(self, w: torch.Tensor) -> torch.Tensor:
+        w = w + self.delta_weight()  # (d_out, d_in)
         ratio = self.lora_magnitude_vector.detach().reshape(-1) / w.norm(dim=1)
-        return self.kind.weight_from_matrix(w * ratio[:, None])
+        return w * ratio[:, None]
 
     def lora_factors(self) -> dict[str, torch.Tensor]:
         return {**super().lora_factors(), "lora_magnitude_vector": self.lora_magnitude_vector.detach()}

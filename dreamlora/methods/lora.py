@@ -36,8 +36,12 @@ class LoRA(AdapterLayer):
         self.lora_A, self.lora_B = nn.Parameter(a), nn.Parameter(b)
 
     def lora_term(self, x: torch.Tensor) -> torch.Tensor:
-        """B·A·x in fp32, unscaled."""
-        return self.kind.up(self.kind.down(self._input(x, self.lora_A.dtype), self.lora_A), self.lora_B)
+        """B·A·x in the adapter's dtype (fp32), unscaled, dropout included."""
+        return self.lora_of_prepared(self._input(x, self.lora_A.dtype))
+
+    def lora_of_prepared(self, x: torch.Tensor) -> torch.Tensor:
+        """B·A·x for an input already cast (and dropped out) by `_input`."""
+        return self.kind.up(self.kind.down(x, self.lora_A), self.lora_B)
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         return base_out.add(self.lora_term(x).to(base_out.dtype), alpha=self.effective_scale)
