@@ -232,12 +232,17 @@ def merge(model: nn.Module, names: list[str] | None = None) -> nn.Module:
         if missing:
             raise KeyError(f"cannot merge unknown adapters {sorted(missing)}")
     for path, host in list(hosts(model)):
-        weight = host.base_layer.weight
-        for adapter_name, layer in list(host.adapters.items()):
-            if (wanted is None and not layer.enabled) or (wanted is not None and adapter_name not in wanted):
-                continue
-            weight.copy_(layer.merged_weight().to(weight.dtype))
-            del host.adapters[adapter_name]
+        chosen = [(n, layer) for n, layer in host.adapters.items()
+                  if (layer.enabled if wanted is None else n in wanted)]
+        if chosen:
+            kind = chosen[0][1].kind
+            w = kind.weight_matrix().float()
+            for _, layer in chosen:  # chained in fp32: rounding after each adapter would round k times
+                w = layer.merge_into(w)
+            weight = host.base_layer.weight
+            weight.copy_(kind.weight_from_matrix(w).to(weight.dtype))
+            for n, _ in chosen:
+                del host.adapters[n]
             for other in host.adapters.values():
                 other.base_weight_changed()
         _settle(model, path, host)

@@ -104,3 +104,22 @@ def test_wrapped_layer_still_looks_like_its_base():
     _, model = two_adapters()
     assert model.a.in_features == 10 and model.a.weight is model.a.base_layer.weight
     assert dreamlora.regularization_loss(model) == 0.0
+
+
+@pytest.mark.parametrize("second", ["lora", "dora", "singlora"])
+def test_merging_two_adapters_on_a_half_precision_layer_rounds_once(second):
+    """The docs promise an fp32 sum rounded once: merging on fp16 must equal merging the same model in fp32 and
+    rounding the result, bit for bit (rounding after each adapter differs in many entries)."""
+    torch.manual_seed(0)
+    model = attach(nn.Sequential(nn.Linear(64, 48)).half(), AdapterConfig(rank=4, target_modules=["0"]), "first")
+    attach(model, AdapterConfig(method=second, rank=4, target_modules=["0"], singlora_ramp_steps=0), "second")
+    with torch.no_grad():
+        for name in ("first", "second"):
+            for p in dreamlora.adapter_layers(model, name)["0"].parameters():
+                p.add_(torch.randn_like(p) * 0.3)
+    in_fp32 = copy.deepcopy(model)
+    in_fp32[0].base_layer.float()
+    expected = dreamlora.merge(in_fp32)[0].weight.half()
+    merged = dreamlora.merge(model)[0].weight
+    assert merged.dtype == torch.float16
+    assert torch.equal(merged, expected), f"{(merged != expected).sum().item()} of {merged.numel()} entries differ"
