@@ -34,14 +34,16 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
-def twin_models(kind: str, use_dora: bool, rank: int = 4, alpha: float = 8.0, use_rslora: bool = False):
+def twin_models(kind: str, use_dora: bool, rank: int = 4, alpha: float = 8.0, use_rslora: bool = False,
+                dropout: float = 0.0):
     """Our adapter and PEFT's on identical base weights, with identical (non-trivial) adapter weights."""
     make_layer, make_input = REFERENCE_LAYERS[kind]
     base = OneLayer(make_layer())
-    ours = attach(copy.deepcopy(base), AdapterConfig(method="dora" if use_dora else "lora", rank=rank,
-                                                     alpha=alpha, target_modules=["proj"], use_rslora=use_rslora))
+    ours = attach(copy.deepcopy(base), AdapterConfig(method="dora" if use_dora else "lora", rank=rank, alpha=alpha,
+                                                     target_modules=["proj"], use_rslora=use_rslora, dropout=dropout))
     peft = get_peft_model(copy.deepcopy(base), LoraConfig(r=rank, lora_alpha=alpha, target_modules=["proj"],
-                                                          use_dora=use_dora, use_rslora=use_rslora))
+                                                          use_dora=use_dora, use_rslora=use_rslora,
+                                                          lora_dropout=dropout))
     layer = ours.proj.adapters["default"]
     ref = peft.base_model.model.proj
     ref_a, ref_b = peft_factors(ref)
@@ -73,6 +75,30 @@ def test_forward_and_gradients_match_peft(kind, use_dora):
     pairs = [(layer.lora_A, peft_factors(ref)[0]), (layer.lora_B, peft_factors(ref)[1])]
     if x.is_floating_point():
         pairs.append((x_ours, x_peft))
+    if use_dora:
+        pairs.append((layer.lora_magnitude_vector, ref.lora_magnitude_vector["default"].weight))
+    for mine, theirs in pairs:
+        assert rel_err(mine.grad.reshape(theirs.grad.shape), theirs.grad) <= 1e-5
+
+
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+@pytest.mark.parametrize("kind", ["linear", "conv2d"])
+def test_training_with_dropout_matches_peft(kind, use_dora):
+    """PEFT draws one dropout mask and uses the dropped input in both DoRA terms (W0·x and B·A·x); with the same
+    seed our layer must draw the same single mask, so outputs and gradients agree."""
+    ours, peft, x = twin_models(kind, use_dora, dropout=0.3)
+    ours.train(), peft.train()
+    torch.manual_seed(123)
+    y_ours = ours(x)
+    torch.manual_seed(123)
+    y_peft = peft(x)
+    assert not torch.equal(y_ours, ours.proj.base_layer(x))  # the adapter is live and dropout acted
+    assert rel_err(y_ours, y_peft) <= 1e-5
+    target = torch.randn_like(y_ours)
+    (y_ours * target).sum().backward()
+    (y_peft * target).sum().backward()
+    layer, ref = ours.proj.adapters["default"], peft.base_model.model.proj
+    pairs = [(layer.lora_A, peft_factors(ref)[0]), (layer.lora_B, peft_factors(ref)[1])]
     if use_dora:
         pairs.append((layer.lora_magnitude_vector, ref.lora_magnitude_vector["default"].weight))
     for mine, theirs in pairs:
