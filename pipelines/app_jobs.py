@@ -30,6 +30,7 @@ from pathlib import Path
 from PIL import Image
 
 from dreamlora.io import atomic_write_text
+from eval.image_files import FORMAT_SUFFIX
 from pipelines.app_safety import AppInputError, check_images, check_run_name, inside
 from pipelines.app_settings import SUBJECT, TrainSettings, resolve_base_model
 from pipelines.training import list_checkpoints
@@ -159,7 +160,7 @@ class JobManager:
             data.mkdir(parents=True)
             for i, photo in enumerate(photos):
                 with Image.open(photo) as im:
-                    suffix = {"JPEG": ".jpg", "MPO": ".jpg", "TIFF": ".tif"}.get(im.format, f".{im.format.lower()}")
+                    suffix = FORMAT_SUFFIX[im.format]  # check_images accepted only these formats
                 shutil.copyfile(photo, data / f"photo-{i:03d}{suffix}")
             job = {"name": settings.name, "created": time.time(), "settings": dataclasses.asdict(settings),
                    "argv": settings.argv(run_dir), "launches": 0, "stop_requested": False}

@@ -12,12 +12,13 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
+from eval.image_files import IMAGE_FORMATS
+
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 MAX_IMAGES = 50
 MAX_IMAGE_BYTES = 20 * 2**20
 MAX_IMAGE_PIXELS = 50_000_000  # a 7000×7000 photo; more is a decompression bomb, not a camera
 MIN_IMAGE_SIDE = 32
-IMAGE_FORMATS = {"JPEG", "PNG", "WEBP", "BMP", "TIFF", "MPO"}  # MPO: what many phones call a JPEG
 
 
 class AppInputError(ValueError):

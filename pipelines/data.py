@@ -20,9 +20,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from eval.image_files import IMAGE_SUFFIXES  # one list for the trainer, the scorer and the app
+
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
 CAPTION_KEYS = ("text", "caption", "prompt")
 
 

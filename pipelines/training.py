@@ -17,7 +17,7 @@ import torch
 
 import dreamlora
 from dreamlora.io import atomic_save_file, atomic_write_text, read_metadata
-from pipelines.data import save_png_atomic
+from pipelines.data import IMAGE_SUFFIXES, save_png_atomic
 
 log = logging.getLogger(__name__)
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -96,7 +96,7 @@ def ensure_class_images(folder: str, prompt: str, count: int, make_pipeline, bat
         probe.close()
     except OSError as e:
         raise PermissionError(f"--class_data_dir {folder!r} is not writable: {e.strerror or e}") from None
-    have = len([p for p in out.iterdir() if p.suffix.lower() in {".png", ".jpg", ".jpeg", ".webp"}])
+    have = len([p for p in out.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES])  # what the loader reads
     missing = count - have
     if missing <= 0:
         return 0

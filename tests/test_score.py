@@ -81,7 +81,7 @@ def test_identical_images_score_one_and_references_are_cached(encoders, tmp_path
 def test_cli_writes_scores_and_names_bad_input(encoders, tmp_path, capsys):
     samples, refs, _ = make_samples(tmp_path, ["00.jpg", "01.jpg"])
     argv = [str(samples), "--references", str(refs), "--clip_pretrained", "none", "--dino_pretrained", "none",
-            "--cache_dir", str(tmp_path / "cache")]
+            "--allow_random_weights", "--cache_dir", str(tmp_path / "cache")]
     assert score_main(argv) == 0
     out = capsys.readouterr().out
     assert "| lora | dog | 2 |" in out and "DreamBooth (Stable Diffusion) (paper)" in out
@@ -103,7 +103,7 @@ def test_scorer_reads_back_what_generation_wrote(tiny_model_dir, tmp_path):
                           "--max_prompts", "2", "--num_images_per_prompt", "1", "--num_inference_steps", "2",
                           "--height", "64", "--width", "64", "--output_dir", str(out)]) == 0
     assert score_main([str(out), "--references", str(DOG.parent), "--clip_pretrained", "none",
-                       "--dino_pretrained", "none", "--cache_dir", ""]) == 0
+                       "--dino_pretrained", "none", "--allow_random_weights", "--cache_dir", ""]) == 0
     rows = json.loads((out / "scores.json").read_text())["rows"]
     assert [r["prompt"] for r in rows] == ["a dog in the jungle", "a dog in the snow"]
     assert all(-1 <= r[m] <= 1 for r in rows for m in ("dino", "clip_i", "clip_t"))
@@ -153,7 +153,8 @@ def test_real_encoder_separates_the_dreambench_subjects():
 def test_cli_extra_image_encoder_column(tmp_path):
     samples, refs, _ = make_samples(tmp_path, ["00.jpg"])
     assert score_main([str(samples), "--references", str(refs), "--clip_pretrained", "none", "--dino_pretrained",
-                       "none", "--image_encoder", "efficientnet-lite0", "--cache_dir", ""]) == 0
+                       "none", "--allow_random_weights", "--image_encoder", "efficientnet-lite0",
+                       "--cache_dir", ""]) == 0
     data = json.loads((samples / "scores.json").read_text())
     assert data["settings"]["extra"].startswith("efficientnet-lite0") and 0 < data["rows"][0]["extra"] <= 1
 
@@ -170,7 +171,7 @@ def test_bad_samples_are_handled_and_named(encoders, tmp_path, capsys):
     assert all(r["subject"] == "dog" and r["clip_t"] is None for r in rows)
     assert len(skipped) == 1 and skipped[0].endswith("02_0.png")
     argv = [str(samples), "--references", str(refs), "--clip_pretrained", "none", "--dino_pretrained", "none",
-            "--cache_dir", ""]
+            "--allow_random_weights", "--cache_dir", ""]
     assert score_main(argv) == 0
     captured = capsys.readouterr()
     assert "skipped 1 images (unreadable" in captured.err and "| base | dog | 3 |" in captured.out
@@ -223,3 +224,90 @@ def test_compare_table_and_plot_accept_runs_scored_without_prompts(tmp_path):
            "clip_t": None, "clip_t_std": None}
     assert "| 0.500 ± 0.100 | 0.600 ± 0.100 | – ± – |" in table([row])
     assert plot([row], tmp_path / "p.png").is_file()
+
+
+def test_one_image_suffix_list_for_trainer_scorer_and_app():
+    """BMP and TIFF train (pipelines.data) and are accepted as uploads (the app): the scorer reads them too."""
+    from eval import image_files
+    from eval import score as score_module
+    from pipelines import app_safety, data
+
+    assert data.IMAGE_SUFFIXES is score_module.IMAGE_SUFFIXES is image_files.IMAGE_SUFFIXES
+    assert app_safety.IMAGE_FORMATS is image_files.IMAGE_FORMATS
+    assert {".bmp", ".tif", ".tiff"} <= image_files.IMAGE_SUFFIXES
+    assert set(image_files.FORMAT_SUFFIX.values()) <= image_files.IMAGE_SUFFIXES  # a saved upload is read back
+
+
+def test_bmp_and_tiff_samples_and_references_are_scored(encoders, tmp_path):
+    clip, dino = encoders
+    samples, refs = tmp_path / "samples", tmp_path / "refs"
+    (samples / "dog").mkdir(parents=True)
+    (refs / "dog").mkdir(parents=True)
+    Image.open(DOG / "00.jpg").save(samples / "dog" / "00_0.bmp")
+    Image.open(DOG / "01.jpg").save(samples / "dog" / "01_0.TIFF")
+    Image.open(DOG / "02.jpg").save(refs / "dog" / "ref.tif")
+    Image.open(DOG / "00.jpg").save(refs / "dog" / "same.bmp")
+    rows = score(samples, refs, clip, dino)
+    assert [r["file_name"] for r in rows] == ["dog/00_0.bmp", "dog/01_0.TIFF"]
+    # 00_0.bmp is one of its own two references: its DINO is the mean of 1 and its cosine with the other
+    other = cosine(one(dino, samples / "dog" / "00_0.bmp"), one(dino, refs / "dog" / "ref.tif"))
+    assert rows[0]["dino"] == pytest.approx((1 + other) / 2, abs=1e-5)
+
+
+def write_prompt_only_metadata(samples: Path, extra: dict | None = None) -> None:
+    """A user's own ImageFolder: `prompt` but no `prompt_for_clip_t` (and, here, no `subject` either)."""
+    rows = [{"file_name": f"dog/{i:02d}_0.png", "prompt": f"a sks dog number {i}", **(extra or {})} for i in (0, 1)]
+    (samples / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_clip_t_falls_back_to_prompt_without_the_identifier(encoders, tmp_path, capsys):
+    clip, _ = encoders
+    samples, refs, _ = make_samples(tmp_path, ["00.jpg", "01.jpg"])
+    write_prompt_only_metadata(samples)
+    argv = [str(samples), "--references", str(refs), "--clip_pretrained", "none", "--dino_pretrained", "none",
+            "--allow_random_weights", "--cache_dir", ""]
+    assert score_main([*argv, "--token", "sks"]) == 0
+    data = json.loads((samples / "scores.json").read_text())
+    assert [r["prompt"] for r in data["rows"]] == ["a dog number 0", "a dog number 1"]
+    expected = cosine(one(clip.image, samples / "dog" / "00_0.png"), clip.encode_text(["a dog number 0"])[0])
+    assert data["rows"][0]["clip_t"] == pytest.approx(expected, abs=1e-5)
+    assert data["settings"]["clip_t_prompt"] == "prompt, identifier 'sks' removed"
+    assert "CLIP-T against `prompt` (no prompt_for_clip_t), identifier 'sks' removed" in capsys.readouterr().err
+    # the identifier unknown: the prompt as written, and said so
+    assert score_main(argv) == 0
+    data = json.loads((samples / "scores.json").read_text())
+    assert data["rows"][0]["prompt"] == "a sks dog number 0" and data["rows"][0]["clip_t"] is not None
+    assert "identifier unknown" in data["settings"]["clip_t_prompt"]
+    assert "--token" in capsys.readouterr().err
+    # a `token` in the metadata is the identifier too
+    write_prompt_only_metadata(samples, {"token": "sks", "subject": "dog"})
+    assert score_main(argv) == 0
+    assert json.loads((samples / "scores.json").read_text())["rows"][1]["prompt"] == "a dog number 1"
+
+
+def test_random_weights_are_refused_unless_asked(tmp_path, capsys):
+    samples, refs, _ = make_samples(tmp_path, ["00.jpg"])
+    base = [str(samples), "--references", str(refs), "--cache_dir", ""]
+    for flags in (["--clip_pretrained", "none", "--dino_model", "none"],
+                  ["--dino_pretrained", "none", "--clip_model", "none"]):
+        assert score_main([*base, *flags]) == 2
+        err = capsys.readouterr().err
+        assert "random weights" in err and "--allow_random_weights" in err
+        assert not (samples / "scores.json").exists()
+    assert score_main([*base, "--clip_pretrained", "none", "--dino_model", "none", "--allow_random_weights"]) == 0
+    assert json.loads((samples / "scores.json").read_text())["settings"]["random_weights"] == ["clip"]
+
+
+def test_each_backbone_can_be_switched_off(tmp_path, capsys):
+    """Offline, the EfficientNet-Lite0 column alone: DINO and CLIP off, no download, no random weights."""
+    samples, refs, _ = make_samples(tmp_path, ["00.jpg", "01.jpg"])
+    base = [str(samples), "--references", str(refs), "--cache_dir", ""]
+    assert score_main([*base, "--dino_model", "none", "--clip_model", "none", "--image_encoder",
+                       "efficientnet-lite0"]) == 0
+    data = json.loads((samples / "scores.json").read_text())
+    assert all(r["dino"] is None and r["clip_i"] is None and r["clip_t"] is None and 0 < r["extra"] <= 1
+               for r in data["rows"])
+    assert data["settings"]["dino"] is None and data["settings"]["clip"] is None
+    assert "DINO off (--dino_model none)" in capsys.readouterr().err
+    assert score_main([*base, "--dino_model", "none", "--clip_model", "none"]) == 2
+    assert "every image backbone is off" in capsys.readouterr().err
