@@ -3,7 +3,8 @@
 Reads top to bottom: flags → data → models → adapters → optimizer from the core's groups → loop → save.
 The loop calls the core's hooks (param_groups, regularization_loss, on_optimizer_step) and never asks
 which method it trains. Everything random in the loop (data order, crops, flips, noise, timesteps) is a
-function of (seed, epoch, batch, process), so a resumed run retraces an uninterrupted one exactly.
+function of (seed, epoch, sample), so a resumed run retraces an uninterrupted one exactly, and one process
+with batch 2k trains on the draws of k processes with batch 2.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from dreamlora.train_args import ArgError, parse_args, resolve_init
 from pipelines import data as dbdata
 from pipelines import training
 from pipelines.export import write_diffusers_lora, write_kohya_lora
-from pipelines.loss import denoising_loss
+from pipelines.loss import denoising_loss, draw_noise, prediction_type
 from pipelines.models import encode_prompts, load_components
 
 log = logging.getLogger("dreamlora.train")
@@ -35,9 +36,10 @@ log = logging.getLogger("dreamlora.train")
 
 def adapter_config(args, targets: list[str]) -> AdapterConfig:
     init = resolve_init(args.adapter, args.init_lora_weights, "gaussian")
+    ramp = {} if args.singlora_ramp_steps is None else {"singlora_ramp_steps": args.singlora_ramp_steps}
     return AdapterConfig(method=args.adapter, rank=args.rank, alpha=args.alpha, target_modules=targets,
                          dropout=args.lora_dropout, use_rslora=args.use_rslora, init=init,
-                         loraplus_ratio=args.loraplus_ratio, singlora_ramp_steps=args.singlora_ramp_steps)
+                         loraplus_ratio=args.loraplus_ratio, **ramp)
 
 
 def make_optimizer(args, param_groups):
@@ -52,8 +54,10 @@ def make_optimizer(args, param_groups):
     return cls(param_groups, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
 
 
-def noise_generator(seed: int, epoch: int, batch: int, process: int) -> torch.Generator:
-    return torch.Generator().manual_seed(training.batch_seed(seed, epoch, batch, process))
+def sample_generators(seed: int, epoch: int, rows: list[tuple[int, int]]) -> list[torch.Generator]:
+    """One generator per batch row, from (seed, epoch, stream, dataset index): a sample draws the same noise
+    and timestep whatever its batch, process or resume point."""
+    return [torch.Generator().manual_seed(dbdata.stable_seed(seed, epoch, stream, index)) for stream, index in rows]
 
 
 class LatentEncoder:
@@ -74,33 +78,36 @@ class LatentEncoder:
             dist = self._dist(pixels[None])
             self.stats[key] = (dist.mean[0], dist.std[0])
 
-    def __call__(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
+    def __call__(self, batch: dict, generators: list[torch.Generator]) -> torch.Tensor:
         if self.cache:
             mean = torch.stack([self.stats[k][0] for k in batch["keys"]])
             std = torch.stack([self.stats[k][1] for k in batch["keys"]])
-            latents = mean + std * torch.randn(mean.shape, generator=generator).to(mean)
         else:
             dist = self._dist(batch["pixel_values"])
-            latents = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=generator).to(dist.mean)
-        return latents * self.vae.config.scaling_factor
+            mean, std = dist.mean, dist.std
+        return (mean + std * draw_noise(mean.shape, generators).to(mean)) * self.vae.config.scaling_factor
 
 
 def load_frozen_models(args, accelerator):
     """The SD components, frozen, on the device, in the run's dtype (adapters added later stay fp32)."""
     sd = load_components(args.pretrained_model_name_or_path, args.revision, args.variant)
+    try:
+        prediction_type(sd.noise_scheduler)
+    except ValueError as e:
+        raise ArgError(f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path!r}: {e}") from None
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     for model in (sd.unet, sd.vae, sd.text_encoder):
         model.requires_grad_(False).to(accelerator.device, weight_dtype)
     return sd, weight_dtype
 
 
-def class_examples(args, sd, weight_dtype, accelerator) -> list:
+def class_examples(args, sd, accelerator) -> list:
     """Prior preservation: top up the class images with the base model (main process), then read them."""
     if not args.with_prior_preservation:
         return []
     if accelerator.is_main_process:
         training.ensure_class_images(args.class_data_dir, args.class_prompt, args.num_class_images,
-                                     lambda: class_pipeline(args, sd, weight_dtype, accelerator.device),
+                                     lambda: inference_pipeline(args, sd, sd.unet, sd.text_encoder),
                                      args.sample_batch_size, args.seed)
     accelerator.wait_for_everyone()
     return dbdata.read_examples(args.class_data_dir, "--class_data_dir", args.class_prompt, args.resolution,
@@ -110,11 +117,13 @@ def class_examples(args, sd, weight_dtype, accelerator) -> list:
 def attach_adapters(args, sd) -> tuple[dict, list[dict]]:
     """Adapters on the UNet (and the text encoder): the only trainable weights. Returns them and the core's
     optimizer groups (each method's own grouping, e.g. LoRA+'s λ for B)."""
-    dreamlora.attach(sd.unet, adapter_config(args, args.target_modules))
+    with training.adapter_input():
+        dreamlora.attach(sd.unet, adapter_config(args, args.target_modules))
+        if args.train_text_encoder:
+            dreamlora.attach(sd.text_encoder, adapter_config(args, args.text_encoder_target_modules))
     trained = {"unet": sd.unet}
     groups = dreamlora.param_groups(sd.unet, lr=args.learning_rate, weight_decay=args.adam_weight_decay)
     if args.train_text_encoder:
-        dreamlora.attach(sd.text_encoder, adapter_config(args, args.text_encoder_target_modules))
         trained["text_encoder"] = sd.text_encoder
         groups += dreamlora.param_groups(sd.text_encoder, lr=args.text_encoder_lr, weight_decay=args.adam_weight_decay)
     if args.gradient_checkpointing:
@@ -153,23 +162,27 @@ def main(argv: list[str] | None = None) -> int:
     from accelerate.utils import set_seed
 
     set_seed(args.seed)
+    resume_from = training.resolve_resume(output_dir, args.resume_from_checkpoint)
 
     sd, weight_dtype = load_frozen_models(args, accelerator)
-    classes = class_examples(args, sd, weight_dtype, accelerator)
-    trained, groups = attach_adapters(args, sd)
-    optimizer = make_optimizer(args, groups)
+    classes = class_examples(args, sd, accelerator)
 
-    # --- data loader and schedule ----------------------------------------------------------------------
+    # --- data loader and schedule (its length sets SingLoRA's default ramp) --------------------------------
     dataset = dbdata.DreamBoothDataset(instances, classes, args.resolution, args.center_crop, args.random_flip,
                                        args.seed)
     sampler = dbdata.EpochShuffle(len(dataset), args.seed)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.train_batch_size, sampler=sampler,
                                          collate_fn=dbdata.collate)
+    batches_per_epoch, steps_per_epoch = training.steps_per_epoch(
+        len(dataset), args.train_batch_size, accelerator.num_processes, args.gradient_accumulation_steps)
+    max_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
+    if args.adapter == "singlora":
+        args.singlora_ramp_steps = training.resolve_ramp_steps(
+            args.singlora_ramp_steps, max_steps, resume_from and training.adapter_file(resume_from, "unet"))
+    trained, groups = attach_adapters(args, sd)
+    optimizer = make_optimizer(args, groups)
     from diffusers.optimization import get_scheduler
 
-    batches_per_epoch = math.ceil(len(loader) / accelerator.num_processes)
-    steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
-    max_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer,
                                  num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=max_steps * accelerator.num_processes,
@@ -178,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     trained_models = dict(zip(trained, prepared[: len(trained)], strict=True))
     optimizer, loader, lr_scheduler = prepared[len(trained):]
     training.register_adapter_hooks(accelerator, trained)
-    progress, resume_from = training.restore_progress(accelerator, output_dir, args.resume_from_checkpoint)
+    progress = training.restore_progress(accelerator, resume_from)
 
     encoder = LatentEncoder(sd.vae, weight_dtype, args.cache_latents)
     if args.cache_latents:
@@ -208,10 +221,10 @@ def main(argv: list[str] | None = None) -> int:
     while progress.global_step < max_steps:
         epoch, index, batch = next(batches)
         with accelerator.accumulate(*trained_models.values()):
-            gen = noise_generator(args.seed, epoch, index, accelerator.process_index)
-            latents = encoder(batch, gen)
+            generators = sample_generators(args.seed, epoch, batch["rows"])
+            latents = encoder(batch, generators)
             parts = denoising_loss(trained_models["unet"], sd.noise_scheduler, latents,
-                                   prompt_embeddings(batch["prompts"]).to(weight_dtype), batch["is_class"], gen,
+                                   prompt_embeddings(batch["prompts"]).to(weight_dtype), batch["is_class"], generators,
                                    prior_loss_weight=args.prior_loss_weight, snr_gamma=args.snr_gamma,
                                    noise_offset=args.noise_offset)
             loss = parts["loss"] + sum(dreamlora.regularization_loss(m) for m in trained.values())
@@ -236,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
         step = progress.global_step
         stop = training.stop_everywhere(accelerator, stop_requested)  # read once per step, on all processes
         if step % args.checkpointing_steps == 0 or step == max_steps or stop:
-            last_checkpoint = training.save_checkpoint(accelerator, output_dir, step, args.checkpoints_total_limit)
+            last_checkpoint = training.save_checkpoint(accelerator, output_dir, step, args.checkpoints_total_limit,
+                                                       progress)
             plog.write(event="checkpoint", step=step, path=str(last_checkpoint))
         if args.validation_prompt and accelerator.is_main_process and (step % args.validation_steps == 0
                                                                        or step == max_steps):
@@ -256,26 +270,24 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def class_pipeline(args, sd, dtype, device):
-    from diffusers import StableDiffusionPipeline
+def inference_pipeline(args, sd, unet, text_encoder):
+    """A sampling pipeline around the components already loaded on the device (class images, validation):
+    only the model's inference scheduler is read from disk, so no second copy of the weights is made."""
+    import diffusers
 
-    pipe = StableDiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, revision=args.revision,
-                                                   variant=args.variant, torch_dtype=dtype, safety_checker=None,
-                                                   requires_safety_checker=False)
+    path = args.pretrained_model_name_or_path
+    _, name = diffusers.StableDiffusionPipeline.load_config(path, revision=args.revision)["scheduler"]
+    scheduler = getattr(diffusers, name).from_pretrained(path, subfolder="scheduler", revision=args.revision)
+    pipe = diffusers.StableDiffusionPipeline(vae=sd.vae, text_encoder=text_encoder, tokenizer=sd.tokenizer,
+                                             unet=unet, scheduler=scheduler, safety_checker=None,
+                                             feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
+    return pipe
 
 
 @torch.no_grad()
 def run_validation(args, sd, accelerator, trained, dtype, step: int) -> None:
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline.from_pretrained(
-        args.pretrained_model_name_or_path, unet=trained["unet"], text_encoder=trained.get("text_encoder",
-                                                                                           sd.text_encoder),
-        vae=sd.vae, tokenizer=sd.tokenizer, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False,
-        revision=args.revision, variant=args.variant).to(accelerator.device)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = inference_pipeline(args, sd, trained["unet"], trained.get("text_encoder", sd.text_encoder))
     for model in trained.values():
         model.eval()
     generator = torch.Generator().manual_seed(args.seed)

@@ -117,7 +117,10 @@ def add_adapter_flags(parser: argparse.ArgumentParser, rank: int, init_help: str
     g.add_argument("--init_lora_weights", choices=inits, default=None,
                    help=f"init of the adapter factors; default: {init_help}")
     g.add_argument("--loraplus_ratio", type=float, default=16.0)
-    g.add_argument("--singlora_ramp_steps", type=int, default=100)
+    g.add_argument("--singlora_ramp_steps", type=int, default=None,
+                   help="SingLoRA's ramp T in u(t) = min(t/T, 1), in optimizer steps; 0 = no ramp; default: 1%% of "
+                        "the run's optimizer steps (rounded half up, at least 1), as the paper; a resume keeps the "
+                        "checkpoint's T")
     return g
 
 

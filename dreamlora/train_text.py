@@ -52,11 +52,13 @@ def build_model(args, labels):
     tokenizer = text_models.load_tokenizer(path)
     model, fresh = text_models.load_classifier(path, labels, args.ignore_mismatched_sizes)
     targets = args.target_modules or text_models.default_targets(model)
-    config = AdapterConfig(method=args.adapter, rank=args.rank, alpha=args.alpha, target_modules=targets,
-                           exclude_modules=text_models.head_exclusions(model), dropout=args.lora_dropout,
-                           use_rslora=args.use_rslora, init=args.init_lora_weights,
-                           loraplus_ratio=args.loraplus_ratio, singlora_ramp_steps=args.singlora_ramp_steps)
-    dreamlora.attach(model, config)
+    ramp = {} if args.singlora_ramp_steps is None else {"singlora_ramp_steps": args.singlora_ramp_steps}
+    with training.adapter_input():
+        config = AdapterConfig(method=args.adapter, rank=args.rank, alpha=args.alpha, target_modules=targets,
+                               exclude_modules=text_models.head_exclusions(model), dropout=args.lora_dropout,
+                               use_rslora=args.use_rslora, init=args.init_lora_weights,
+                               loraplus_ratio=args.loraplus_ratio, **ramp)
+        dreamlora.attach(model, config)
     head = text_models.head_parameter_names(model, fresh)
     params = dict(model.named_parameters())
     for name in head:
@@ -94,6 +96,13 @@ def main(argv: list[str] | None = None) -> int:
     from accelerate.utils import set_seed
 
     set_seed(args.seed)
+    resume_from = training.resolve_resume(output_dir, args.resume_from_checkpoint)
+    batches_per_epoch, steps_per_epoch = training.steps_per_epoch(
+        len(train), args.per_device_train_batch_size, accelerator.num_processes, args.gradient_accumulation_steps)
+    max_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
+    if args.adapter == "singlora":
+        args.singlora_ramp_steps = training.resolve_ramp_steps(
+            args.singlora_ramp_steps, max_steps, resume_from and training.adapter_file(resume_from, "model"))
     model, tokenizer, groups, what_trains = build_model(args, labels)
     max_length = text_models.usable_max_length(tokenizer, model.config, args.max_length)
     train_features = tokenize(tokenizer, train, max_length)
@@ -107,16 +116,13 @@ def main(argv: list[str] | None = None) -> int:
                                          sampler=sampler, collate_fn=collator)
     from transformers import get_scheduler
 
-    batches_per_epoch = math.ceil(len(loader) / accelerator.num_processes)
-    steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
-    max_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
     lr_scheduler = get_scheduler(args.lr_scheduler_type, optimizer,
                                  num_warmup_steps=args.num_warmup_steps * accelerator.num_processes,
                                  num_training_steps=max_steps * accelerator.num_processes)
     model, optimizer, loader, lr_scheduler = accelerator.prepare(model, optimizer, loader, lr_scheduler)
     unwrapped = accelerator.unwrap_model(model)
     training.register_adapter_hooks(accelerator, {"model": unwrapped})
-    progress, resume_from = training.restore_progress(accelerator, output_dir, args.resume_from_checkpoint)
+    progress = training.restore_progress(accelerator, resume_from)
 
     # --- the loop ----------------------------------------------------------------------------------------
     if accelerator.is_main_process:
@@ -165,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
                 bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         stop = training.stop_everywhere(accelerator, stop_requested)  # read once per step, on all processes
         if (args.checkpointing_steps and step % args.checkpointing_steps == 0) or stop:
-            checkpoint = training.save_checkpoint(accelerator, output_dir, step, args.checkpoints_total_limit)
+            checkpoint = training.save_checkpoint(accelerator, output_dir, step, args.checkpoints_total_limit,
+                                                  progress)
             plog.write(event="checkpoint", step=step, path=str(checkpoint))
         if stop:
             break

@@ -9,6 +9,7 @@ the pixels an uninterrupted one would.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -34,6 +35,14 @@ def save_png_atomic(image: Image.Image, path: Path) -> Path:
     image.save(tmp, format="PNG")
     os.replace(tmp, path)
     return path
+
+
+def stable_seed(*values: int) -> int:
+    """A seed from integers that every Python version and platform computes alike (Python's hash() of a
+    tuple is an implementation detail): BLAKE2b, 8-byte digest, of the values as 8-byte little-endian signed
+    integers, read little-endian with the top bit cleared. Exact resume depends on it."""
+    data = b"".join(int(v).to_bytes(8, "little", signed=True) for v in values)
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") & (2**63 - 1)
 
 
 class DataError(ValueError):
@@ -160,11 +169,11 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         return max(len(self.instances), len(self.classes))
 
     def _view(self, examples: list[Example], index: int, stream: int) -> dict:
-        rng = random.Random(hash((self.seed, self.epoch, index, stream)))
+        rng = random.Random(stable_seed(self.seed, self.epoch, index, stream))
         example = examples[index % len(examples)]
         pixels, flipped = augment(example.image, self.resolution, self.center_crop, self.random_flip, rng)
         return {"pixel_values": pixels, "prompt": example.prompt, "is_class": example.is_class,
-                "key": (stream, index % len(examples), flipped)}
+                "key": (stream, index % len(examples), flipped), "row": (stream, index)}
 
     def __getitem__(self, index: int) -> dict:
         item = {"instance": self._view(self.instances, index, 0)}
@@ -182,11 +191,12 @@ class DreamBoothDataset(torch.utils.data.Dataset):
 
 
 def collate(items: list[dict]) -> dict:
-    """Instance rows first, then class rows: {"pixel_values": (B, 3, H, W), "prompts", "is_class": (B,)}."""
+    """Instance rows first, then class rows: {"pixel_values": (B, 3, H, W), "prompts", "is_class": (B,),
+    "keys" (latent-cache keys), "rows" ((stream, dataset index): what seeds each row's noise)}."""
     rows = [it["instance"] for it in items] + [it["class"] for it in items if "class" in it]
     return {"pixel_values": torch.stack([r["pixel_values"] for r in rows]),
             "prompts": [r["prompt"] for r in rows], "keys": [r["key"] for r in rows],
-            "is_class": torch.tensor([r["is_class"] for r in rows])}
+            "rows": [r["row"] for r in rows], "is_class": torch.tensor([r["is_class"] for r in rows])}
 
 
 class EpochShuffle(torch.utils.data.Sampler[int]):

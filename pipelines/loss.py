@@ -1,7 +1,8 @@
 """The DreamBooth denoising loss, with prior preservation, min-SNR weighting and noise offset.
 
-Noise and timesteps come from a generator the caller seeds per micro-step, so a resumed run draws exactly
-what an uninterrupted one would.
+Each sample's noise and timestep come from a generator the caller seeds from (seed, epoch, sample), so a
+resumed run draws exactly what an uninterrupted one would, and the draws do not depend on the batch size
+or the number of processes. Prediction types: epsilon, v_prediction and sample (x0); others are refused.
 """
 
 from __future__ import annotations
@@ -9,37 +10,71 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+def prediction_type(noise_scheduler) -> str:
+    kind = noise_scheduler.config.prediction_type
+    if kind not in PREDICTION_TYPES:
+        raise ValueError(f"the model's scheduler has prediction_type {kind!r}; training supports "
+                         f"{', '.join(PREDICTION_TYPES)}")
+    return kind
+
 
 def snr_weights(noise_scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
-    """Min-SNR-γ weights (Hang et al. 2023): min(SNR, γ)/SNR for ε-prediction, min(SNR, γ)/(SNR+1) for v."""
+    """Min-SNR-γ weights (Hang et al. 2023) on the MSE of each prediction type: min(SNR, γ)/SNR for ε,
+    min(SNR, γ)/(SNR+1) for v, min(SNR, γ) for x0 (`sample`), SNR = ᾱ_t/(1-ᾱ_t)."""
     from diffusers.training_utils import compute_snr
 
     snr = compute_snr(noise_scheduler, timesteps)
     weights = torch.clamp(snr, max=gamma)
-    if noise_scheduler.config.prediction_type == "v_prediction":
+    kind = prediction_type(noise_scheduler)
+    if kind == "v_prediction":
         return weights / (snr + 1)
-    return weights / snr
+    if kind == "epsilon":
+        return weights / snr
+    return weights
+
+
+def draw_noise(shape: tuple[int, ...], generators: list[torch.Generator], noise_offset: float = 0.0) -> torch.Tensor:
+    """N(0, 1) noise of `shape`, row i from generators[i]; with an offset, each (row, channel) is shifted by
+    offset·N(0, 1) so the model learns very dark and very bright images (the mean brightness varies)."""
+    rows = []
+    for g in generators:
+        row = torch.randn(shape[1:], generator=g)
+        if noise_offset:
+            row = row + noise_offset * torch.randn((shape[1], *[1] * (len(shape) - 2)), generator=g)
+        rows.append(row)
+    return torch.stack(rows)
+
+
+def draw_timesteps(num_train_timesteps: int, generators: list[torch.Generator]) -> torch.Tensor:
+    return torch.cat([torch.randint(0, num_train_timesteps, (1,), generator=g) for g in generators])
+
+
+def target_of(noise_scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    kind = prediction_type(noise_scheduler)
+    if kind == "v_prediction":
+        return noise_scheduler.get_velocity(latents, noise, timesteps)
+    return latents if kind == "sample" else noise
 
 
 def denoising_loss(unet, noise_scheduler, latents: torch.Tensor, encoder_hidden_states: torch.Tensor,
-                   is_class: torch.Tensor, generator: torch.Generator, *, prior_loss_weight: float = 1.0,
-                   snr_gamma: float | None = None, noise_offset: float = 0.0,
+                   is_class: torch.Tensor, generators: list[torch.Generator] | None, *,
+                   prior_loss_weight: float = 1.0, snr_gamma: float | None = None, noise_offset: float = 0.0,
                    timesteps: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> dict:
-    """Loss of one batch: instance MSE + prior_loss_weight · class MSE. Returns the parts for logging."""
-    b = latents.shape[0]
+    """Loss of one batch: instance MSE + prior_loss_weight · class MSE. Returns the parts for logging.
+
+    Each row draws its noise and timestep from its own generator (`generators[i]`), so a sample's draws do
+    not depend on the batch it lands in. With `snr_gamma` every row is weighted, class (prior) rows included,
+    as kohya's scripts do (diffusers' SDXL script weights only the instance half)."""
     if noise is None:
-        noise = torch.randn(latents.shape, generator=generator).to(latents)
-        if noise_offset:
-            # shifts the mean brightness of the noise so the model learns very dark/bright images
-            noise = noise + noise_offset * torch.randn((b, latents.shape[1], 1, 1), generator=generator).to(latents)
+        noise = draw_noise(latents.shape, generators, noise_offset).to(latents)
     if timesteps is None:
-        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (b,), generator=generator)
+        timesteps = draw_timesteps(noise_scheduler.config.num_train_timesteps, generators)
     timesteps = timesteps.to(latents.device)
+    target = target_of(noise_scheduler, latents, noise, timesteps)
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-    if noise_scheduler.config.prediction_type == "v_prediction":
-        target = noise_scheduler.get_velocity(latents, noise, timesteps)
-    else:
-        target = noise
     pred = unet(noisy, timesteps, encoder_hidden_states).sample
     per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # (B,)
     if snr_gamma:
@@ -64,6 +99,6 @@ def fixed_pairs_loss(unet, noise_scheduler, latents: torch.Tensor, encoder_hidde
     for _ in range(pairs):
         timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=gen)
         noise = torch.randn(latents.shape, generator=gen).to(latents)
-        total += denoising_loss(unet, noise_scheduler, latents, encoder_hidden_states, is_class, gen,
+        total += denoising_loss(unet, noise_scheduler, latents, encoder_hidden_states, is_class, None,
                                 timesteps=timesteps, noise=noise)["loss"].item()
     return total / pairs

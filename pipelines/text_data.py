@@ -77,17 +77,25 @@ def read_rows(path: str | Path, fmt: str, flag: str) -> list[tuple[int, dict]]:
                         raise DataError(f"{flag} {path} line {number}: expected a JSON object per line")
                     rows.append((number, row))
         elif fmt == "label_text":
-            rows = []
-            for number, line in enumerate(f, start=1):
-                parts = line.strip().split(maxsplit=1)
-                if len(parts) == 1:
-                    raise DataError(f"{flag} {path} line {number}: expected '<label> <text>', got {line.strip()!r}")
-                if parts:
-                    rows.append((number, {"label": parts[0], "text": parts[1]}))
+            rows = read_label_text(f, path)
         else:
             raise DataError(f"--data_format {fmt!r}: choose one of {', '.join(FORMATS)}")
     if not rows:
         raise DataError(f"{flag} {path}: no examples in the file")
+    return rows
+
+
+def read_label_text(lines, path) -> list[tuple[int, dict]]:
+    """'<label> <text>' lines; blank lines are skipped. A label with an empty text is an example (real sets
+    have them: CR has one in 3,775), counted in one warning."""
+    rows, empty = [], 0
+    for number, line in enumerate(lines, start=1):
+        parts = line.strip().split(maxsplit=1)
+        if parts:
+            empty += len(parts) == 1
+            rows.append((number, {"label": parts[0], "text": parts[1] if len(parts) == 2 else ""}))
+    if empty:
+        log.warning("%s: %d lines have a label and an empty text; they are kept as empty examples", path, empty)
     return rows
 
 

@@ -11,13 +11,16 @@ import shutil
 import signal
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 import dreamlora
+from dreamlora.config import AdapterConfig
 from dreamlora.io import atomic_save_file, atomic_write_text, read_metadata
-from pipelines.data import IMAGE_SUFFIXES, save_png_atomic
+from dreamlora.train_args import ArgError
+from pipelines.data import IMAGE_SUFFIXES, DataError, save_png_atomic, stable_seed
 
 log = logging.getLogger(__name__)
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -28,25 +31,28 @@ class TrainingDiverged(RuntimeError):
 
 
 def run_cli(main, argv: list[str] | None) -> int:
-    """A trainer's exit codes: 2 with one line for bad input (it names the flag or file), 1 if training diverged."""
+    """A trainer's exit codes, chosen by exception type: 2 with one line for bad input (it names the flag or
+    file), 1 if training diverged. Anything else is a bug and keeps its traceback."""
     import sys
-
-    from dreamlora.train_args import ArgError
-    from pipelines.data import DataError
 
     try:
         return main(argv)
     except (ArgError, DataError, FileNotFoundError, PermissionError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except (ValueError, TypeError) as e:
-        if "AdapterConfig" in str(e) or "target_modules" in str(e) or "exceeds what" in str(e):
-            print(f"error: {e}", file=sys.stderr)  # adapter errors name the flag's field and the module
-            return 2
-        raise
     except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+
+
+@contextmanager
+def adapter_input():
+    """Around building and attaching the user's adapter: the core's ValueError/TypeError there is bad input
+    (it names the AdapterConfig field and the module), so it becomes an ArgError."""
+    try:
+        yield
+    except (ValueError, TypeError) as e:
+        raise ArgError(str(e)) from e
 
 
 def stop_everywhere(accelerator, stop_requested) -> bool:
@@ -58,19 +64,31 @@ def stop_everywhere(accelerator, stop_requested) -> bool:
     return bool(accelerator.gather(flag).max().item())
 
 
+def device_type() -> str:
+    """Where a run trains: CUDA, then Apple MPS, then the CPU."""
+    if torch.cuda.is_available():
+        return "cuda"
+    mps = getattr(torch.backends, "mps", None)
+    return "mps" if mps is not None and mps.is_available() else "cpu"
+
+
 def make_accelerator(args):
-    from accelerate import Accelerator
+    import accelerate
     from accelerate.utils import ProjectConfiguration
 
     output_dir = Path(args.output_dir)
     project = ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir))
-    return Accelerator(
+    accelerator = accelerate.Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
         log_with=args.report_to,
         project_config=project,
-        cpu=not torch.cuda.is_available(),  # without CUDA, `--multi_gpu` processes must still join over gloo
+        cpu=device_type() == "cpu",  # without a GPU, `--multi_gpu` processes must still join over gloo
     )
+    if args.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        # accelerate installs no GradScaler on the CPU: fp16 there would train unscaled, half-precision weights
+        raise ArgError("--mixed_precision fp16 needs a CUDA or Apple MPS device; on the CPU use bf16 or no")
+    return accelerator
 
 
 def install_stop_signal():
@@ -144,9 +162,9 @@ def resolve_resume(output_dir: Path, value: str | None) -> Path | None:
     return path
 
 
-def save_checkpoint(accelerator, output_dir: Path, step: int, total_limit: int | None) -> Path:
-    """accelerate state (adapters via the save hook, optimizer, scheduler, RNG, progress) under a temporary
-    name, renamed when complete; then prune the oldest beyond `total_limit`."""
+def save_checkpoint(accelerator, output_dir: Path, step: int, total_limit: int | None, progress: Progress) -> Path:
+    """accelerate state (adapters via the save hook, optimizer, scheduler, RNG) and the run's position as
+    `progress.json`, under a temporary name, renamed when complete; then prune the oldest beyond `total_limit`."""
     final = output_dir / f"{CHECKPOINT_PREFIX}{step}"
     tmp = output_dir / f".{final.name}.tmp"
     if accelerator.is_main_process and tmp.exists():
@@ -155,6 +173,7 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, total_limit: int |
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        write_json_atomic(tmp / PROGRESS_FILE, progress.state_dict())
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -232,8 +251,11 @@ def register_adapter_hooks(accelerator, components: dict[str, torch.nn.Module]) 
     accelerator.register_load_state_pre_hook(load_hook)
 
 
+PROGRESS_FILE = "progress.json"
+
+
 class Progress:
-    """Where the run is, checkpointed with it (accelerate `register_for_checkpointing`)."""
+    """Where the run is: `progress.json` in each checkpoint (JSON, never a pickle)."""
 
     def __init__(self):
         self.global_step, self.epoch, self.batch_in_epoch = 0, 0, 0
@@ -269,32 +291,79 @@ def batch_seed(seed: int, epoch: int, batch: int, process: int) -> int:
     """The seed of everything random in one micro-batch (noise, timesteps, dropout): a pure function of where
     the batch is, so a resumed run draws exactly what the uninterrupted one drew (a fresh DataLoader
     iterator after a resume would otherwise shift the global RNG)."""
-    return hash((seed, epoch, batch, process)) & (2**63 - 1)
+    return stable_seed(seed, epoch, batch, process)
 
 
 def optimizer_step(accelerator, optimizer, lr_scheduler, params, max_grad_norm: float, models) -> None:
-    """Clip, step, schedule, then the core's per-step hook (SingLoRA's ramp) only on real updates, so
-    gradient accumulation does not advance it."""
+    """Clip, step, schedule, then the core's per-step hook (SingLoRA's ramp) only on real updates: not
+    during gradient accumulation, and not when the fp16 GradScaler skipped the step (inf/NaN gradients),
+    which advances neither the ramp nor the LR schedule. `global_step` still counts such a step."""
     if accelerator.sync_gradients:
         accelerator.clip_grad_norm_(params, max_grad_norm)
     optimizer.step()
-    lr_scheduler.step()
-    if accelerator.sync_gradients:
-        for model in models:
-            dreamlora.on_optimizer_step(model, optimizer)
+    skipped = accelerator.sync_gradients and accelerator.optimizer_step_was_skipped
+    if not skipped:
+        lr_scheduler.step()  # accelerate's wrapper also holds still on a skipped step; this says so here
+        if accelerator.sync_gradients:
+            for model in models:
+                dreamlora.on_optimizer_step(model, optimizer)
     optimizer.zero_grad(set_to_none=True)
 
 
-def restore_progress(accelerator, output_dir: Path, resume: str | None) -> tuple[Progress, Path | None]:
-    """Register the run's position for checkpointing and, with --resume_from_checkpoint, load everything
-    (adapters via the hooks, optimizer, scheduler, RNG, position) from the checkpoint it names."""
+def read_progress(checkpoint: Path) -> Progress:
+    """The position saved in `checkpoint`'s `progress.json`. Checkpoints from before that file kept it in
+    accelerate's `custom_checkpoint_0.pkl`, which accelerate only loads by unpickling: refused, never read."""
+    file = checkpoint / PROGRESS_FILE
+    if not file.is_file():
+        why = ("was written by an older dreamlora that pickled its progress (custom_checkpoint_0.pkl), which is "
+               "never unpickled; finish it with that version or start again" if
+               (checkpoint / "custom_checkpoint_0.pkl").exists() else f"has no {PROGRESS_FILE}")
+        raise ArgError(f"--resume_from_checkpoint {str(checkpoint)!r} {why}")
     progress = Progress()
-    accelerator.register_for_checkpointing(progress)
-    resume_from = resolve_resume(output_dir, resume)
-    if resume_from is not None:
+    try:
+        progress.load_state_dict(json.loads(file.read_text(encoding="utf-8")))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ArgError(f"--resume_from_checkpoint {str(checkpoint)!r}: {PROGRESS_FILE} is unreadable: {e}") from None
+    return progress
+
+
+def restore_progress(accelerator, resume_from: Path | None) -> Progress:
+    """With a checkpoint (`resolve_resume`), load everything from it: adapters via the hooks, optimizer,
+    scheduler, RNG, then the position. A checkpoint that does not fit the run is bad input, named."""
+    if resume_from is None:
+        return Progress()
+    progress = read_progress(resume_from)  # first: a bad checkpoint fails before anything is loaded
+    try:
         accelerator.load_state(str(resume_from))
-        log.info("resumed from %s at step %d", resume_from, progress.global_step)
-    return progress, resume_from
+    except ValueError as e:
+        raise ArgError(f"--resume_from_checkpoint {str(resume_from)!r} does not fit this run: {e}") from None
+    log.info("resumed from %s at step %d", resume_from, progress.global_step)
+    return progress
+
+
+def steps_per_epoch(examples: int, batch_size: int, num_processes: int, accumulation: int) -> tuple[int, int]:
+    """(batches per epoch per process, optimizer steps per epoch) of a DataLoader without drop_last."""
+    batches = math.ceil(math.ceil(examples / batch_size) / num_processes)
+    return batches, math.ceil(batches / accumulation)
+
+
+def resolve_ramp_steps(given: int | None, total_steps: int, checkpoint_adapter: Path | None) -> int:
+    """SingLoRA's T: the value a resumed checkpoint was trained with (a resume with another
+    --max_train_steps must not change it); else the flag; else 1 % of the run's optimizer steps, rounded
+    half up, at least 1 (the paper's setting)."""
+    if checkpoint_adapter is not None and checkpoint_adapter.is_file():
+        try:
+            stored = AdapterConfig.from_json(read_metadata(checkpoint_adapter)["config"]).singlora_ramp_steps
+        except (ValueError, KeyError) as e:
+            raise ArgError(f"--resume_from_checkpoint: {str(checkpoint_adapter)!r} is no dreamlora adapter: "
+                           f"{e}") from None
+        if given is not None and given != stored:
+            raise ArgError(f"--singlora_ramp_steps {given}: the checkpoint being resumed was trained with {stored}; "
+                           "drop the flag or pass the same value")
+        return stored
+    if given is not None:
+        return given
+    return max(1, (total_steps + 50) // 100)
 
 
 class ProgressLog:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import subprocess
 import sys
@@ -57,10 +58,18 @@ def test_glue_tsv_pairs_with_stray_quotes_and_numeric_label_order(tmp_path):
 def test_label_text_lines_refuse_column_flags(tmp_path):
     with pytest.raises(DataError, match="no named columns"):
         read_examples(SST2_TRAIN, "--train_file", None, Columns(text="sentence"))
-    bad = tmp_path / "bad.txt"
-    bad.write_text("1 good\nnolabel\n")
-    with pytest.raises(DataError, match="line 2: expected '<label> <text>'"):
-        read_examples(bad, "--train_file", None, Columns())
+
+
+def test_a_label_with_an_empty_text_is_an_example(tmp_path, caplog):
+    """Real data has such lines (CR, a public sentiment set, has one in 3,775): an empty text is valid input,
+    counted in one warning, and never stops the run."""
+    rough = tmp_path / "rough.txt"
+    rough.write_text("1 good film\n0\n\n0 \t\n1 fine\n")
+    with caplog.at_level(logging.WARNING):
+        examples, labels = read_examples(rough, "--train_file", None, Columns())
+    assert examples.texts == ["good film", "", "", "fine"] and examples.labels == [1, 0, 0, 1]
+    assert labels == ["0", "1"]
+    assert "2 lines have a label and an empty text" in caplog.text
 
 
 def test_collator_pads_to_the_longest_and_masks():
