@@ -7,7 +7,7 @@ layout, so module paths in files read the same) and runs its active adapters aft
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn
@@ -152,13 +152,51 @@ def attach(model: nn.Module, config: AdapterConfig, name: str = "default") -> nn
     """Attach adapter `name` to every layer `config` selects, freeze the base, and return `model`.
 
     Nothing changes on the model if any matched layer is refused (bad rank, unsupported type)."""
+    _check_new_name(model, name)
+    return _attach_layers(model, config, name, find_targets(model, config))
+
+
+def attach_at(model: nn.Module, config: AdapterConfig, name: str, paths: Iterable[str]) -> nn.Module:
+    """`attach` at exactly the module `paths`, without evaluating `config`'s patterns. `load` uses it for a
+    file whose patterns are regular expressions: a pattern read from a file is never run, the file's own keys
+    name the layers."""
+    _check_new_name(model, name)
+    return _attach_layers(model, config, name, exact_targets(model, paths))
+
+
+def _check_new_name(model: nn.Module, name: str) -> None:
     if not isinstance(name, str) or not _NAME.match(name):
         raise ValueError(f"adapter name {name!r} must be an identifier (letters, digits, _ and -)")
+    if hasattr(nn.ModuleDict(), name):  # ModuleDict refuses such keys, and only after the hosts were installed
+        raise ValueError(f"adapter name {name!r} is the name of an nn.ModuleDict attribute; pick another name")
     if name in adapter_names(model):
         raise ValueError(f"an adapter named {name!r} is already attached; detach it or pick another name")
+
+
+def exact_targets(model: nn.Module, paths: Iterable[str]) -> dict[str, nn.Module]:
+    """Module path -> base layer for exactly `paths` (logical paths: a host counts as the layer it wraps)."""
+    logical = dict(_logical_modules(model))
+    targets: dict[str, nn.Module] = {}
+    for path in paths:
+        if path not in logical:
+            raise ValueError(f"{type(model).__name__} has no module {path!r}; some module names: "
+                             f"{_sample_names(model)}")
+        module = logical[path]
+        base = module.base_layer if isinstance(module, AdaptedLayer) else module
+        try:
+            kind_of(base)
+        except UnsupportedLayer as e:
+            raise TypeError(f"module {path!r} ({type(base).__name__}): {e}") from None
+        targets[path] = base
+    if not targets:
+        raise ValueError("no module paths given")
+    return targets
+
+
+def _attach_layers(model: nn.Module, config: AdapterConfig, name: str, targets: dict[str, nn.Module]) -> nn.Module:
     method = METHODS[config.method]
     new_layers: dict[str, AdapterLayer] = {}
-    for path, base in find_targets(model, config).items():
+    for path, base in targets.items():
         kind = kind_of(base)
         if config.rank > min(kind.d_in, kind.d_out):
             raise ValueError(

@@ -22,7 +22,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 from dreamlora.config import AdapterConfig
-from dreamlora.inject import adapter_layers, attach, detach
+from dreamlora.inject import adapter_layers, attach, attach_at, detach
+from dreamlora.layer_kinds import file_key_spellings
+from dreamlora.methods import METHODS
 
 FORMAT = "dreamlora"
 FORMAT_VERSION = "1"
@@ -151,7 +153,7 @@ def load(model: nn.Module, path: str | os.PathLike, name: str | None = None) -> 
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     trainable = {id(p): p.requires_grad for p in model.parameters()}
     try:
-        attach(model, config, name)
+        _attach_from_file(model, config, name, tensors)
     except (ValueError, TypeError) as e:
         raise ValueError(f"cannot load {str(path)!r} into {type(model).__name__}: {e}") from None
     try:
@@ -165,6 +167,21 @@ def load(model: nn.Module, path: str | os.PathLike, name: str | None = None) -> 
             p.requires_grad_(trainable.get(id(p), p.requires_grad))
         raise
     return model
+
+
+def _attach_from_file(model: nn.Module, config: AdapterConfig, name: str, tensors: dict[str, torch.Tensor]) -> None:
+    """List patterns from a file are matched as `attach` matches them (string comparisons only). A regular
+    expression from a file is never run: a file is untrusted input and Python's `re` can backtrack for hours on
+    a crafted pattern. The file's own keys name the layers it adapts, so the adapter goes exactly there; the
+    config keeps the regex as text, so the next `save` writes it back."""
+    if not (isinstance(config.target_modules, str) or isinstance(config.exclude_modules, str)):
+        attach(model, config, name)
+        return
+    suffixes = {s for key in METHODS[config.method].file_keys.values() for s in file_key_spellings(key)}
+    paths = sorted({k[: -len(s) - 1] for k in tensors for s in suffixes if k.endswith("." + s)})
+    if not paths:
+        raise ValueError(f"it holds no {config.method} adapter tensors (keys ending in {sorted(suffixes)})")
+    attach_at(model, config, name, paths)
 
 
 def load_weights(model: nn.Module, path: str | os.PathLike, name: str = "default") -> nn.Module:

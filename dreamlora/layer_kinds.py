@@ -176,6 +176,16 @@ class EmbeddingKind(TransposedKind):
         return None
 
 
+def file_key_spellings(key: str) -> set[str]:
+    """Every way some layer kind spells file key `key` (PEFT renames a few per layer type)."""
+    kinds, spellings = [LinearKind], {key}
+    while kinds:
+        kind = kinds.pop()
+        spellings.add(kind.file_key_names.get(key, key))
+        kinds.extend(kind.__subclasses__())
+    return spellings
+
+
 def kind_of(module: nn.Module) -> LinearKind:
     """The view of a supported layer; `UnsupportedLayer` for anything else."""
     if isinstance(module, nn.Linear):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from safetensors import safe_open
 from torch import nn
@@ -84,3 +85,75 @@ def test_embedding_keys_follow_peft(tmp_path):
     assert shapes == {"tokens.lora_embedding_A": (2, 30), "tokens.lora_embedding_B": (8, 2)}
     tensors, _ = dreamlora.peft_lora_state_dict(model)
     assert set(tensors) == {"tokens.lora_embedding_A", "tokens.lora_embedding_B"}
+
+
+class LongNames(nn.Module):
+    """Module names on which `(a+)+b` backtracks exponentially (2^22 paths: seconds; each extra `a` doubles it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.add_module("a" * 22, nn.Linear(6, 6))
+        self.to_q = nn.Linear(6, 6)
+
+
+def _rewrite_config(path, out, **changes) -> None:
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    meta["config"] = json.dumps({**json.loads(meta["config"]), **changes})
+    save_file(tensors, out, metadata=meta)
+
+
+def test_a_file_saved_from_a_regex_config_loads_where_it_was_saved(tmp_path):
+    torch.manual_seed(0)
+    config = AdapterConfig(rank=2, target_modules=r"(to_q|conv)", exclude_modules=r"nothing")
+    model = attach(Net(), config)
+    with torch.no_grad():
+        for layer in dreamlora.adapter_layers(model, "default").values():
+            layer.lora_B.normal_()
+    path = dreamlora.save(model, tmp_path / "a.safetensors")
+    fresh = Net()
+    fresh.load_state_dict({k.replace("base_layer.", ""): v for k, v in model.state_dict().items()
+                           if "adapters" not in k})
+    dreamlora.load(fresh, path)
+    assert dreamlora.adapter_config(fresh, "default") == config  # the regex is kept, for the next save
+    assert sorted(dreamlora.adapter_layers(fresh, "default")) == ["conv", "to_q"]
+    x = torch.randn(2, 8)
+    torch.testing.assert_close(fresh.to_q(x), model.to_q(x), rtol=0, atol=0)
+
+
+def test_a_regex_read_from_a_file_is_never_run(tmp_path, monkeypatch):
+    """A file is untrusted input: its `target_modules` / `exclude_modules` regex could backtrack for hours on a
+    model's module names. The file's own keys name the layers it adapts, so `load` attaches there and runs no
+    pattern from the file."""
+    import dreamlora.inject
+
+    model = attach(LongNames(), AdapterConfig(rank=2, target_modules=["to_q"]))
+    path = dreamlora.save(model, tmp_path / "a.safetensors")
+    hostile = tmp_path / "hostile.safetensors"
+    _rewrite_config(path, hostile, target_modules="(a+)+b", exclude_modules="(a|a)*c")
+    ran = []
+    original = dreamlora.inject._matches
+
+    def spy(name, patterns):
+        if isinstance(patterns, str):
+            ran.append(patterns)
+        return original(name, patterns)
+
+    monkeypatch.setattr(dreamlora.inject, "_matches", spy)
+    loaded = dreamlora.load(LongNames(), hostile)
+    assert ran == []
+    assert list(dreamlora.adapter_layers(loaded, "default")) == ["to_q"]
+    assert dreamlora.adapter_config(loaded, "default").target_modules == "(a+)+b"  # kept as text, never run
+
+
+def test_a_file_naming_a_module_the_model_lacks_is_refused_by_name(tmp_path):
+    model = attach(LongNames(), AdapterConfig(rank=2, target_modules=".*to_q"))
+    path = dreamlora.save(model, tmp_path / "a.safetensors")
+    with pytest.raises(ValueError, match=r"cannot load '.*a.safetensors' into Sequential: .*module 'to_q'"):
+        dreamlora.load(nn.Sequential(nn.Linear(6, 6)), path)
+    not_adaptable = nn.Module()
+    not_adaptable.to_q = nn.LayerNorm(6)
+    with pytest.raises(ValueError, match=r"cannot load '.*a.safetensors' into Module: .*'to_q' \(LayerNorm\)"):
+        dreamlora.load(not_adaptable, path)

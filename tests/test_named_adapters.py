@@ -123,3 +123,12 @@ def test_merging_two_adapters_on_a_half_precision_layer_rounds_once(second):
     merged = dreamlora.merge(model)[0].weight
     assert merged.dtype == torch.float16
     assert torch.equal(merged, expected), f"{(merged != expected).sum().item()} of {merged.numel()} entries differ"
+
+
+@pytest.mark.parametrize("name", ["train", "eval", "forward", "training", "keys"])
+def test_names_taken_by_module_attributes_are_refused_before_anything_changes(name):
+    """Adapters live in an nn.ModuleDict, which cannot hold a key named like one of its own attributes."""
+    model = TwoLayers()
+    with pytest.raises(ValueError, match=rf"adapter name '{name}' is the name of an nn.ModuleDict attribute"):
+        attach(model, AdapterConfig(rank=2, target_modules=["a"]), name)
+    assert isinstance(model.a, nn.Linear) and all(p.requires_grad for p in model.parameters())
