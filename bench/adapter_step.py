@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 from report import write_report  # bench/report.py (scripts run from bench/)
+from step_clock import reset_peak
 
 CONFIGS = ["floor", "dreamlora-lora", "dreamlora-dora", "dreamlora-singlora", "peft-lora", "peft-dora",
            "peft-singlora"]
@@ -58,21 +59,9 @@ def attach_adapter(unet, config: str, rank: int) -> None:
                                     use_dora=config == "peft-dora"))
 
 
-def _status_mib(field: str) -> float:
-    with open("/proc/self/status") as f:
-        line = next(line for line in f if line.startswith(field + ":"))
-    return int(line.split()[1]) / 1024  # kB
-
-
-def reset_peak_rss() -> float:
-    """Forget the peak left by model loading (Linux clear_refs 5) and return the current RSS in MiB."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    return _status_mib("VmRSS")
-
-
 def peak_rss_mib() -> float:
-    return _status_mib("VmHWM")
+    with open("/proc/self/status") as f:
+        return int(next(line for line in f if line.startswith("VmHWM:")).split()[1]) / 1024  # kB
 
 
 def cached_sd15_unet(device: str, dtype: torch.dtype):
@@ -112,7 +101,7 @@ def worker(config: str, rank: int, latent: int, steps: int, warmup: int, device:
     context = torch.randn(1, 77, 768, generator=gen).to(device, dt)
     target = torch.randn(1, 4, latent, latent, generator=gen).to(device, torch.float32)
     timestep = torch.tensor([500], device=device)
-    baseline_rss = reset_peak_rss()
+    baseline_rss = reset_peak()  # after set-up: spare heap released, peak forgotten (see step_clock.py)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
         baseline_cuda = torch.cuda.memory_allocated()
@@ -148,7 +137,8 @@ def worker(config: str, rank: int, latent: int, steps: int, warmup: int, device:
 def run_one(config: str, rank: int, args) -> dict:
     cmd = [sys.executable, __file__, "--worker", config, "--ranks", str(rank), "--latent", str(args.latent),
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--device", args.device, "--dtype", args.dtype]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
@@ -177,8 +167,9 @@ def summarise(runs: list[dict], ranks: list[int]) -> list[dict]:
 
 def markdown(rows: list[dict], args) -> str:
     head = (f"SD 1.5 UNet, {args.latent}×{args.latent} latents, batch 1, attention targets, AdamW, "
-            f"{args.device} {args.dtype}; fastest of {args.steps} steps × {args.rounds} interleaved rounds "
-            "(median beside)\n\n"
+            f"{args.device} {args.dtype}, {args.threads} CPU thread(s); fastest of {args.steps} steps × {args.rounds} "
+            "interleaved rounds (median beside); train mem = peak above the RSS after set-up (CPU; spare heap "
+            "trimmed first) or CUDA max_memory_allocated above the allocated memory after set-up\n\n"
             "| rank | config | trainable params | step (s) | median (s) | × floor | × our lora | train mem (MiB) |\n"
             "|---:|---|---:|---:|---:|---:|---:|---:|\n")
     return head + "".join(
@@ -197,6 +188,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="interleaved repetitions of every configuration")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of every worker (CPU)")
     parser.add_argument("--output", default=str(RESULTS / "adapter_step"), help="path stem for .json and .md")
     parser.add_argument("--quick", action="store_true", help="rank 4, 3 steps, 1 round")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -218,7 +210,7 @@ def main() -> None:
     runs = [run_one(c, r, args) for c, r in tqdm(jobs, desc="adapter step bench", unit="process")]
     rows = summarise(runs, ranks)
     table = markdown(rows, args)
-    meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
+    meta = {"torch": torch.__version__, "threads": args.threads, "machine": platform.machine(),
             "cpu_count": os.cpu_count(), "args": vars(args)}
     write_report(args.output, {"meta": meta, "rows": rows, "runs": runs}, table)
 

@@ -1,12 +1,16 @@
-"""Steady-state training speed of `dreamlora/train.py` on the embedded tiny model, per method.
+"""Steady-state training speed of `dreamlora/train.py` on the embedded tiny model, per method, beside diffusers.
 
-Settings of the issue's anchor (diffusers' train_dreambooth_lora.py at about 16 it/s on 2 CPU cores):
-64 px, rank 4, batch 1, 60 steps, attention targets, frozen text encoder. Two rates per run: "steady"
-(progress file, step 10 to the end) and "whole bar" (all steps over the time since the loop started, which is
-what tqdm prints). `--diffusers_script PATH` also runs diffusers' script (not shipped in any diffusers
-package, so the user supplies it) on the same model and photos, and reads the rate its tqdm bar printed.
+Settings of the issue's anchor (diffusers' train_dreambooth_lora.py on 2 CPU cores): 64 px, rank 4, batch 1,
+attention targets, frozen text encoder, `--steps` optimizer steps, `--threads` CPU threads (1 by default: on a
+shared machine, more threads make every step wait for the slowest core). Every run, ours and diffusers' alike,
+goes through `bench/step_clock.py`: the same perf_counter clock at each update of the script's step bar (one per
+optimizer step), the same statistic (median step after `--skip` warm-up steps), the same memory measures, each
+run a fresh process. Rounds interleave the runs; each row keeps its fastest round (interference from other work
+only adds time).
+`--diffusers_script PATH` adds diffusers' script (shipped in no diffusers package: pass your copy of
+examples/dreambooth/train_dreambooth_lora.py) on the same model and photos; ratios are to its rate.
 
-    python bench/train_speed.py [--diffusers_script train_dreambooth_lora.py]
+    python bench/train_speed.py [--diffusers_script train_dreambooth_lora.py] [--steps 40 --rounds 2]
 """
 
 from __future__ import annotations
@@ -14,77 +18,101 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 from report import write_report  # bench/report.py (scripts run from bench/)
+from step_clock import run_checked, step_stats, step_times
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).parent / "results"
 METHODS = ("lora", "loraplus", "dora", "singlora")
+DIFFUSERS = "diffusers"
+PHOTOS = ROOT / "tests" / "assets" / "dog"
 
 
-def rates(progress: Path, skip: int = 10) -> tuple[float, float]:
-    """(steady it/s from step `skip`, whole-bar it/s from the loop's start)."""
-    records = [json.loads(line) for line in progress.read_text().splitlines()]
-    started = next(r["time"] for r in records if r.get("event") == "started")
-    steps = [r for r in records if r.get("event") == "step"]
-    steady = [r for r in steps if r["step"] >= skip]
-    return ((steady[-1]["step"] - steady[0]["step"]) / (steady[-1]["time"] - steady[0]["time"]),
-            steps[-1]["step"] / (steps[-1]["time"] - started))
+def command(run: str, model: Path, out: Path, steps: int, diffusers_script: str | None) -> list[str]:
+    """The training command of one run: the same model, photos, size, rank, batch and step count for all."""
+    common = ["--pretrained_model_name_or_path", str(model), "--instance_data_dir", str(PHOTOS),
+              "--instance_prompt", "a photo of sks dog", "--output_dir", str(out), "--resolution", "64",
+              "--center_crop", "--rank", "4", "--train_batch_size", "1", "--max_train_steps", str(steps),
+              "--checkpointing_steps", "100000", "--lr_warmup_steps", "0", "--seed", "0"]
+    if run == DIFFUSERS:
+        return [diffusers_script, *common, "--report_to", "tensorboard"]
+    return [str(ROOT / "dreamlora" / "train.py"), *common, "--adapter", run, "--report_to", "none"]
 
 
-def diffusers_rate(script: Path, model: Path, photos: Path, out: Path, steps: int, env: dict) -> float:
-    proc = subprocess.run([sys.executable, str(script), "--pretrained_model_name_or_path", str(model),
-                           "--instance_data_dir", str(photos), "--instance_prompt", "a photo of sks dog",
-                           "--output_dir", str(out), "--resolution", "64", "--center_crop", "--train_batch_size", "1",
-                           "--rank", "4", "--max_train_steps", str(steps), "--lr_warmup_steps", "0", "--seed", "0"],
-                          check=True, env=env, cwd=ROOT, capture_output=True, text=True)
-    final = [line for line in proc.stderr.replace("\r", "\n").splitlines() if f"{steps}/{steps}" in line]
-    return float(re.search(r"([0-9.]+)it/s", final[-1]).group(1))
+def clocked(run: str, model: Path, tmp: Path, args, round_: int) -> dict:
+    """One fresh process of one run under the step clock: its steady rate and memory."""
+    out, report = tmp / f"{run}-{round_}", tmp / f"{run}-{round_}.clock.json"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(args.threads)}
+    run_checked([sys.executable, str(Path(__file__).parent / "step_clock.py"), "--steps", str(args.steps),
+                 str(report), *command(run, model, out, args.steps, args.diffusers_script)], env)
+    clock = json.loads(report.read_text())
+    return {"run": run, **step_stats(step_times(clock, args.steps), args.skip),
+            "peak_rss_mib": clock["peak_rss_mib"], "loop_peak_mib": clock["loop_peak_mib"]}
+
+
+def summarise(results: list[dict], runs: list[str]) -> list[dict]:
+    """Fastest round per run; memory as the largest over rounds; ratios to diffusers' rate if it ran."""
+    rows = []
+    for run in runs:
+        mine = [r for r in results if r["run"] == run]
+        rows.append({"run": run, "it_per_s": 1 / min(r["step_s_median"] for r in mine),
+                     "fastest_step_s": min(r["step_s_min"] for r in mine),
+                     "rounds_step_s_median": [r["step_s_median"] for r in mine],
+                     "peak_rss_mib": max(r["peak_rss_mib"] for r in mine),
+                     "loop_peak_mib": max(r["loop_peak_mib"] for r in mine)})
+    ref = next((r for r in rows if r["run"] == DIFFUSERS), None)
+    lora = next(r for r in rows if r["run"] == "lora")
+    for row in rows:
+        row["x_lora_speed"] = row["it_per_s"] / lora["it_per_s"]
+        if ref is not None:
+            row["x_diffusers_speed"] = row["it_per_s"] / ref["it_per_s"]
+            row["x_diffusers_loop_mem"] = row["loop_peak_mib"] / ref["loop_peak_mib"]
+    return rows
+
+
+def markdown(rows: list[dict], args) -> str:
+    def cell(row, key):
+        return "–" if key not in row else f"{row[key]:.2f}"
+
+    names = {DIFFUSERS: "diffusers train_dreambooth_lora.py (PEFT LoRA)"}
+    return (f"Tiny SD model, 64 px, rank 4, batch 1, CPU fp32, {args.threads} thread(s); each run a fresh process "
+            f"under bench/step_clock.py; it/s = 1 / median step after {args.skip} warm-up steps of {args.steps}, "
+            f"fastest of {args.rounds} interleaved rounds; "
+            "loop memory = peak RSS above the RSS at the step bar's creation\n\n"
+            "| run | it/s | × our lora | × diffusers | loop memory (MiB) | loop memory × diffusers | "
+            "peak RSS (MiB) |\n|---|---:|---:|---:|---:|---:|---:|\n" + "".join(
+                f"| {names.get(r['run'], 'dreamlora ' + r['run'])} | {r['it_per_s']:.1f} | {r['x_lora_speed']:.2f} | "
+                f"{cell(r, 'x_diffusers_speed')} | {r['loop_peak_mib']:.0f} | {cell(r, 'x_diffusers_loop_mem')} | "
+                f"{r['peak_rss_mib']:.0f} |\n" for r in rows))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--skip", type=int, default=5, help="warm-up steps left out of the rate")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of every run")
+    parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--diffusers_script", default=None, help="path to diffusers' train_dreambooth_lora.py")
     parser.add_argument("--output", default=str(RESULTS / "train_speed"))
     args = parser.parse_args()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    rows = []
+    if args.diffusers_script and not Path(args.diffusers_script).is_file():
+        sys.exit(f"--diffusers_script: no such file {args.diffusers_script}")
+    runs = args.methods.split(",") + ([DIFFUSERS] if args.diffusers_script else [])
+    if "lora" not in runs:
+        sys.exit("--methods must include lora (the ratios are to it)")
     with tempfile.TemporaryDirectory() as tmp:
         model = Path(tmp) / "tiny"
-        subprocess.run([sys.executable, "-m", "dreamlora.tiny", str(model)], check=True, env=env, cwd=ROOT,
-                       capture_output=True)
-        for method in METHODS:
-            out = Path(tmp) / method
-            subprocess.run([sys.executable, str(ROOT / "dreamlora" / "train.py"), "--pretrained_model_name_or_path",
-                            str(model), "--instance_data_dir", str(ROOT / "tests" / "assets" / "dog"),
-                            "--instance_prompt", "a photo of sks dog", "--output_dir", str(out), "--resolution", "64",
-                            "--center_crop", "--adapter", method, "--rank", "4", "--train_batch_size", "1",
-                            "--max_train_steps", str(args.steps), "--checkpointing_steps", "100000",
-                            "--report_to", "none"], check=True, env=env, cwd=ROOT, capture_output=True)
-            run = json.loads((out / "run.json").read_text())
-            steady, whole = rates(out / "progress.jsonl")
-            rows.append({"method": f"dreamlora {method}", "it_per_s": steady, "whole_bar_it_per_s": whole,
-                         "trainable_params": run["trainable_params"], "peak_memory_mib": run["peak_memory_mib"]})
-        if args.diffusers_script:
-            rate = diffusers_rate(Path(args.diffusers_script), model, ROOT / "tests" / "assets" / "dog",
-                                  Path(tmp) / "diffusers", args.steps, env)
-            rows.append({"method": "diffusers train_dreambooth_lora.py (PEFT LoRA)", "it_per_s": None,
-                         "whole_bar_it_per_s": rate, "trainable_params": None, "peak_memory_mib": None})
-
-    def cell(value, fmt):
-        return "–" if value is None else format(value, fmt)
-
-    table = ("| run | it/s steady | it/s whole bar | trainable params | peak RSS (MiB) |\n"
-             "|---|---:|---:|---:|---:|\n" + "".join(
-                 f"| {r['method']} | {cell(r['it_per_s'], '.1f')} | {r['whole_bar_it_per_s']:.1f} | "
-                 f"{cell(r['trainable_params'], ',')} | {cell(r['peak_memory_mib'], '.0f')} |\n" for r in rows))
-    write_report(args.output, {"args": vars(args), "rows": rows}, table)
+        subprocess.run([sys.executable, "-m", "dreamlora.tiny", str(model)], check=True, cwd=ROOT,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True)
+        results = [clocked(run, model, Path(tmp), args, i) for i in range(args.rounds) for run in runs]
+    rows = summarise(results, runs)
+    write_report(args.output, {"args": vars(args), "rows": rows}, markdown(rows, args))
 
 
 if __name__ == "__main__":

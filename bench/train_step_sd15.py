@@ -1,11 +1,13 @@
-"""`dreamlora/train.py` itself on the SD 1.5 architecture (random weights) at 256 px, per method.
+"""`dreamlora/train.py` itself on the SD 1.5 architecture (random weights), per method, against a floor of the same run.
 
-Builds `python -m dreamlora.tiny --preset sd15` once (cached under bench/results/.cache), then trains each
-method for a few steps on the four test photos with --cache_latents (the VAE encodes each image once) and
-reports the steady step time from the progress file and the peak RSS from run.json. The frozen-base floor
-for the same UNet step comes from adapter_step.py's last run (bench/results/adapter_step.json).
+Builds `python -m dreamlora.tiny --preset sd15` once (cached under bench/results/.cache), then trains each method
+for a few steps on the four test photos with --cache_latents (the VAE encodes each image once). The floor is
+train.py too, in the same loop: a rank-1 LoRA on `conv_in` alone, so the backward pass runs through every layer of
+the frozen UNet (as a gradient to the input would) while the adapter itself costs nothing. Every row is a fresh
+process under `bench/step_clock.py` (same clock at each step-bar update, same memory measures), rounds
+interleaved, fastest round kept; every ratio is between rows of this one run.
 
-    python bench/train_step_sd15.py     # writes bench/results/train_step_sd15.{json,md}
+    python bench/train_step_sd15.py [--resolution 256 --steps 8 --rounds 2]   # bench/results/train_step_sd15.*
 """
 
 from __future__ import annotations
@@ -13,65 +15,89 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 from report import write_report  # bench/report.py (scripts run from bench/)
+from step_clock import run_checked, step_stats, step_times
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).parent / "results"
+FLOOR = "floor"
 METHODS = ("lora", "loraplus", "dora", "singlora")
 
 
-def step_times(progress: Path, skip: int) -> list[float]:
-    steps = [json.loads(line) for line in progress.read_text().splitlines()]
-    times = [s["time"] for s in steps if s.get("event") == "step"]
-    return [b - a for a, b in zip(times[skip:], times[skip + 1:], strict=False)]
+def command(run: str, model: Path, out: Path, args) -> list[str]:
+    adapter = (["--adapter", "lora", "--rank", "1", "--target_modules", "conv_in"] if run == FLOOR
+               else ["--adapter", run, "--rank", str(args.rank)])
+    return [str(ROOT / "dreamlora" / "train.py"), "--pretrained_model_name_or_path", str(model),
+            "--instance_data_dir", str(ROOT / "tests" / "assets" / "dog"), "--instance_prompt", "a photo of sks dog",
+            "--output_dir", str(out), "--resolution", str(args.resolution), "--center_crop", "--cache_latents",
+            *adapter, "--max_train_steps", str(args.steps), "--checkpointing_steps", "100000", "--report_to", "none"]
 
 
-def floor_step_s(rank: int) -> float | None:
-    path = RESULTS / "adapter_step.json"
-    if not path.is_file():
-        return None
-    rows = json.loads(path.read_text())["rows"]
-    return next((r["step_s"] for r in rows if r["config"] == "floor" and r["rank"] == rank), None)
+def clocked(run: str, model: Path, tmp: Path, args, round_: int) -> dict:
+    out, report = tmp / f"{run}-{round_}", tmp / f"{run}-{round_}.clock.json"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(args.threads)}
+    run_checked([sys.executable, str(Path(__file__).parent / "step_clock.py"), "--steps", str(args.steps),
+                 str(report), *command(run, model, out, args)], env)
+    clock = json.loads(report.read_text())
+    trainable = json.loads((out / "run.json").read_text())["trainable_params"]
+    return {"run": run, **step_stats(step_times(clock, args.steps), args.skip), "trainable_params": trainable,
+            "peak_rss_mib": clock["peak_rss_mib"], "loop_peak_mib": clock["loop_peak_mib"]}
+
+
+def summarise(results: list[dict], runs: list[str]) -> list[dict]:
+    """Per row its fastest round (median and fastest step) and its largest memory; ratios to the floor row."""
+    rows = []
+    for run in runs:
+        mine = [r for r in results if r["run"] == run]
+        rows.append({"run": run, "step_s_median": min(r["step_s_median"] for r in mine),
+                     "step_s_min": min(r["step_s_min"] for r in mine), "trainable_params": mine[0]["trainable_params"],
+                     "peak_rss_mib": max(r["peak_rss_mib"] for r in mine),
+                     "loop_peak_mib": max(r["loop_peak_mib"] for r in mine)})
+    floor = rows[0]
+    for row in rows:
+        row["x_floor_median"] = row["step_s_median"] / floor["step_s_median"]
+        row["x_floor_min"] = row["step_s_min"] / floor["step_s_min"]
+        row["loop_mem_over_floor_mib"] = row["loop_peak_mib"] - floor["loop_peak_mib"]
+    return rows
+
+
+def markdown(rows: list[dict], args) -> str:
+    return (f"train.py, SD 1.5 architecture (random), {args.resolution} px, batch 1, rank {args.rank}, attention "
+            f"targets, --cache_latents, CPU fp32, {args.threads} thread(s). Floor: the same train.py loop with a "
+            f"rank-1 LoRA on conv_in only (backward through the whole frozen UNet). Median and fastest step after "
+            f"{args.skip} warm-up steps of {args.steps}, fastest of {args.rounds} interleaved rounds, each row a fresh "
+            "process; loop memory = peak RSS above the RSS when the step bar was created\n\n"
+            "| run | step (s, median) | × floor | step (s, fastest) | × floor | trainable params | loop memory (MiB) "
+            "| − floor (MiB) | peak RSS (MiB) |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|\n" + "".join(
+                f"| {r['run']} | {r['step_s_median']:.3f} | {r['x_floor_median']:.3f} | {r['step_s_min']:.3f} | "
+                f"{r['x_floor_min']:.3f} | {r['trainable_params']:,} | {r['loop_peak_mib']:.0f} | "
+                f"{r['loop_mem_over_floor_mib']:+.0f} | {r['peak_rss_mib']:.0f} |\n" for r in rows))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--resolution", type=int, default=256)
     parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--skip", type=int, default=2, help="warm-up steps left out")
+    parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--rank", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of every run")
+    parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--output", default=str(RESULTS / "train_step_sd15"))
     args = parser.parse_args()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     model = RESULTS / ".cache" / "sd15-random"
     if not (model / "model_index.json").is_file():
-        subprocess.run([sys.executable, "-m", "dreamlora.tiny", str(model), "--preset", "sd15"], check=True,
-                       env=env, cwd=ROOT)
-    rows = []
-    for method in METHODS:
-        with tempfile.TemporaryDirectory() as tmp:
-            subprocess.run([sys.executable, str(ROOT / "dreamlora" / "train.py"), "--pretrained_model_name_or_path",
-                            str(model), "--instance_data_dir", str(ROOT / "tests" / "assets" / "dog"),
-                            "--instance_prompt", "a photo of sks dog", "--output_dir", tmp, "--resolution", "256",
-                            "--center_crop", "--cache_latents", "--adapter", method, "--rank", str(args.rank),
-                            "--max_train_steps", str(args.steps), "--checkpointing_steps", "100000",
-                            "--report_to", "none"], check=True, env=env, cwd=ROOT, capture_output=True)
-            run = json.loads((Path(tmp) / "run.json").read_text())
-            times = step_times(Path(tmp) / "progress.jsonl", skip=2)
-        rows.append({"method": method, "step_s_min": min(times), "step_s_median": sorted(times)[len(times) // 2],
-                     "trainable_params": run["trainable_params"], "peak_rss_mib": run["peak_memory_mib"]})
-    floor = floor_step_s(args.rank)
-    table = (f"train.py, SD 1.5 architecture (random), 256 px, batch 1, rank {args.rank}, attention targets, "
-             f"--cache_latents, CPU fp32; frozen-base UNet floor {floor if floor is None else round(floor, 3)} s "
-             "(adapter_step.py)\n\n| method | step (s, min) | step (s, median) | × floor | trainable params | "
-             "peak RSS (MiB) |\n|---|---:|---:|---:|---:|---:|\n" + "".join(
-                 f"| {r['method']} | {r['step_s_min']:.3f} | {r['step_s_median']:.3f} | "
-                 f"{(r['step_s_min'] / floor) if floor else float('nan'):.3f} | {r['trainable_params']:,} | "
-                 f"{r['peak_rss_mib']:.0f} |\n" for r in rows))
-    write_report(args.output, {"args": vars(args), "floor_step_s": floor, "rows": rows}, table)
+        run_checked([sys.executable, "-m", "dreamlora.tiny", str(model), "--preset", "sd15"],
+                    {**os.environ, "HF_HUB_OFFLINE": "1"})
+    runs = [FLOOR, *args.methods.split(",")]
+    with tempfile.TemporaryDirectory() as tmp:
+        results = [clocked(run, model, Path(tmp), args, i) for i in range(args.rounds) for run in runs]
+    rows = summarise(results, runs)
+    write_report(args.output, {"args": vars(args), "rows": rows, "results": results}, markdown(rows, args))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,127 @@
+"""Run a training script under one clock: `python bench/step_clock.py OUT.json SCRIPT [ARGS...]`.
+
+Every training script compared here (`dreamlora/train.py`, diffusers' `train_dreambooth_lora.py`) advances a tqdm
+bar once per optimizer step. This wrapper patches tqdm's `update` to note `time.perf_counter()` at each update,
+runs SCRIPT as `__main__` with ARGS, and writes, per bar, the update times, plus memory measured the same way for
+every script:
+
+- `peak_rss_mib`: the whole process's peak resident set (VmHWM), loading included;
+- `loop_peak_mib`: the peak above the resident set at the moment the step bar was created (after loading and set-up,
+  before the first step): activations, gradients and optimizer states. At that moment the wrapper first hands back
+  what Python and glibc hold spare (gc, malloc_trim), then resets the peak (Linux clear_refs 5): heap an earlier
+  phase left free (a load, DoRA's norms) would otherwise be reused by the loop without showing in its peak.
+
+Step times are then summarised by `step_stats` for every script alike. Linux only (/proc).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import json
+import runpy
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def _status_mib(field: str) -> float:
+    with open("/proc/self/status") as f:
+        return int(next(line for line in f if line.startswith(field + ":")).split()[1]) / 1024
+
+
+def reset_peak() -> float:
+    """Release spare heap, forget the peak so far, and return the resident set now (MiB)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the peak then includes whatever the heap keeps
+        pass
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _status_mib("VmRSS")
+
+
+class Clock:
+    """Update times per bar, and the resident set when the first bar of `steps` total was created."""
+
+    def __init__(self, steps: int | None):
+        self.steps, self.bars, self.loop_start_rss = steps, [], None
+
+    def install(self) -> None:
+        from tqdm import std
+
+        clock, init, update = self, std.tqdm.__init__, std.tqdm.update
+
+        def timed_init(bar, *args, **kwargs):
+            init(bar, *args, **kwargs)
+            bar._clock = {"desc": getattr(bar, "desc", None), "total": bar.total, "times": []}
+            clock.bars.append(bar._clock)
+            if clock.loop_start_rss is None and clock.steps is not None and bar.total == clock.steps:
+                clock.loop_start_rss = reset_peak()
+
+        def timed_update(bar, n=1):
+            result = update(bar, n)
+            if hasattr(bar, "_clock"):
+                bar._clock["times"].extend([time.perf_counter()] * int(n))
+            return result
+
+        std.tqdm.__init__, std.tqdm.update = timed_init, timed_update
+
+    def report(self) -> dict:
+        peak = _status_mib("VmHWM")
+        return {"bars": self.bars, "peak_rss_mib": peak, "loop_start_rss_mib": self.loop_start_rss,
+                "loop_peak_mib": None if self.loop_start_rss is None else peak - self.loop_start_rss}
+
+
+def step_times(report: dict, steps: int) -> list[float]:
+    """Update times of the step bar: the bar with `steps` total and the most updates."""
+    bars = [b for b in report["bars"] if b["total"] == steps and b["times"]]
+    if not bars:
+        raise ValueError(f"no progress bar with total {steps} was updated; bars seen: "
+                         f"{[(b['desc'], b['total'], len(b['times'])) for b in report['bars']]}")
+    return max(bars, key=lambda b: len(b["times"]))["times"]
+
+
+def intervals(times: list[float], skip: int) -> list[float]:
+    """Seconds between consecutive step updates, leaving out the first `skip` (warm-up) steps."""
+    if len(times) < skip + 3:
+        raise ValueError(f"need at least {skip + 3} step updates to skip {skip}, got {len(times)}")
+    return [b - a for a, b in zip(times[skip:], times[skip + 1:], strict=False)]
+
+
+def step_stats(times: list[float], skip: int) -> dict:
+    """Median and fastest step after warm-up. The median is the rate a shared machine gives (spikes from other
+    work left out); the fastest step is the cost with the least interference."""
+    steps = intervals(times, skip)
+    return {"step_s_median": statistics.median(steps), "step_s_min": min(steps), "steps_timed": len(steps)}
+
+
+def run_checked(cmd: list[str], env: dict) -> None:
+    """Run a benchmark's subprocess from the repository root; on failure stop with the end of its output."""
+    proc = subprocess.run(cmd, env=env, cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{(proc.stdout + proc.stderr)[-3000:]}")
+
+
+def main() -> None:
+    if len(sys.argv) < 4 or sys.argv[1] != "--steps":
+        sys.exit("usage: step_clock.py --steps N OUT.json SCRIPT [ARGS...]")
+    steps, out, script = int(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4])
+    clock = Clock(steps)
+    clock.install()
+    sys.argv = [str(script), *sys.argv[5:]]
+    sys.path[0] = str(script.resolve().parent)  # as `python SCRIPT` would
+    code = 0
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    except SystemExit as stop:
+        code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+    out.write_text(json.dumps(clock.report()))
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()
