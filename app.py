@@ -24,7 +24,14 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 import gradio as gr  # noqa: E402
 
 from dreamlora.train_args import METHOD_CHOICES  # noqa: E402
-from pipelines.app_eval import SCORE_COLUMNS, SCORERS, EvalSettings, Evaluator  # noqa: E402
+from pipelines.app_eval import (  # noqa: E402
+    SCORE_COLUMNS,
+    SCORERS,
+    EvalSettings,
+    Evaluator,
+    default_scorer,
+    scorer_status,
+)
 from pipelines.app_jobs import JobManager, format_seconds  # noqa: E402
 from pipelines.app_safety import MAX_IMAGE_BYTES, MAX_IMAGES, AppInputError  # noqa: E402
 from pipelines.app_sample import Sampler  # noqa: E402
@@ -62,6 +69,7 @@ class App:
         self.jobs = JobManager(runs_dir)
         self.sampler, self.evaluator = Sampler(self.jobs), Evaluator(self.jobs)
         self.base_model, self.allow_server_folders = base_model, allow_server_folders
+        self.scorer_status = scorer_status()  # which scorer works on this machine, checked once
 
     def check_base(self, base_model: str) -> str:
         """Shared or listening beyond this machine, the base model is the server's: a visitor cannot make it
@@ -360,14 +368,17 @@ def sample_tab(app: App, base) -> None:
              [gallery, files, message], api_name="sample", concurrency_id=GPU, concurrency_limit=1)
 
 
-def eval_settings():
+def eval_settings(app: App):
     with gr.Row():
         prompts = gr.Slider(1, 25, value=4, step=1, label="DreamBench prompts", info="of 25; fewer is quicker")
         per = gr.Slider(1, 8, value=1, step=1, label="Images per prompt", info="the paper uses 4")
         steps = gr.Slider(1, 150, value=20, step=1, label="Sampling steps")
         seed = gr.Number(0, label="Seed", precision=0)
-    default = "offline" if os.environ.get("HF_HUB_OFFLINE") == "1" else "paper"
-    scorer = gr.Radio([(text, key) for key, text in SCORERS.items()], value=default, label="Scorer")
+    status = app.scorer_status
+    info = " · ".join(f"{key}: {'works here' if works else 'not available here'} ({why})"
+                      for key, (works, why) in status.items())
+    scorer = gr.Radio([(text, key) for key, text in SCORERS.items()], value=default_scorer(status), label="Scorer",
+                      info=info)
     return [prompts, per, steps, seed, scorer]
 
 
@@ -379,7 +390,7 @@ def evaluate_tab(app: App) -> None:
         c["runs"] = gr.Dropdown([], multiselect=True, label="Runs", allow_custom_value=True)
         c["folders"] = gr.Dropdown([], multiselect=True, label="…and/or sample folders (from the Sample tab)",
                                    allow_custom_value=True)
-    settings = eval_settings()
+    settings = eval_settings(app)
     go = gr.Button("Evaluate", variant="primary")
     message = gr.Markdown()
     table = gr.Dataframe(table_frame([], SCORE_COLUMNS), interactive=False, wrap=True, label="Scores")
@@ -394,7 +405,7 @@ def compare_tab(app: App) -> None:
                 "what each cost (trainable parameters, training time, peak memory) beside its scores.")
     c["runs"] = gr.Dropdown([], multiselect=True, label="Runs of one subject (two or more)",
                                 allow_custom_value=True)
-    settings = eval_settings()
+    settings = eval_settings(app)
     go = gr.Button("Compare", variant="primary")
     message = gr.Markdown()
     grids = gr.Gallery(label="One grid per prompt (columns: runs)", columns=2, height="auto", object_fit="contain",

@@ -25,8 +25,9 @@ def read_run(run_dir: Path) -> dict:
     overall = [s for s in scores["summary"] if s["subject"] == "all"]
     if len(overall) != 1:
         raise CompareError(f"{str(run_dir)!r}: expected the scores of one method, found {len(overall)}")
-    row = {"run": run_dir.name, **{k: overall[0][k] for k in ("method", "n", "dino", "dino_std", "clip_i",
-                                                                "clip_i_std", "clip_t", "clip_t_std")}}
+    row = {"run": run_dir.name, **{k: overall[0].get(k) for k in ("method", "n", "dino", "dino_std", "clip_i",
+                                                                    "clip_i_std", "clip_t", "clip_t_std", "extra",
+                                                                    "extra_std")}}
     generation = run_dir / "run.json"
     adapters = json.loads(generation.read_text()).get("adapters", []) if generation.is_file() else []
     if isinstance(adapters, dict):  # several subjects, each with its own adapter: cost of the first
@@ -53,22 +54,34 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+SUBJECT_METRICS = (("dino", "DINO"), ("clip_i", "CLIP-I"), ("extra", "EfficientNet-Lite0"))
+
+
 def plot(rows: list[dict], path: Path) -> Path:
-    """Subject fidelity (DINO) against prompt fidelity (CLIP-T), one labelled point per run."""
+    """Subject fidelity (DINO, else CLIP-I, else the extra backbone) against prompt fidelity (CLIP-T), one
+    labelled point per run; without CLIP-T (CLIP off, or no prompts), a bar per run of the subject fidelity."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    y, y_label = next(((m, label) for m, label in SUBJECT_METRICS if any(r.get(m) is not None for r in rows)),
+                      ("dino", "DINO"))
     fig, ax = plt.subplots(figsize=(5.5, 4.2), constrained_layout=True)
-    for r in rows:
-        if r["clip_t"] is None:  # scored without prompts: no CLIP-T to place it on
-            continue
-        ax.errorbar(r["clip_t"], r["dino"], xerr=r["clip_t_std"], yerr=r["dino_std"], fmt="o", capsize=3)
+    placed = [r for r in rows if r.get("clip_t") is not None and r.get(y) is not None]
+    for r in placed:
+        ax.errorbar(r["clip_t"], r[y], xerr=r["clip_t_std"], yerr=r[f"{y}_std"], fmt="o", capsize=3)
         label = r["method"] + (f" r{r['rank']}" if r.get("rank") else "")
-        ax.annotate(label, (r["clip_t"], r["dino"]), textcoords="offset points", xytext=(5, 5))
-    ax.set_xlabel("CLIP-T (prompt fidelity)")
-    ax.set_ylabel("DINO (subject fidelity)")
+        ax.annotate(label, (r["clip_t"], r[y]), textcoords="offset points", xytext=(5, 5))
+    if placed:
+        ax.set_xlabel("CLIP-T (prompt fidelity)")
+    else:
+        scored = [r for r in rows if r.get(y) is not None]
+        ax.bar(range(len(scored)), [r[y] for r in scored], yerr=[r[f"{y}_std"] or 0 for r in scored], capsize=3,
+               color="#8fb3d9", edgecolor="#2b5d8c")
+        ax.set_xticks(range(len(scored)), [r["run"] for r in scored], rotation=20)
+        ax.set_title("no CLIP-T (CLIP off, or no prompts)")
+    ax.set_ylabel(f"{y_label} (subject fidelity)")
     ax.grid(alpha=0.3)
     from eval.plots import save_figure
 

@@ -16,14 +16,17 @@ def method_bars(summary: list[dict], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     methods = sorted({s["method"] for s in summary})
-    fig, axes = plt.subplots(1, len(METRICS), figsize=(4 * len(METRICS), 3.6), constrained_layout=True)
-    for ax, (metric, label) in zip(axes, METRICS, strict=True):
-        overall = [next(s[metric] for s in summary if s["method"] == m and s["subject"] == "all") for m in methods]
+    # a backbone that was off has no panel; the extra backbone has one when it scored
+    shown = [(m, label) for m, label in (*METRICS, ("extra", "EfficientNet-Lite0"))
+             if any(s.get(m) is not None for s in summary)] or list(METRICS)
+    fig, axes = plt.subplots(1, len(shown), figsize=(4 * len(shown), 3.6), constrained_layout=True, squeeze=False)
+    for ax, (metric, label) in zip(axes[0], shown, strict=True):
+        overall = [next(s.get(metric) for s in summary if s["method"] == m and s["subject"] == "all") for m in methods]
         overall = [float("nan") if v is None else v for v in overall]  # e.g. CLIP-T without prompts
         ax.bar(range(len(methods)), overall, color="#8fb3d9", edgecolor="#2b5d8c")
         for i, m in enumerate(methods):
-            subjects = [s[metric] for s in summary if s["method"] == m and s["subject"] != "all"
-                        and s[metric] is not None]
+            subjects = [s.get(metric) for s in summary if s["method"] == m and s["subject"] != "all"
+                        and s.get(metric) is not None]
             ax.scatter([i] * len(subjects), subjects, color="#1f3b57", s=12, zorder=3)
         ax.set_xticks(range(len(methods)), methods, rotation=20)
         ax.set_title(label)

