@@ -174,3 +174,27 @@ def test_loaded_pipeline_survives_pipe_to(method, pipeline_and_files):
     assert all(t.device.type == "meta" and t.dtype == torch.float32 for _, t in adapter_tensors(pipe.unet))
     out = unet_call(pipe.unet, "meta", torch.bfloat16)
     assert out.device.type == "meta" and out.shape == fp32_out.shape
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_accelerate_offload_hooks(method):
+    """Model offload (`enable_model_cpu_offload`: the whole model is `.to(device)`-ed before its forward) works
+    for every method. Sequential offload keeps each layer's weights on 'meta' outside that layer's own call:
+    methods that only read the base output work; one that reads W0 itself (DoRA) says what to do instead."""
+    from accelerate import cpu_offload, cpu_offload_with_hook
+
+    model, x = adapted(method, "linear")
+    reference = model(x)
+    moved = copy.deepcopy(model)
+    cpu_offload_with_hook(moved, execution_device=torch.device("meta"))
+    out = moved(x)
+    assert out.device.type == "meta" and out.shape == reference.shape
+
+    sequential = copy.deepcopy(model)
+    cpu_offload(sequential, execution_device=torch.device("cpu"))
+    assert sequential.proj.base_layer.weight.is_meta  # offloaded until the base layer's own call
+    if METHODS[method].reads_base_weight:
+        with pytest.raises(RuntimeError, match=r"sequential CPU offload.*dreamlora.merge"):
+            sequential(x)
+    else:
+        assert torch.equal(sequential(x), reference)

@@ -52,6 +52,9 @@ class AdapterLayer(nn.Module):
     roles: ClassVar[dict[str, str]]
     # the values `AdapterConfig.init` may take for this method; the first is its default (init=None).
     inits: ClassVar[tuple[str, ...]] = ("kaiming", "gaussian")
+    # True when forward reads the base weight itself (DoRA's norm), not only the base layer's output: such a
+    # method cannot run under accelerate's sequential CPU offload, which loads W0 only inside the base's own call.
+    reads_base_weight: ClassVar[bool] = False
 
     def __init__(self, kind: LinearKind, config: AdapterConfig):
         super().__init__()

@@ -26,6 +26,7 @@ class DoRA(LoRA):
     method = "dora"
     file_keys = {**LoRA.file_keys, "lora_magnitude_vector": "lora_magnitude_vector"}
     roles = {**LoRA.roles, "lora_magnitude_vector": "magnitude"}
+    reads_base_weight = True
 
     def __init__(self, kind: LinearKind, config: AdapterConfig):
         super().__init__(kind, config)
@@ -50,6 +51,12 @@ class DoRA(LoRA):
         a = self.kind.down_matrix(self.lora_A)  # (r, d_in)
         b = self.kind.up_matrix(self.lora_B)  # (d_out, r)
         w0 = self.kind.weight_matrix()
+        if w0.is_meta and not a.is_meta:
+            raise RuntimeError(
+                "DoRA needs the base weight in its forward, but it is on the meta device while the adapter is not: "
+                "accelerate's sequential CPU offload (enable_sequential_cpu_offload) loads it only inside the base "
+                "layer's own call. Merge the adapter first (dreamlora.merge) or use enable_model_cpu_offload()."
+            )
         w0_at = (w0 @ a.to(w0.dtype).t()).float()  # (d_out, r)
         cross = (b * w0_at).sum(dim=1)  # (d_out,)
         ba_sq = ((b @ (a @ a.t())) * b).sum(dim=1)  # (d_out,)
