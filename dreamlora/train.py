@@ -27,7 +27,7 @@ from dreamlora import AdapterConfig
 from dreamlora.train_args import ArgError, parse_args, resolve_init
 from pipelines import data as dbdata
 from pipelines import training
-from pipelines.export import write_diffusers_lora, write_kohya_lora
+from pipelines.export import write_tool_files
 from pipelines.loss import denoising_loss, draw_noise, prediction_type
 from pipelines.models import encode_prompts, load_components
 
@@ -312,15 +312,13 @@ def write_outputs(args, output_dir: Path, trained, sd, accelerator, progress, st
     unet, text_encoder = trained["unet"], trained.get("text_encoder")
     for component, model in trained.items():
         dreamlora.save(model, training.adapter_file(output_dir, component))
-    write_diffusers_lora(output_dir, unet, text_encoder)
-    if args.output_kohya_format:
-        write_kohya_lora(output_dir, unet, text_encoder)
+    tool_files = write_tool_files(output_dir, unet, text_encoder, kohya=not args.no_kohya_format)
     config = dataclasses.asdict(dreamlora.adapter_config(unet, "default"))
     training.write_json_atomic(output_dir / "run.json", {
         "args": vars(args), "method": args.adapter, "adapter_config": config,
         "trainable_params": sum(dreamlora.trainable_parameter_count(m) for m in trained.values()),
         "steps": progress.global_step, "finished": finished, "wall_time_s": round(time.time() - started, 2),
-        "final_loss": last_loss, **training.run_environment(accelerator, resume_from),
+        "final_loss": last_loss, "files_for_tools": tool_files, **training.run_environment(accelerator, resume_from),
     })
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from dreamlora.config import SD_ATTENTION
@@ -99,7 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("output")
     g.add_argument("--output_dir", default=None)
-    g.add_argument("--output_kohya_format", action="store_true", help="also write an A1111/ComfyUI file")
+    g.add_argument("--no_kohya_format", action="store_true",
+                   help="skip kohya_lora.safetensors (kohya, LyCORIS, A1111, ComfyUI) and DoRA's comfyui_lora file")
+    g.add_argument("--output_kohya_format", action="store_true",
+                   help="deprecated, no effect: the kohya file is written by default (--no_kohya_format skips it)")
     return p
 
 
@@ -202,5 +206,8 @@ def validate(args: argparse.Namespace) -> None:
         raise ArgError("--cache_latents fixes each image's crop: add --center_crop (random crops cannot be cached)")
     if args.checkpoints_total_limit is not None and args.checkpoints_total_limit <= 0:
         raise ArgError(f"--checkpoints_total_limit must be > 0, got {args.checkpoints_total_limit}")
+    if args.output_kohya_format:  # accepted so that old configs still run
+        print("warning: --output_kohya_format is deprecated and has no effect: the kohya file is written by default",
+              file=sys.stderr)
     if args.report_to == "none":
         args.report_to = None

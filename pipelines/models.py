@@ -17,6 +17,16 @@ class SDComponents:
     noise_scheduler: object
 
 
+def diffusers_dtype_kwargs(dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """`from_pretrained`'s dtype argument under the name the installed diffusers takes: `dtype` from 0.40.0 (PR
+    #14205), which deprecates `torch_dtype` with a FutureWarning; `torch_dtype` before (the floor is 0.34)."""
+    from importlib.metadata import version
+
+    from packaging.version import Version
+
+    return {"dtype" if Version(version("diffusers")) >= Version("0.40.0") else "torch_dtype": dtype}
+
+
 def check_model_path(path: str, flag: str = "--pretrained_model_name_or_path") -> None:
     """A local folder must look like a diffusers SD folder; anything else is taken as a hub id."""
     p = Path(path)

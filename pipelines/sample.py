@@ -60,11 +60,11 @@ class AdapterSpec:
 def load_pipeline(model: str, device: str | None = None, dtype: torch.dtype = torch.float32):
     from diffusers import StableDiffusionPipeline
 
-    from pipelines.models import check_model_path
+    from pipelines.models import check_model_path, diffusers_dtype_kwargs
 
     check_model_path(model)
-    pipe = StableDiffusionPipeline.from_pretrained(model, torch_dtype=dtype, safety_checker=None,
-                                                   requires_safety_checker=False)
+    pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None, requires_safety_checker=False,
+                                                   **diffusers_dtype_kwargs(dtype))
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return pipe.to(device)
 
