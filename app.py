@@ -3,6 +3,12 @@ it, try prompts, and compare methods, without typing an accelerate command.
 
     python app.py                       # http://127.0.0.1:7860, the embedded tiny model, runs in ./runs/app
     python app.py --base_model runwayml/stable-diffusion-v1-5 --runs_dir /data/runs --port 8080
+    python app.py --host 0.0.0.0 --auth_file logins.txt   # beyond this machine: logins required
+
+Shared (`--share`) or listening beyond this machine, the app asks for a login (`--auth USER:PASSWORD`, or
+`--auth_file` with one USER:PASSWORD a line) and refuses to start without one unless `--no_auth` says so. It
+serves only what the page shows (copies in RUNS/_served/), never the uploaded photos, logs or checkpoints, and
+caps the disk each run and all runs may use (`--max_run_gb`, `--max_total_gb`).
 
 UI only. The work is done by plain modules without gradio, which call the same commands and functions a
 user would: `pipelines/app_jobs.py` (training subprocesses: start, follow, stop, resume, list),
@@ -24,6 +30,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 import gradio as gr  # noqa: E402
 
 from dreamlora.train_args import METHOD_CHOICES  # noqa: E402
+from pipelines.app_disk import GB, MIN_FREE_BYTES, DiskQuota  # noqa: E402
 from pipelines.app_eval import (  # noqa: E402
     SCORE_COLUMNS,
     SCORERS,
@@ -33,7 +40,7 @@ from pipelines.app_eval import (  # noqa: E402
     scorer_status,
 )
 from pipelines.app_jobs import JobManager, format_seconds  # noqa: E402
-from pipelines.app_safety import MAX_IMAGE_BYTES, MAX_IMAGES, AppInputError  # noqa: E402
+from pipelines.app_safety import MAX_IMAGE_BYTES, MAX_IMAGES, SERVED, AppInputError, publish  # noqa: E402
 from pipelines.app_sample import Sampler  # noqa: E402
 from pipelines.app_settings import TrainSettings, native_resolution  # noqa: E402
 
@@ -65,8 +72,9 @@ def refused(fn):
 class App:
     """The handlers; each is a thin call into the job, sampling or evaluation module."""
 
-    def __init__(self, runs_dir: Path, base_model: str, allow_server_folders: bool):
-        self.jobs = JobManager(runs_dir)
+    def __init__(self, runs_dir: Path, base_model: str, allow_server_folders: bool, quota: DiskQuota | None = None):
+        self.jobs = JobManager(runs_dir, quota=quota)
+        self.quota = self.jobs.quota
         self.sampler, self.evaluator = Sampler(self.jobs), Evaluator(self.jobs)
         self.base_model, self.allow_server_folders = base_model, allow_server_folders
         self.scorer_status = scorer_status()  # which scorer works on this machine, checked once
@@ -146,9 +154,23 @@ class App:
         eta = f" · ETA {format_seconds(p.eta_s)}" if p.status == "running" and p.eta_s is not None else ""
         loss = f" · loss {p.losses[-1][1]:.4f}" if p.losses else ""
         ckpt = f" · last checkpoint: step {p.checkpoints[-1]}" if p.checkpoints else ""
-        headline = f"**{name}** · {p.status} · step {p.step}/{p.total or '?'}{eta}{loss}{ckpt}"
-        gallery = [(str(f), f.stem.replace("step-", "step ")) for f in p.validation[-8:]]
+        why = f" · {p.stop_reason}" if p.stop_reason else ""
+        headline = f"**{name}** · {p.status} · step {p.step}/{p.total or '?'}{eta}{loss}{ckpt}{why}"
+        gallery = [(str(self.served(f)), f.stem.replace("step-", "step ")) for f in p.validation[-8:]]
         return headline, loss_frame(p.losses), gallery, p.log_tail
+
+    def served(self, path: Path) -> Path:
+        """The copy of a file the page shows, in the one folder the server serves."""
+        return publish(self.jobs.runs_dir, path)
+
+    def download(self, name):
+        """The run's adapter files (those `--adapter RUN_DIR` loads), to download."""
+        if not name:
+            raise AppInputError("Pick a run to download its adapter.")
+        run_dir = self.jobs.existing(name)
+        if not self.jobs.has_adapter(name):
+            raise AppInputError(f"Run {name!r} has no adapter yet: it is written when the run finishes or stops.")
+        return [str(self.served(f)) for f in sorted(run_dir.glob("*_adapter.safetensors"))]
 
     def runs(self):
         """Every run with its status (running / finished / stopped / failed) and whether it can be resumed."""
@@ -196,27 +218,37 @@ class App:
                prompt, negative_prompt, seed, num_images, steps, guidance, size):
         """Images from the base model plus up to four adapters (run, scale); returns the gallery and the files."""
         self.refuse_while_training()
+        self.quota.check()
         adapters = [(adapter_1, scale_1), (adapter_2, scale_2), (adapter_3, scale_3), (adapter_4, scale_4)]
         out, files = self.sampler.sample(self.check_base(base_model), adapters, prompt, negative_prompt, seed,
                                          num_images, steps, guidance, size)
         caption = prompt if len(prompt) < 60 else prompt[:57] + "..."
+        files = [self.served(f) for f in files]
         gallery = [(str(f), f"{caption} (seed {int(seed) + k})") for k, f in enumerate(files)]
         return gallery, [str(f) for f in files], f"{len(files)} images in {out.relative_to(self.jobs.runs_dir)}"
+
+    def check_disk(self, runs) -> None:
+        for name in runs or []:
+            self.quota.check(self.jobs.run_dir(name))
+        self.quota.check()
 
     def evaluate(self, runs, folders, max_prompts, images_per_prompt, steps, seed, scorer):
         """DreamBench generation for the runs, scoring (runs and sample folders), the table and the plot."""
         self.refuse_while_training()
+        self.check_disk(runs)
         settings = EvalSettings(max_prompts, images_per_prompt, steps, seed, scorer)
         rows, plot = self.evaluator.evaluate(list(runs or []), list(folders or []), settings)
-        return table_frame(rows, SCORE_COLUMNS), str(plot), f"Scored {len(rows)} with the {scorer!r} scorer."
+        return table_frame(rows, SCORE_COLUMNS), str(self.served(plot)), \
+            f"Scored {len(rows)} with the {scorer!r} scorer."
 
     def compare(self, runs, max_prompts, images_per_prompt, steps, seed, scorer):
         """One subject, several methods: an image grid per prompt and the score/params/time/memory table."""
         self.refuse_while_training()
+        self.check_disk(runs)
         settings = EvalSettings(max_prompts, images_per_prompt, steps, seed, scorer)
         grids, rows, plot = self.evaluator.compare(list(runs or []), settings)
-        gallery = [(str(g), p) for g, p in grids]
-        return gallery, table_frame(rows, SCORE_COLUMNS), str(plot), f"{len(runs)} runs side by side."
+        gallery = [(str(self.served(g)), p) for g, p in grids]
+        return gallery, table_frame(rows, SCORE_COLUMNS), str(self.served(plot)), f"{len(runs)} runs side by side."
 
 
 def preview_prompts(token: str, class_noun: str):
@@ -250,8 +282,9 @@ def suggest_name(names: list[str]) -> str:
     return f"run-{n}"
 
 
-def build(runs_dir: Path, base_model: str = "tiny", allow_server_folders: bool = True) -> gr.Blocks:
-    app = App(runs_dir, base_model, allow_server_folders)
+def build(runs_dir: Path, base_model: str = "tiny", allow_server_folders: bool = True,
+          quota: DiskQuota | None = None) -> gr.Blocks:
+    app = App(runs_dir, base_model, allow_server_folders, quota)
     with gr.Blocks(title="dreamlora") as demo:
         gr.Markdown(INTRO)
         base = gr.Textbox(base_model, label="Base model", interactive=allow_server_folders,
@@ -312,9 +345,12 @@ def train_tab(app: App, base) -> None:
                 c["run"] = gr.Dropdown([], label="Run", allow_custom_value=True, scale=3)
                 stop = gr.Button("Stop (save a checkpoint)", variant="stop", scale=1)
                 resume = gr.Button("Resume", scale=1)
+                download = gr.Button("Download adapter", scale=1)
             c["headline"] = gr.Markdown(elem_id="run-status")
             c["loss"] = gr.LinePlot(loss_frame([]), x="step", y="loss", title="Training loss", height=240)
             c["validation"] = gr.Gallery(label="Preview images (validation prompt)", columns=4, height=220)
+            c["adapter_files"] = gr.File(label="Adapter files (load with --adapter, or dreamlora.load)",
+                                         file_count="multiple", visible=True, height=90)
             c["log"] = gr.Textbox(label="Trainer log (last lines; all of it in RUNS/<run>/train.log)", lines=8,
                                   max_lines=8, autoscroll=True)
     gr.Markdown("### Runs")
@@ -332,6 +368,7 @@ def train_tab(app: App, base) -> None:
     stop.click(refused(app.stop), c["run"], c["message"], api_name="stop", concurrency_limit=4)
     resume.click(refused(app.resume), c["run"], c["message"], api_name="resume", concurrency_id=GPU,
                  concurrency_limit=1)
+    download.click(refused(app.download), c["run"], c["adapter_files"], api_name="download", concurrency_limit=4)
     panel = [c["headline"], c["loss"], c["validation"], c["log"]]
     c["run"].input(refused(app.progress), c["run"], panel, api_name="progress", concurrency_limit=None)
     gr.Button("Refresh runs", size="sm").click(app.runs, None, c["runs"], api_name="runs", concurrency_limit=None)
@@ -433,32 +470,89 @@ def is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
+class LaunchError(ValueError):
+    """The command line asks for something unsafe or unreadable; the message names the flag."""
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--share", action="store_true", help="also serve through a public gradio.live link")
+    p.add_argument("--auth", action="append", default=[], metavar="USER:PASSWORD", help="a login (repeatable); "
+                   "required with --share or a --host beyond this machine")
+    p.add_argument("--auth_file", default=None, help="a file of USER:PASSWORD lines (# comments): logins that stay "
+                   "off the command line")
+    p.add_argument("--no_auth", action="store_true", help="serve a shared or non-loopback app WITHOUT logins: "
+                   "anyone who reaches it can train, sample and download")
     p.add_argument("--runs_dir", default=str(ROOT / "runs" / "app"), help="where runs, samples and scores live; the "
-                   "only folder the app serves files from")
+                   "app serves only the copies of what the page shows, in RUNS/_served")
     p.add_argument("--base_model", default="tiny", help="default base model: tiny (embedded), a folder or a hub id")
     p.add_argument("--max_queue", type=int, default=32, help="requests waiting for the GPU beyond this are refused")
+    p.add_argument("--max_run_gb", type=float, default=20.0, help="disk one run may use (photos, class images, "
+                   "checkpoints, previews, evaluation images); a run that grows past it is stopped (default 20)")
+    p.add_argument("--max_total_gb", type=float, default=200.0, help="disk all runs, samples and scores may use; "
+                   f"new work is refused past it, or with under {MIN_FREE_BYTES // GB} GB free (default 200)")
     return p.parse_args(argv)
 
 
+def logins(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """--auth and --auth_file as (user, password) pairs; a bad line or file names the flag."""
+    lines = [(f"--auth {value.split(':', 1)[0]}:…", value) for value in args.auth]
+    if args.auth_file:
+        try:
+            text = Path(args.auth_file).read_text(encoding="utf-8")
+        except OSError as e:
+            raise LaunchError(f"--auth_file {args.auth_file!r} cannot be read: {e.strerror or e}") from None
+        lines += [(f"--auth_file {args.auth_file}:{n}", line.strip()) for n, line in enumerate(text.splitlines(), 1)
+                  if line.strip() and not line.lstrip().startswith("#")]
+    pairs = []
+    for where, line in lines:
+        user, sep, password = line.partition(":")
+        if not (sep and user.strip() and password):
+            raise LaunchError(f"{where}: expected USER:PASSWORD with both parts non-empty")
+        pairs.append((user.strip(), password))
+    return pairs
+
+
+def check_access(args: argparse.Namespace) -> list[tuple[str, str]] | None:
+    """The logins to require; shared or beyond this machine without any, refused unless --no_auth."""
+    pairs = logins(args)
+    exposed = args.share or not is_loopback(args.host)
+    if exposed and not pairs and not args.no_auth:
+        where = "--share" if args.share else f"--host {args.host}"
+        raise LaunchError(f"{where} lets anyone who reaches the app train, sample and download: give logins with "
+                          "--auth USER:PASSWORD or --auth_file FILE, or --no_auth to serve it without any")
+    for flag in ("max_run_gb", "max_total_gb"):
+        if not getattr(args, flag) > 0:
+            raise LaunchError(f"--{flag} must be a positive number of GB, got {getattr(args, flag)}")
+    return pairs or None
+
+
 def launch(args: argparse.Namespace, **kwargs):
+    auth = check_access(args)  # before anything listens or is written
     runs_dir = Path(args.runs_dir).resolve()
     local = is_loopback(args.host) and not args.share
-    demo = build(runs_dir, args.base_model, allow_server_folders=local)
+    quota = DiskQuota(runs_dir, int(args.max_run_gb * GB), int(args.max_total_gb * GB), MIN_FREE_BYTES)
+    demo = build(runs_dir, args.base_model, allow_server_folders=local, quota=quota)
     demo.queue(max_size=args.max_queue)
-    return demo, demo.launch(server_name=args.host, server_port=args.port, share=args.share,
-                             allowed_paths=[str(runs_dir)], max_file_size=MAX_IMAGE_BYTES, footer_links=["api"],
+    served = runs_dir / SERVED
+    served.mkdir(parents=True, exist_ok=True)
+    return demo, demo.launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth,
+                             allowed_paths=[str(served)], max_file_size=MAX_IMAGE_BYTES, footer_links=["api"],
                              **kwargs)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if not is_loopback(args.host):
-        print(f"warning: listening on {args.host}: anyone who can reach this machine can use the app", file=sys.stderr)
+    try:
+        auth = check_access(args)
+    except LaunchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if (args.share or not is_loopback(args.host)) and not auth:
+        print(f"warning: {'shared' if args.share else f'listening on {args.host}'} without logins (--no_auth): "
+              "anyone who can reach the app can use it", file=sys.stderr)
     launch(args)
     return 0
 

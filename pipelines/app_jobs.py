@@ -10,7 +10,9 @@ All state lives on disk, so a reloaded page (or a restarted server) finds every 
 
 Stop sends SIGUSR1 (the trainer checkpoints at the next step and exits cleanly), then SIGTERM and SIGKILL to
 the process group if it has not exited within the timeouts. Resume relaunches the saved argv with
-`--resume_from_checkpoint latest`. No gradio here: the UI in app.py is a thin layer over this module.
+`--resume_from_checkpoint latest`. A run whose folder grows past its disk cap (or fills the runs folder) is
+stopped the same way, and says why (`DiskQuota`, pipelines/app_disk.py). No gradio here: the UI in app.py is
+a thin layer over this module.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from PIL import Image
 
 from dreamlora.io import atomic_write_text
 from eval.image_files import FORMAT_SUFFIX
+from pipelines.app_disk import DiskQuota
 from pipelines.app_safety import AppInputError, check_images, check_run_name, inside
 from pipelines.app_settings import SUBJECT, TrainSettings, resolve_base_model
 from pipelines.training import list_checkpoints
@@ -52,6 +55,7 @@ class Progress:
     validation: list[Path] = field(default_factory=list)
     checkpoints: list[int] = field(default_factory=list)
     log_tail: str = ""
+    stop_reason: str | None = None  # set when the app, not the user, stopped it (a disk limit)
 
     @property
     def resumable(self) -> bool:
@@ -122,10 +126,13 @@ def live_group_members(pgid: int) -> list[int]:
 class JobManager:
     """Start, follow, stop and resume training runs under `runs_dir`; one training at a time."""
 
-    def __init__(self, runs_dir: Path, python: str = sys.executable, stop_timeouts: tuple[float, float] = (120, 20)):
+    def __init__(self, runs_dir: Path, python: str = sys.executable, stop_timeouts: tuple[float, float] = (120, 20),
+                 quota: DiskQuota | None = None, disk_check_s: float = 10.0):
         self.runs_dir = Path(runs_dir).resolve()
         self.runs_dir.mkdir(parents=True, exist_ok=True)
         self.python, self.stop_timeouts = python, stop_timeouts
+        self.quota = quota or DiskQuota(self.runs_dir)  # no limits unless given (the app gives them)
+        self.disk_check_s = disk_check_s
         self._procs: dict[str, subprocess.Popen] = {}
         self._lock = threading.Lock()
 
@@ -156,6 +163,7 @@ class JobManager:
             if run_dir.exists():
                 raise AppInputError(f"A run called {settings.name!r} exists already: pick another name, or "
                                     "resume it from the Runs list.")
+            self.quota.check(run_dir, adding=sum(Path(p).stat().st_size for p in photos))
             data = run_dir / "data" / SUBJECT
             data.mkdir(parents=True)
             for i, photo in enumerate(photos):
@@ -176,8 +184,9 @@ class JobManager:
             if status == "finished":
                 raise AppInputError(f"{name!r} finished all its steps; start a new run to train longer.")
             self._refuse_if_busy()
+            self.quota.check(run_dir)
             job = read_json(run_dir / "job.json")
-            job["stop_requested"] = False
+            job["stop_requested"], job["stop_reason"] = False, None
             self._launch(run_dir, job, [*job["argv"], "--resume_from_checkpoint", "latest"])
         return f"Resumed {name!r} from its latest checkpoint."
 
@@ -198,6 +207,22 @@ class JobManager:
         atomic_write_text(run_dir / "job.json", json.dumps(job, indent=1))
         self._procs[job["name"]] = proc
         threading.Thread(target=self._reap, args=(run_dir, proc, job["launches"]), daemon=True).start()
+        threading.Thread(target=self._watch_disk, args=(job["name"], proc), daemon=True).start()
+
+    def _watch_disk(self, name: str, proc: subprocess.Popen) -> None:
+        """Stop the run (with a checkpoint, as Stop does) once it passes a disk limit; the reason is kept."""
+        run_dir = self.runs_dir / name
+        while proc.poll() is None:
+            reason = self.quota.over(run_dir)
+            if reason:
+                job = read_json(run_dir / "job.json")
+                job["stop_reason"] = f"stopped by the app: {reason}"
+                atomic_write_text(run_dir / "job.json", json.dumps(job, indent=1))
+                with open(run_dir / "train.log", "a", encoding="utf-8") as log:
+                    log.write(f"\n=== {job['stop_reason']} ===\n")
+                self.stop(name)
+                return
+            time.sleep(self.disk_check_s)
 
     def _reap(self, run_dir: Path, proc: subprocess.Popen, launch: int) -> None:
         code = proc.wait()
@@ -246,6 +271,7 @@ class JobManager:
         p.validation = sorted((run_dir / "validation").glob("step-*.png"))
         p.checkpoints = [step for step, _ in list_checkpoints(run_dir)]
         p.log_tail = tail(run_dir / "train.log", log_lines)
+        p.stop_reason = read_json(run_dir / "job.json").get("stop_reason") if p.status == "stopped" else None
         return p
 
     def table(self) -> list[dict]:

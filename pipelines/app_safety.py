@@ -1,4 +1,6 @@
-"""What the app accepts from a browser: run names, uploaded photos, and paths inside its runs folder.
+"""What the app accepts from a browser: run names, uploaded photos, and paths inside its runs folder; and
+what it gives back: only the files the page shows, published into RUNS/_served/ (`publish`), the one folder
+the server lets a browser fetch by path. Photos, logs, checkpoints and job files are never in it.
 
 Everything here refuses with an `AppInputError` whose message is shown to the user as is; nothing is
 silently "fixed", so a name or file the user did not mean never reaches the disk.
@@ -7,7 +9,10 @@ silently "fixed", so a name or file the user did not mean never reaches the disk
 from __future__ import annotations
 
 import math
+import os
 import re
+import shutil
+import uuid
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
@@ -94,3 +99,37 @@ def check_images(paths: list[Path], labels: list[str] | None = None) -> list[Pat
     for path, label in zip(paths, labels, strict=True):
         check_image(Path(path), label)
     return [Path(p) for p in paths]
+
+
+SERVED = "_served"
+# what the page shows, relative to the runs folder: previews, samples, evaluation plots and grids, adapters
+SERVABLE = [re.compile(r"[A-Za-z0-9][^/]*/validation/step-[^/]+\.png"), re.compile(r"_samples/[^/]+/[^/]+\.png"),
+            re.compile(r"_eval/[^/]+/[^/]+\.png"), re.compile(r"[A-Za-z0-9][^/]*/[a-z_]+_adapter\.safetensors")]
+
+
+def publish(runs_dir: Path, path: Path) -> Path:
+    """The servable copy of `path`: RUNS/_served/<the same relative path>, a hard link (no extra disk; a copy
+    where links fail), refreshed when the original was replaced. Anything not in SERVABLE is refused, so a
+    photo, a log or a checkpoint can never be published by mistake."""
+    runs_dir, path = Path(runs_dir).resolve(), Path(path).resolve()
+    relative = path.relative_to(runs_dir).as_posix()  # ValueError when outside
+    if not any(pattern.fullmatch(relative) for pattern in SERVABLE):
+        raise ValueError(f"{relative!r} is not something the page shows; it is not served")
+    served = runs_dir / SERVED / relative
+    if served.is_file() and same_file(served, path):
+        return served
+    served.parent.mkdir(parents=True, exist_ok=True)
+    tmp = served.with_name(f".{served.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        os.link(path, tmp)
+    except OSError:  # another file system, or links not supported
+        shutil.copy2(path, tmp)
+    os.replace(tmp, served)
+    return served
+
+
+def same_file(a: Path, b: Path) -> bool:
+    """One inode, or a copy of the same size and modification time (copy2 keeps it)."""
+    sa, sb = a.stat(), b.stat()
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino) or (sa.st_size, sa.st_mtime_ns) == (sb.st_size,
+                                                                                                  sb.st_mtime_ns)

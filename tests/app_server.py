@@ -26,14 +26,15 @@ def free_port() -> int:
 
 
 @contextmanager
-def serve(runs_dir: Path, base_model: Path, max_queue: int = 32):
-    """Yields (url, demo); the server runs in this process's threads and is closed after."""
+def serve(runs_dir: Path, base_model: Path, max_queue: int = 32, extra: list[str] | None = None):
+    """Yields (url, demo); the server runs in this process's threads and is closed after. `extra`: more of
+    app.py's flags (e.g. --auth)."""
     sys.path.insert(0, str(ROOT))
     import app
 
     port = free_port()
     args = app.parse_args(["--runs_dir", str(runs_dir), "--base_model", str(base_model), "--port", str(port),
-                           "--max_queue", str(max_queue)])
+                           "--max_queue", str(max_queue), *(extra or [])])
     demo, _ = app.launch(args, prevent_thread_lock=True, quiet=True)
     try:
         yield f"http://127.0.0.1:{port}/", demo

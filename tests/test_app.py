@@ -59,7 +59,8 @@ def sample(client, base, adapters, prompt="a photo of sks dog", num_images=2, se
 
 def test_endpoints_are_named(client):
     named = set(client.view_api(return_format="dict")["named_endpoints"])
-    assert {"/train", "/stop", "/resume", "/progress", "/runs", "/sample", "/evaluate", "/compare"} <= named
+    assert {"/train", "/stop", "/resume", "/progress", "/runs", "/sample", "/evaluate", "/compare",
+            "/download"} <= named
 
 
 def test_gpu_work_shares_one_slot_and_the_queue_is_bounded(server, tiny_model_dir):
@@ -195,17 +196,37 @@ def test_paths_outside_the_runs_folder_are_refused(server, client):
     with pytest.raises(Exception, match="no run called"):
         sample(client, server[2], [("no-such-run", 1.0)])
 
-    def status(path: str) -> int:
-        try:
-            return urllib.request.urlopen(url + "gradio_api/file=" + path).status
-        except urllib.error.HTTPError as e:
-            return e.code
+    assert status(url, str(Path(__file__).resolve())) in (403, 404)
+    assert status(url, "/etc/passwd") in (403, 404)
+    assert status(url, str(runs) + "/../../../../etc/passwd") in (403, 404)
 
-    inside = next(runs.rglob("*.png"))
-    assert status(str(inside)) == 200
-    assert status(str(Path(__file__).resolve())) in (403, 404)
-    assert status("/etc/passwd") in (403, 404)
-    assert status(str(runs) + "/../../../../etc/passwd") in (403, 404)
+
+def status(url: str, path: str) -> int:
+    """The HTTP status of fetching a server path by URL, as anyone with the link could."""
+    try:
+        return urllib.request.urlopen(url + "gradio_api/file=" + path).status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def test_photos_logs_and_checkpoints_are_never_served(server, client):
+    """Anyone with the link can fetch a served path: only the copies of what the page shows are served."""
+    url, runs, _ = server
+    run = runs / "dog-lora"
+    private = [run / "data" / "subject" / "photo-000.jpg", run / "train.log", run / "job.json",
+               run / "progress.jsonl", next(run.glob("checkpoint-*/*")), run / "unet_adapter.safetensors",
+               next(run.glob("validation/*.png")), next(runs.glob("_samples/*/run.json")),
+               next(runs.glob("_samples/*/*.png"))]
+    for path in private:
+        assert path.is_file() and status(url, str(path)) == 403, path
+    # what the page shows still reaches it: the previews, and the adapter when asked for
+    _, _, validation, _ = client.predict("dog-dora", api_name="/progress")
+    assert len(validation) == 4 and all(Path(v["image"]).stat().st_size > 0 for v in validation)
+    served = next((runs / "_served" / "dog-dora" / "validation").glob("*.png"))
+    assert status(url, str(served)) == 200
+    files = client.predict("dog-dora", api_name="/download")
+    assert [Path(f).name for f in files] == ["unet_adapter.safetensors"]
+    assert Path(files[0]).read_bytes() == (runs / "dog-dora" / "unet_adapter.safetensors").read_bytes()
 
 
 def test_shared_app_fixes_the_base_model_and_refuses_server_folders(tmp_path):

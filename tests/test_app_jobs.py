@@ -169,3 +169,72 @@ def test_a_crashed_run_is_failed_and_resumable(tmp_path):
     assert p.status == "failed" and p.resumable and "boom" in p.log_tail
     with pytest.raises(AppInputError, match="exists already"):
         jobs.start(TrainSettings(name="crash", base_model=str(tmp_path)), DOG[:1])
+
+
+def test_only_what_the_page_shows_is_published(tmp_path):
+    from pipelines.app_safety import SERVED, publish
+
+    runs = tmp_path / "runs"
+    for rel in ("dog/validation/step-000010-0.png", "dog/data/subject/photo-000.jpg", "dog/train.log",
+                "dog/checkpoint-10/model.safetensors", "dog/unet_adapter.safetensors", "_samples/x/0_0.png",
+                "_samples/x/run.json", "dog/job.json"):
+        (runs / rel).parent.mkdir(parents=True, exist_ok=True)
+        (runs / rel).write_bytes(rel.encode())
+    preview = publish(runs, runs / "dog/validation/step-000010-0.png")
+    assert preview == (runs / SERVED / "dog/validation/step-000010-0.png").resolve()
+    assert preview.read_bytes() == b"dog/validation/step-000010-0.png"
+    assert publish(runs, runs / "_samples/x/0_0.png").is_file() and publish(runs, runs / "dog/unet_adapter.safetensors")
+    for rel in ("dog/data/subject/photo-000.jpg", "dog/train.log", "dog/checkpoint-10/model.safetensors",
+                "_samples/x/run.json", "dog/job.json", "dog/validation/../data/subject/photo-000.jpg"):
+        with pytest.raises(ValueError, match="not something the page shows"):
+            publish(runs, runs / rel)
+    with pytest.raises(ValueError):
+        publish(runs, tmp_path / "elsewhere.png")
+    # the trainer rewrites a preview (a resumed run passes the same step again): the served copy follows
+    (runs / "dog/validation/step-000010-0.png").unlink()
+    (runs / "dog/validation/step-000010-0.png").write_bytes(b"new preview")
+    assert publish(runs, runs / "dog/validation/step-000010-0.png").read_bytes() == b"new preview"
+
+
+def test_disk_limits_refuse_new_work(tmp_path):
+    from pipelines.app_disk import DiskQuota, folder_bytes
+
+    runs = tmp_path / "runs"
+    photos = sum(p.stat().st_size for p in DOG[:3])
+    jobs = JobManager(runs, quota=DiskQuota(runs, run_bytes=photos - 1, total_bytes=10**9))
+    with pytest.raises(AppInputError, match=r"Disk full: run 'small' .* limit \(--max_run_gb\)"):
+        jobs.start(TrainSettings(name="small", base_model=str(tmp_path / "model")), DOG[:3])
+    assert not (runs / "small").exists()
+    (runs / "_samples").mkdir()
+    (runs / "_samples" / "big.bin").write_bytes(b"\0" * 5000)
+    assert folder_bytes(runs) == 5000
+    jobs.quota = DiskQuota(runs, run_bytes=10**9, total_bytes=5000 + photos - 1)
+    with pytest.raises(AppInputError, match=r"runs folder holds .* limit \(--max_total_gb\)"):
+        jobs.start(TrainSettings(name="small", base_model=str(tmp_path / "model")), DOG[:3])
+    jobs.quota = DiskQuota(runs, min_free_bytes=10**18)  # more than any disk has free
+    with pytest.raises(AppInputError, match="free, under the"):
+        jobs.quota.check()
+
+
+def test_a_run_past_its_disk_cap_is_stopped_and_says_why(tmp_path):
+    """A stand-in trainer that writes 100 kB every 0.1 s into its run folder and exits on SIGUSR1 (as the
+    trainer does, after its checkpoint): the watcher stops it past the cap, and the run says why."""
+    from pipelines.app_disk import DiskQuota
+
+    script = tmp_path / "filling-python"
+    script.write_text("#!/bin/bash\nwhile [ $# -gt 0 ]; do [ \"$1\" = --output_dir ] && out=$2; shift; done\n"
+                      "trap 'exit 0' USR1\ni=0\nwhile true; do head -c 100000 /dev/zero > $out/blob-$i; "
+                      "i=$((i+1)); sleep 0.1; done\n")
+    script.chmod(script.stat().st_mode | stat.S_IEXEC)
+    runs = tmp_path / "runs"
+    photos = sum(p.stat().st_size for p in DOG[:1])
+    jobs = JobManager(runs, python=str(script), stop_timeouts=(5.0, 1.0),
+                      quota=DiskQuota(runs, run_bytes=photos + 1_000_000), disk_check_s=0.2)
+    jobs.start(TrainSettings(name="filling", base_model=str(tmp_path / "model")), DOG[:1])
+    wait_for(lambda: jobs.progress("filling").status == "stopped", 30, "the watcher to stop the run")
+    p = jobs.progress("filling")
+    assert "stopped by the app: run 'filling' holds" in p.stop_reason and "--max_run_gb" in p.stop_reason
+    assert len(list((runs / "filling").glob("blob-*"))) < 20  # stopped soon after the cap, not let run on
+    assert "stopped by the app" in (runs / "filling" / "train.log").read_text()
+    with pytest.raises(AppInputError, match="Disk full"):  # still over: Resume is refused, not relaunched
+        jobs.resume("filling")
