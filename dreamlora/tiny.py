@@ -89,9 +89,13 @@ SD15 = (
 PRESETS = {"tiny": TINY, "sd15": SD15}
 
 
-def build_pipeline(seed: int = 0, preset: str = "tiny"):
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+def build_pipeline(seed: int = 0, preset: str = "tiny", prediction_type: str = "epsilon"):
     """The pipeline in memory (random weights from `seed`): `tiny`, or `sd15` for the full SD 1.5
-    architecture (860M-parameter UNet, SD VAE, CLIP ViT-L/14 text encoder) for benchmarks."""
+    architecture (860M-parameter UNet, SD VAE, CLIP ViT-L/14 text encoder) for benchmarks.
+    `prediction_type` v_prediction gives an SD 2.x-style v-prediction variant (same weights, its scheduler)."""
     from diffusers import AutoencoderKL, DDPMScheduler, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -103,7 +107,10 @@ def build_pipeline(seed: int = 0, preset: str = "tiny"):
                                                 eos_token_id=49407, pad_token_id=49407, **text_cfg))
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = build_tokenizer(Path(tmp))
-    scheduler = PNDMScheduler.from_config({**SD_SCHEDULE, "skip_prk_steps": True})  # ignores DDIM-only keys
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type must be one of {', '.join(PREDICTION_TYPES)}, got {prediction_type!r}")
+    scheduler = PNDMScheduler.from_config({**SD_SCHEDULE, "skip_prk_steps": True,  # ignores DDIM-only keys
+                                           "prediction_type": prediction_type})
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
@@ -111,7 +118,7 @@ def build_pipeline(seed: int = 0, preset: str = "tiny"):
     return pipe
 
 
-def write(out_dir: str | os.PathLike, seed: int = 0, preset: str = "tiny") -> Path:
+def write(out_dir: str | os.PathLike, seed: int = 0, preset: str = "tiny", prediction_type: str = "epsilon") -> Path:
     """Write the tiny pipeline to `out_dir` atomically (a sibling temp folder, then a rename)."""
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
@@ -119,7 +126,7 @@ def write(out_dir: str | os.PathLike, seed: int = 0, preset: str = "tiny") -> Pa
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        build_pipeline(seed, preset).save_pretrained(tmp, safe_serialization=True)
+        build_pipeline(seed, preset, prediction_type).save_pretrained(tmp, safe_serialization=True)
         if out.exists():
             out.rmdir()
         os.chmod(tmp, 0o755)  # mkdtemp makes 0700; the model folder is an ordinary folder
@@ -136,9 +143,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny",
                         help="tiny (default) or sd15: the full SD 1.5 architecture, random, for benchmarks")
+    parser.add_argument("--prediction_type", choices=PREDICTION_TYPES, default="epsilon",
+                        help="the scheduler's target: epsilon (SD 1.x), v_prediction (SD 2.x 768-v style) or sample")
     args = parser.parse_args(argv)
     try:
-        path = write(args.out_dir, args.seed, args.preset)
+        path = write(args.out_dir, args.seed, args.preset, args.prediction_type)
     except FileExistsError as e:
         parser.exit(2, f"error: {e}\n")
     print(f"{args.preset} Stable Diffusion pipeline (random weights) written to {path}")

@@ -319,3 +319,13 @@ def test_bad_flags_fail_before_loading(tmp_path, capsys):
     argv = ["--model_name_or_path", "x", "--train_file", str(SST2_TRAIN), "--output_dir", str(tmp_path)]
     assert "--eval_steps needs --validation_file" in run_error(argv + ["--eval_steps", "5"], capsys)
     assert "no such file" in run_error(argv[:3] + [str(tmp_path / "nope.csv")] + argv[4:], capsys)
+
+
+def test_singlora_defaults_and_a_label_with_an_empty_text(tiny_text_models, tmp_path):
+    """No --singlora_ramp_steps: T = 1 % of the run's optimizer steps, at least 1; the init is SingLoRA's own.
+    A 'label_text' line with a label and no text (CR, a public sentiment set, has one) is an example."""
+    data = tmp_path / "train.txt"
+    data.write_text(SST2_TRAIN.read_text(encoding="utf-8") + "1\n", encoding="utf-8")
+    summary = train(tiny_text_models["bert"], tmp_path / "run", "--adapter", "singlora", steps=4, train_file=data)
+    assert summary["adapter_config"]["singlora_ramp_steps"] == 1 and summary["adapter_config"]["init"] == "scaled"
+    assert summary["train_examples"] == len(sst2_lines()) + 1 and summary["finished"]
