@@ -33,7 +33,7 @@ def fresh():
     ({"alpha": -1.0}, "got -1.0"),
     ({"dropout": 1.0}, "dropout must be in [0, 1)"),
     ({"singlora_ramp_steps": -1}, "singlora_ramp_steps"),
-    ({"init": "zeros"}, "init: .zeros. is not an init of lora"),
+    ({"init": "zeros"}, "'zeros' is not an init of lora"),
     ({"target_modules": []}, "target_modules is empty"),
 ])
 def test_config_errors_name_the_field(kwargs, message):
