@@ -188,7 +188,6 @@ def test_a_step_the_fp16_scaler_skips_advances_neither_the_ramp_nor_the_lr(fresh
 def test_8bit_adam_runs_on_cpu_with_8bit_state_and_tracks_adamw():
     """bitsandbytes ≥ 0.50 runs AdamW8bit on CPU. Tensors of ≥ 4096 entries get 8-bit (uint8) moments; one
     step from the same gradient lands within a few % of torch's AdamW."""
-    pytest.importorskip("bitsandbytes", reason="install the test extra: pip install -e '.[test]'")
     from dreamlora.train import make_optimizer
 
     flags = argparse.Namespace(adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8)
