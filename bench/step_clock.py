@@ -1,9 +1,9 @@
-"""Run a training script under one clock: `python bench/step_clock.py OUT.json SCRIPT [ARGS...]`.
+"""Run a training script under one clock: `python bench/step_clock.py --steps N OUT.json SCRIPT [ARGS...]`.
 
 Every training script compared here (`dreamlora/train.py`, diffusers' `train_dreambooth_lora.py`) advances a tqdm
-bar once per optimizer step. This wrapper patches tqdm's `update` to note `time.perf_counter()` at each update,
-runs SCRIPT as `__main__` with ARGS, and writes, per bar, the update times, plus memory measured the same way for
-every script:
+bar with `update(1)` once per optimizer step (an iterated bar updates in batches: not for this). This wrapper
+patches tqdm to note `time.perf_counter()` at each update, runs SCRIPT as `__main__` with ARGS, and writes, per
+bar, the update times, plus memory measured the same way for every script:
 
 - `peak_rss_mib`: the whole process's peak resident set (VmHWM), loading included;
 - `loop_peak_mib`: the peak above the resident set at the moment the step bar was created (after loading and set-up,
