@@ -164,13 +164,13 @@ class App:
         return publish(self.jobs.runs_dir, path)
 
     def download(self, name):
-        """The run's adapter files (those `--adapter RUN_DIR` loads), to download."""
+        """The run's finished adapter files: dreamlora's own (`--adapter RUN_DIR`) and the exports for other tools."""
         if not name:
             raise AppInputError("Pick a run to download its adapter.")
         run_dir = self.jobs.existing(name)
         if not self.jobs.has_adapter(name):
             raise AppInputError(f"Run {name!r} has no adapter yet: it is written when the run finishes or stops.")
-        return [str(self.served(f)) for f in sorted(run_dir.glob("*_adapter.safetensors"))]
+        return [str(self.served(f)) for f in sorted(run_dir.glob("*.safetensors"))]
 
     def runs(self):
         """Every run with its status (running / finished / stopped / failed) and whether it can be resumed."""

@@ -102,9 +102,11 @@ def check_images(paths: list[Path], labels: list[str] | None = None) -> list[Pat
 
 
 SERVED = "_served"
-# what the page shows, relative to the runs folder: previews, samples, evaluation plots and grids, adapters
-SERVABLE = [re.compile(r"[A-Za-z0-9][^/]*/validation/step-[^/]+\.png"), re.compile(r"_samples/[^/]+/[^/]+\.png"),
-            re.compile(r"_eval/[^/]+/[^/]+\.png"), re.compile(r"[A-Za-z0-9][^/]*/[a-z_]+_adapter\.safetensors")]
+# what the page shows, relative to the runs folder: previews, samples, evaluation plots and grids, and a run's
+# finished adapter files (its top level; checkpoints are in checkpoint-*/ folders)
+SERVABLE = [re.compile(r"[A-Za-z0-9][^/]*/validation/step-[^/]+\.png"),
+            re.compile(r"_samples/[^/]+/[^/]+\.png"), re.compile(r"_eval/[^/]+/[^/]+\.png"),
+            re.compile(r"[A-Za-z0-9][^/]*/[A-Za-z0-9][A-Za-z0-9_.-]*\.safetensors")]
 
 
 def publish(runs_dir: Path, path: Path) -> Path:

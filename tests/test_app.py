@@ -216,7 +216,7 @@ def test_photos_logs_and_checkpoints_are_never_served(server, client):
     run = runs / "dog-lora"
     private = [run / "data" / "subject" / "photo-000.jpg", run / "train.log", run / "job.json",
                run / "progress.jsonl", next(run.glob("checkpoint-*/*")), run / "unet_adapter.safetensors",
-               next(run.glob("validation/*.png")), next(runs.glob("_samples/*/run.json")),
+               next(runs.glob("dog-dora/validation/*.png")), next(runs.glob("_samples/*/run.json")),
                next(runs.glob("_samples/*/*.png"))]
     for path in private:
         assert path.is_file() and status(url, str(path)) == 403, path
@@ -225,9 +225,9 @@ def test_photos_logs_and_checkpoints_are_never_served(server, client):
     assert len(validation) == 4 and all(Path(v["image"]).stat().st_size > 0 for v in validation)
     served = next((runs / "_served" / "dog-dora" / "validation").glob("*.png"))
     assert status(url, str(served)) == 200
-    files = client.predict("dog-dora", api_name="/download")
-    assert [Path(f).name for f in files] == ["unet_adapter.safetensors"]
-    assert Path(files[0]).read_bytes() == (runs / "dog-dora" / "unet_adapter.safetensors").read_bytes()
+    files = {Path(f).name: Path(f) for f in client.predict("dog-dora", api_name="/download")}
+    assert "unet_adapter.safetensors" in files
+    assert all(f.read_bytes() == (runs / "dog-dora" / name).read_bytes() for name, f in files.items())
 
 
 def test_shared_app_fixes_the_base_model_and_refuses_server_folders(tmp_path):

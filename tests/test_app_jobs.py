@@ -185,7 +185,8 @@ def test_only_what_the_page_shows_is_published(tmp_path):
     assert preview.read_bytes() == b"dog/validation/step-000010-0.png"
     assert publish(runs, runs / "_samples/x/0_0.png").is_file() and publish(runs, runs / "dog/unet_adapter.safetensors")
     for rel in ("dog/data/subject/photo-000.jpg", "dog/train.log", "dog/checkpoint-10/model.safetensors",
-                "_samples/x/run.json", "dog/job.json", "dog/validation/../data/subject/photo-000.jpg"):
+                "_samples/x/run.json", "dog/job.json", "dog/validation/../data/subject/photo-000.jpg",
+                "dog/checkpoint-10/../../dog/checkpoint-10/model.safetensors"):
         with pytest.raises(ValueError, match="not something the page shows"):
             publish(runs, runs / rel)
     with pytest.raises(ValueError):
