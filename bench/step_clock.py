@@ -7,9 +7,11 @@ bar, the update times, plus memory measured the same way for every script:
 
 - `peak_rss_mib`: the whole process's peak resident set (VmHWM), loading included;
 - `loop_peak_mib`: the peak above the resident set at the moment the step bar was created (after loading and set-up,
-  before the first step): activations, gradients and optimizer states. At that moment the wrapper first hands back
-  what Python and glibc hold spare (gc, malloc_trim), then resets the peak (Linux clear_refs 5): heap an earlier
-  phase left free (a load, DoRA's norms) would otherwise be reused by the loop without showing in its peak.
+  before the first step): activations, gradients and optimizer states. Pages mapped from files are left out on
+  both ends (a loader that maps safetensors lazily pages the weights in during the first step). At the bar's
+  creation the wrapper first hands back what Python and glibc hold spare (gc, malloc_trim), then resets the peak
+  (Linux clear_refs 5): heap an earlier phase left free (a load, DoRA's norms) would otherwise be reused by the
+  loop without showing in its peak.
 
 Step times are then summarised by `step_stats` for every script alike. Linux only (/proc).
 """
@@ -32,6 +34,12 @@ def _status_mib(field: str) -> float:
         return int(next(line for line in f if line.startswith(field + ":")).split()[1]) / 1024
 
 
+def file_backed_mib() -> float:
+    """Resident pages mapped from files (and shared memory): safetensors weights that a loader maps lazily are
+    paged in by the first forward, which is not memory the training loop allocates."""
+    return _status_mib("RssFile") + _status_mib("RssShmem")
+
+
 def reset_peak() -> float:
     """Release spare heap, forget the peak so far, and return the resident set now (MiB)."""
     gc.collect()
@@ -49,6 +57,7 @@ class Clock:
 
     def __init__(self, steps: int | None):
         self.steps, self.bars, self.loop_start_rss = steps, [], None
+        self.start_file_mib = self.loop_file_mib = 0.0
 
     def install(self) -> None:
         from tqdm import std
@@ -61,19 +70,26 @@ class Clock:
             clock.bars.append(bar._clock)
             if clock.loop_start_rss is None and clock.steps is not None and bar.total == clock.steps:
                 clock.loop_start_rss = reset_peak()
+                clock.start_file_mib = clock.loop_file_mib = file_backed_mib()
+                bar._clock["steps"] = True
 
         def timed_update(bar, n=1):
             result = update(bar, n)
             if hasattr(bar, "_clock"):
                 bar._clock["times"].extend([time.perf_counter()] * int(n))
+                if bar._clock.get("steps"):  # while the model lives: the script may unmap it before it exits
+                    clock.loop_file_mib = max(clock.loop_file_mib, file_backed_mib())
             return result
 
         std.tqdm.__init__, std.tqdm.update = timed_init, timed_update
 
     def report(self) -> dict:
         peak = _status_mib("VmHWM")
+        loop = None
+        if self.loop_start_rss is not None:  # anonymous memory only: weights paged in from a mapped file are not
+            loop = (peak - self.loop_file_mib) - (self.loop_start_rss - self.start_file_mib)  # the loop's
         return {"bars": self.bars, "peak_rss_mib": peak, "loop_start_rss_mib": self.loop_start_rss,
-                "loop_peak_mib": None if self.loop_start_rss is None else peak - self.loop_start_rss}
+                "loop_file_mib": self.loop_file_mib, "loop_peak_mib": loop}
 
 
 def step_times(report: dict, steps: int) -> list[float]:
