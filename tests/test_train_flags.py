@@ -124,7 +124,9 @@ def test_cached_latents_equal_encoding_every_step(tiny_model_dir):
 def test_checkpointing_and_cached_latents_train_as_the_baseline(baseline, tiny_model_dir, tmp_path):
     out = run(tiny_model_dir, tmp_path / "memory", *COMMON, "--adapter", "lora", "--gradient_checkpointing",
               "--cache_latents")
-    assert max_difference(adapters(out), baseline) <= 1e-5
+    difference = max_difference(adapters(out), baseline)
+    print(f"--gradient_checkpointing --cache_latents vs plain: max |difference| {difference:.1e}")
+    assert difference <= 1e-5
 
 
 # --- precision and optimizer: adapters stay fp32, results stay close ----------------------------------------
@@ -144,7 +146,8 @@ def test_bf16_keeps_adapters_fp32_and_close_to_fp32(baseline, tiny_model_dir, tm
     assert summary["mixed_precision"] == "bf16"
     error = update_error(out, baseline)
     print(f"bf16 vs fp32: relative update difference {error:.3f}")
-    assert 0 < error < 0.2  # bf16 base weights change the numbers a little, never the direction
+    # measured 0.12 (early Adam steps follow gradient signs); an unrelated update of equal size gives ~1.4
+    assert 0 < error < 0.35
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 trains with a GradScaler on a GPU only; on the CPU "
@@ -152,7 +155,7 @@ def test_bf16_keeps_adapters_fp32_and_close_to_fp32(baseline, tiny_model_dir, tm
 def test_fp16_keeps_adapters_fp32_and_close_to_fp32(baseline, tiny_model_dir, tmp_path):
     out = run(tiny_model_dir, tmp_path / "fp16", *COMMON, "--adapter", "lora", "--mixed_precision", "fp16")
     assert {v.dtype for v in adapters(out).values()} == {torch.float32}
-    assert update_error(out, baseline) < 0.2
+    assert update_error(out, baseline) < 0.35
 
 
 def test_8bit_adam_trains_with_bitsandbytes_state(baseline, tiny_model_dir, tmp_path):
