@@ -54,6 +54,9 @@ def write_diffusers_lora(output_dir: str | os.PathLike, unet: nn.Module, text_en
     unet_layers, unet_meta = dreamlora.peft_lora_state_dict(unet, name)
     te_layers, te_meta = (_text_encoder_peft(text_encoder, name) if has_adapter(text_encoder, name)
                           else (None, None))
+    # diffusers 0.34-0.3x index these LoraConfig fields unconditionally (KeyError 'rank_pattern' without them)
+    unet_meta = {"rank_pattern": {}, "alpha_pattern": {}, **unet_meta}
+    te_meta = te_meta and {"rank_pattern": {}, "alpha_pattern": {}, **te_meta}
     with tempfile.TemporaryDirectory(dir=out, prefix=".export.") as tmp:
         StableDiffusionPipeline.save_lora_weights(
             tmp, unet_lora_layers={k: v.contiguous() for k, v in unet_layers.items()},

@@ -82,6 +82,24 @@ def test_diffusers_file_text_encoder_keys_are_the_same_for_both_layouts(tmp_path
     assert "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight" in keys
 
 
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_diffusers_loads_the_text_encoder_adapter_of_the_installed_transformers(method, tiny_model_dir, tmp_path):
+    from pipelines.sample import load_pipeline
+
+    pipe = load_pipeline(str(tiny_model_dir), "cpu")
+    unet = adapted(copy.deepcopy(pipe.unet), method, ["to_q"])
+    te = adapted(copy.deepcopy(pipe.text_encoder), method, TE_TARGETS, std=0.3)
+    export.write_diffusers_lora(tmp_path, unet, te)
+    ids = pipe.tokenizer(["a photo of sks dog"], padding="max_length", max_length=16, truncation=True,
+                         return_tensors="pt").input_ids
+    with torch.no_grad():
+        base = pipe.text_encoder(ids)[0]
+        pipe.load_lora_weights(tmp_path, weight_name=export.DIFFUSERS_WEIGHT_NAME)
+        theirs, ours = pipe.text_encoder(ids)[0], te(ids)[0]
+    assert (ours - base).abs().max() > 1e-2  # the adapter does something visible
+    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-5)
+
+
 # --- DoRA: each tool's documented merge rule --------------------------------------------------------------------
 
 def lora_delta(w0: torch.Tensor, up: torch.Tensor, down: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
