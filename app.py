@@ -2,7 +2,7 @@
 it, try prompts, and compare methods, without typing an accelerate command.
 
     python app.py                       # http://127.0.0.1:7860, the embedded tiny model, runs in ./runs/app
-    python app.py --base_model runwayml/stable-diffusion-v1-5 --runs_dir /data/runs --port 8080
+    python app.py --base_model stable-diffusion-v1-5/stable-diffusion-v1-5 --runs_dir /data/runs --port 8080
     python app.py --host 0.0.0.0 --auth_file logins.txt   # beyond this machine: logins required
 
 Shared (`--share`) or listening beyond this machine, the app asks for a login (`--auth USER:PASSWORD`, or
@@ -289,7 +289,7 @@ def build(runs_dir: Path, base_model: str = "tiny", allow_server_folders: bool =
         gr.Markdown(INTRO)
         base = gr.Textbox(base_model, label="Base model", interactive=allow_server_folders,
                           info="tiny = the embedded tiny model (random weights: to try the app in seconds); or a local "
-                               "diffusers folder, or a hub id such as runwayml/stable-diffusion-v1-5")
+                               "diffusers folder, or a hub id such as stable-diffusion-v1-5/stable-diffusion-v1-5")
         with gr.Tab("Train"):
             train_tab(app, base)
         with gr.Tab("Sample"):

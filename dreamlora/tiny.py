@@ -21,7 +21,7 @@ import torch
 from pipelines.sd_configs import SD15_UNET_CONFIG
 
 SOT, EOT = "<|startoftext|>", "<|endoftext|>"
-# SD 1.x's scheduler config (runwayml/stable-diffusion-v1-5 scheduler/scheduler_config.json).
+# SD 1.x's scheduler config (stable-diffusion-v1-5/stable-diffusion-v1-5 scheduler/scheduler_config.json).
 SD_SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
                "beta_schedule": "scaled_linear", "clip_sample": False, "set_alpha_to_one": False,
                "steps_offset": 1, "prediction_type": "epsilon"}

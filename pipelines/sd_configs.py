@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-# runwayml/stable-diffusion-v1-5 unet/config.json, the fields that differ from diffusers' defaults.
+# stable-diffusion-v1-5/stable-diffusion-v1-5 unet/config.json, the fields that differ from diffusers' defaults.
 SD15_UNET_CONFIG = {
     "sample_size": 64,
     "in_channels": 4,

@@ -102,7 +102,7 @@ def test_the_default_base_model_is_the_embedded_tiny_model_built_once(tmp_path):
 
 def test_native_resolution(tiny_model_dir):
     assert native_resolution("tiny") == 64 and native_resolution(str(tiny_model_dir)) == 64
-    assert native_resolution("runwayml/stable-diffusion-v1-5") == 512
+    assert native_resolution("stable-diffusion-v1-5/stable-diffusion-v1-5") == 512
 
 
 def test_log_tail_shows_a_progress_bar_once(tmp_path):
