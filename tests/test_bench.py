@@ -41,10 +41,10 @@ def test_step_clock_times_the_step_bar_and_counts_loop_memory_reused_from_spare_
     sys.path.insert(0, str(BENCH))
     from step_clock import step_stats, step_times
 
-    times = step_times(report, 6)
-    assert len(times) == 6
-    stats = step_stats(times, skip=1)
+    assert len(step_times(report, 6)) == len(step_times(report, 6, "cpu_times")) == 6
+    stats = step_stats(report, 6, skip=1)
     assert stats["steps_timed"] == 4 and 0.025 <= stats["step_s_median"] < 1.0
+    assert stats["cpu_s_median"] < stats["step_s_median"]  # sleeping is wall time, not CPU time
     assert report["loop_peak_mib"] > 60, report  # without trimming the spare heap first this read ~0
 
 
