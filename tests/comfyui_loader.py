@@ -104,13 +104,17 @@ def build_clip(job: dict, torch):
 
 
 def patched_weights(patcher, prefix: str, names: dict[str, str]) -> dict:
-    """Apply the patches, read every weight ComfyUI patched (under its diffusers/transformers name), undo."""
-    patcher.patch_model()
+    """Load the patched model as ComfyUI does before sampling (LoraLoader's output goes through
+    `load_models_gpu`), read every weight it patched (under its diffusers/transformers name), then unload, which
+    restores the base weights."""
+    import comfy.model_management as mm
+
+    mm.load_models_gpu([patcher], force_full_load=True)
     try:
         state = patcher.model.state_dict()
         return {f"{prefix}/{names.get(key, key)}": state[key].detach().float().clone() for key in patcher.patches}
     finally:
-        patcher.unpatch_model()
+        mm.unload_all_models()
 
 
 def main(job_path: str) -> None:
@@ -119,6 +123,7 @@ def main(job_path: str) -> None:
     import comfy.cli_args
 
     comfy.cli_args.args.cpu = True  # before comfy.model_management is imported
+    import comfy.model_management
     import comfy.sd
     import comfy.utils
     import torch
@@ -129,6 +134,7 @@ def main(job_path: str) -> None:
     unet, ldm_to_diffusers = build_unet(job, torch)
     unet_names = {f"diffusion_model.{k}": v for k, v in ldm_to_diffusers.items()}
     clip = build_clip(job, torch)
+    comfy.model_management.unload_all_models()  # building the CLIP loaded it: start from the unpatched models
     clip_names = {}
     if clip is not None:
         clip_names = {k: k.removeprefix("clip_l.transformer.") for k in clip.patcher.model.state_dict()}
