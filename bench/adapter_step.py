@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 from report import write_report  # bench/report.py (scripts run from bench/)
-from step_clock import reset_peak
+from step_clock import HeapPeak, heap_in_use_mib, reset_peak
 
 CONFIGS = ["floor", "dreamlora-lora", "dreamlora-dora", "dreamlora-singlora", "peft-lora", "peft-dora",
            "peft-singlora"]
@@ -102,6 +102,9 @@ def worker(config: str, rank: int, latent: int, steps: int, warmup: int, device:
     target = torch.randn(1, 4, latent, latent, generator=gen).to(device, torch.float32)
     timestep = torch.tensor([500], device=device)
     baseline_rss = reset_peak()  # after set-up: spare heap released, peak forgotten (see step_clock.py)
+    heap = HeapPeak() if heap_in_use_mib() is not None else None  # live allocations: the steadier CPU figure
+    if heap is not None:
+        heap.start()
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
         baseline_cuda = torch.cuda.memory_allocated()
@@ -127,7 +130,8 @@ def worker(config: str, rank: int, latent: int, steps: int, warmup: int, device:
     result = {"config": config, "rank": rank, "latent": latent, "dtype": dtype, "device": device,
               "trainable_params": sum(p.numel() for p in trainable), "step_s": times,
               "median_s": statistics.median(times), "min_s": min(times), "peak_rss_mib": peak_rss_mib(),
-              "train_rss_mib": peak_rss_mib() - baseline_rss}
+              "train_rss_mib": peak_rss_mib() - baseline_rss,
+              "train_heap_mib": None if heap is None else heap.peak_mib - heap.start_mib}
     if device == "cuda":
         result["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
         result["train_cuda_mib"] = (torch.cuda.max_memory_allocated() - baseline_cuda) / 2**20
@@ -142,6 +146,14 @@ def run_one(config: str, rank: int, args) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
+def train_memory(run: dict) -> float:
+    """CUDA allocator peak on a GPU; on the CPU the heap peak (live allocations), else the resident-set peak."""
+    for key in ("train_cuda_mib", "train_heap_mib", "train_rss_mib"):
+        if run.get(key) is not None:
+            return run[key]
+    raise KeyError("no memory figure in the worker's result")
+
+
 def summarise(runs: list[dict], ranks: list[int]) -> list[dict]:
     rows = []
     for rank in ranks:
@@ -154,7 +166,7 @@ def summarise(runs: list[dict], ranks: list[int]) -> list[dict]:
                 best[config] = {"min_s": min(r["min_s"] for r in mine),
                                 "median_s": statistics.median(t for r in mine for t in r["step_s"]),
                                 "trainable_params": mine[0]["trainable_params"],
-                                "train_mem_mib": max(r.get("train_cuda_mib", r["train_rss_mib"]) for r in mine)}
+                                "train_mem_mib": max(train_memory(r) for r in mine)}
         for config, r in best.items():
             row = {"rank": rank, "config": config, "trainable_params": r["trainable_params"],
                    "step_s": r["min_s"], "median_s": r["median_s"], "x_floor": r["min_s"] / best["floor"]["min_s"],
@@ -168,8 +180,8 @@ def summarise(runs: list[dict], ranks: list[int]) -> list[dict]:
 def markdown(rows: list[dict], args) -> str:
     head = (f"SD 1.5 UNet, {args.latent}×{args.latent} latents, batch 1, attention targets, AdamW, "
             f"{args.device} {args.dtype}, {args.threads} CPU thread(s); fastest of {args.steps} steps × {args.rounds} "
-            "interleaved rounds (median beside); train mem = peak above the RSS after set-up (CPU; spare heap "
-            "trimmed first) or CUDA max_memory_allocated above the allocated memory after set-up\n\n"
+            "interleaved rounds (median beside); train mem = largest heap in use above the heap after set-up (CPU, "
+            "glibc mallinfo2) or CUDA max_memory_allocated above the allocated memory after set-up\n\n"
             "| rank | config | trainable params | step (s) | median (s) | × floor | × our lora | train mem (MiB) |\n"
             "|---:|---|---:|---:|---:|---:|---:|---:|\n")
     return head + "".join(

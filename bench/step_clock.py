@@ -11,7 +11,9 @@ bar, the update times, plus memory measured the same way for every script:
   both ends (a loader that maps safetensors lazily pages the weights in during the first step). At the bar's
   creation the wrapper first hands back what Python and glibc hold spare (gc, malloc_trim), then resets the peak
   (Linux clear_refs 5): heap an earlier phase left free (a load, DoRA's norms) would otherwise be reused by the
-  loop without showing in its peak.
+  loop without showing in its peak. Resident-set figures still move by tens of MiB with the allocator's layout;
+- `loop_heap_peak_mib`: the steadier figure: the largest heap in use (glibc mallinfo2, sampled every 2 ms from
+  the step bar's creation) above the heap in use at that moment: live allocations only.
 
 Step times are then summarised by `step_stats` for every script alike. Linux only (/proc).
 """
@@ -25,6 +27,7 @@ import runpy
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -32,6 +35,38 @@ from pathlib import Path
 def _status_mib(field: str) -> float:
     with open("/proc/self/status") as f:
         return int(next(line for line in f if line.startswith(field + ":")).split()[1]) / 1024
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                     "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def heap_in_use_mib() -> float | None:
+    """Bytes malloc has handed out and not had back, all arenas and mmapped blocks (glibc mallinfo2): live memory,
+    whatever the resident set keeps. None where that call is missing."""
+    try:
+        fn = ctypes.CDLL("libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        return None
+    fn.restype = _MallInfo2
+    info = fn()
+    return (info.uordblks + info.hblkhd) / 2**20
+
+
+class HeapPeak(threading.Thread):
+    """Samples the heap in use every `interval` seconds (torch releases the GIL inside its ops, so the samples
+    land inside forward and backward) and keeps the largest."""
+
+    def __init__(self, interval: float = 0.002):
+        super().__init__(daemon=True)
+        self.interval, self.start_mib = interval, heap_in_use_mib()
+        self.peak_mib = self.start_mib
+
+    def run(self) -> None:
+        while True:
+            self.peak_mib = max(self.peak_mib, heap_in_use_mib())
+            time.sleep(self.interval)
 
 
 def file_backed_mib() -> float:
@@ -58,6 +93,7 @@ class Clock:
     def __init__(self, steps: int | None):
         self.steps, self.bars, self.loop_start_rss = steps, [], None
         self.start_file_mib = self.loop_file_mib = 0.0
+        self.heap = None
 
     def install(self) -> None:
         from tqdm import std
@@ -71,6 +107,9 @@ class Clock:
             if clock.loop_start_rss is None and clock.steps is not None and bar.total == clock.steps:
                 clock.loop_start_rss = reset_peak()
                 clock.start_file_mib = clock.loop_file_mib = file_backed_mib()
+                if heap_in_use_mib() is not None:
+                    clock.heap = HeapPeak()
+                    clock.heap.start()
                 bar._clock["steps"] = True
 
         def timed_update(bar, n=1):
@@ -89,8 +128,9 @@ class Clock:
         loop = None
         if self.loop_start_rss is not None:  # anonymous memory only: weights paged in from a mapped file are not
             loop = (peak - self.loop_file_mib) - (self.loop_start_rss - self.start_file_mib)  # the loop's
+        heap = None if self.heap is None else self.heap.peak_mib - self.heap.start_mib
         return {"bars": self.bars, "peak_rss_mib": peak, "loop_start_rss_mib": self.loop_start_rss,
-                "loop_file_mib": self.loop_file_mib, "loop_peak_mib": loop}
+                "loop_file_mib": self.loop_file_mib, "loop_peak_mib": loop, "loop_heap_peak_mib": heap}
 
 
 def step_times(report: dict, steps: int, clock: str = "times") -> list[float]:

@@ -46,6 +46,7 @@ def test_step_clock_times_the_step_bar_and_counts_loop_memory_reused_from_spare_
     assert stats["steps_timed"] == 4 and 0.025 <= stats["step_s_median"] < 1.0
     assert stats["cpu_s_median"] < stats["step_s_median"]  # sleeping is wall time, not CPU time
     assert report["loop_peak_mib"] > 60, report  # without trimming the spare heap first this read ~0
+    assert 70 < report["loop_heap_peak_mib"] < 100, report  # the ~80 MB the loop holds
 
 
 def test_gpu_check_tiny_cpu_mode_runs_every_part(tmp_path):
