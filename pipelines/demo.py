@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
              "--target_modules", "to_q,to_k,to_v,to_out.0,conv1,conv2,ff.net.0.proj,ff.net.2",
              "--learning_rate", "1e-3", "--max_train_steps", str(args.steps),
              "--checkpointing_steps", str(args.steps), "--validation_prompt", PROMPTS[1],
-             "--validation_steps", str(args.steps), "--validation_inference_steps", "10", "--output_kohya_format"])
+             "--validation_steps", str(args.steps), "--validation_inference_steps", "10"])
         sample_dir = run_dir / "samples"
         run([sys.executable, "-m", "pipelines.sample", "--pretrained_model_name_or_path", str(model),
              "--adapter", str(run_dir), *[a for p in PROMPTS for a in ("--prompt", p)], "--seed", "0",
@@ -87,7 +87,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"| {method} | {params:,} | {steps} | {wall:.0f} | {loss:.4f} | {run_dir} |")
     print(f"\ntiny model:        {model}")
     print("each run folder:   pytorch_lora_weights.safetensors (diffusers), unet_adapter.safetensors (dreamlora),")
-    print("                   kohya_lora.safetensors (A1111/ComfyUI), run.json, logs/ (tensorboard), samples/")
+    print("                   kohya_lora.safetensors (kohya/LyCORIS/A1111/ComfyUI; DoRA: comfyui_lora.safetensors),")
+    print("                   run.json (files_for_tools: which file each tool reads), logs/ (tensorboard), samples/")
     print(f"comparison grid:   {picture}")
     print(f"tensorboard:       tensorboard --logdir {out}")
 
