@@ -38,11 +38,14 @@ class AdaptedLayer(nn.Module):
         return y
 
     def __getattr__(self, name: str):
-        # Code that reads `attn.to_q.weight` or `.in_features` keeps working on the wrapped layer.
+        # Code that reads `attn.to_q.weight` or `.in_features` keeps working on the wrapped layer. Private names
+        # are not passed through: hooks that libraries keep on a module (accelerate's `_hf_hook`, `_old_forward`)
+        # belong to the base layer alone, and the host answering for them made accelerate detach the base's
+        # offload hook from the host ("AdaptedLayer does not have a parameter named weight").
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if name in ("base_layer", "adapters", "_active"):
+            if name.startswith("_") or name in ("base_layer", "adapters"):
                 raise
             return getattr(self._modules["base_layer"], name)
 
