@@ -14,13 +14,14 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
+from conftest import METHOD_NAMES
 from train_helpers import PROMPT, ROOT, instance_latents, prompt_states, run_train, train_cmd
 
 import dreamlora
 from pipelines.loss import fixed_pairs_loss
 from pipelines.sample import AdapterSpec, apply_adapters, generate, load_pipeline
 
-METHODS = ["lora", "loraplus", "dora", "singlora"]
+METHODS = METHOD_NAMES
 LEARN_TARGETS = "to_q,to_k,to_v,to_out.0,conv1,conv2,ff.net.0.proj,ff.net.2"
 
 
