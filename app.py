@@ -125,7 +125,7 @@ class App:
                                  num_class_images=num_class_images, train_text_encoder=bool(text_encoder),
                                  resolution=resolution, validation_prompt=validation_prompt or "",
                                  validation_steps=validation_steps, checkpointing_steps=checkpointing_steps, seed=seed,
-                                 method_options=dict(zip(option_flags(), method_options)))
+                                 method_options=dict(zip(option_flags(), method_options, strict=True)))
         settings.validate()
         self.free_gpu()
         message = self.jobs.start(settings, photos, labels)
@@ -266,7 +266,7 @@ def option_fields(method: str) -> list:
     its method is picked; empty means the method's default."""
     own = {spec.flag for spec in option_specs(METHODS[method])}
     return [gr.Textbox("", label=spec.flag, info=spec.help, visible=spec.flag in own,
-                       placeholder=f"default: {'set by the run' if spec.default is None else spec.default}")
+                       placeholder=f"default: {spec.trainer_default}")
             for spec in unique_specs(METHODS.values())]
 
 

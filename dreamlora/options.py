@@ -41,6 +41,12 @@ class OptionSpec:
     default: Any  # the dataclass default (the Python API's); a trainer may fill `run_defaults` instead
     help: str  # the field's docstring
     owner: str  # the method that declares it: "loraplus"
+    run_dependent: bool  # the trainers' default comes from the run (`run_defaults`), not from `default`
+
+    @property
+    def trainer_default(self) -> str:
+        """The default as a trainer applies it, in words (for --help, the app and the README)."""
+        return "set by the run" if self.run_dependent else str(self.default)
 
 
 def options_owner(method_cls) -> str:
@@ -56,8 +62,9 @@ def option_specs(method_cls) -> list[OptionSpec]:
     hints = typing.get_type_hints(options)
     docs = field_docs(options)
     owner = options_owner(method_cls)
+    run_dependent = options.run_defaults(1)
     return [OptionSpec(f.name, f"{owner}_{f.name}", _base_type(hints[f.name]), _default(f), docs.get(f.name, ""),
-                       owner) for f in dataclasses.fields(options)]
+                       owner, f.name in run_dependent) for f in dataclasses.fields(options)]
 
 
 def field_docs(cls) -> dict[str, str]:
@@ -69,7 +76,7 @@ def field_docs(cls) -> dict[str, str]:
             body = ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0].body
         except (OSError, TypeError, IndexError, AttributeError, SyntaxError):
             continue
-        for node, after in zip(body, body[1:]):
+        for node, after in zip(body, body[1:], strict=False):
             if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(after, ast.Expr)
                     and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
                 docs[node.target.id] = " ".join(inspect.cleandoc(after.value.value).split())
@@ -103,10 +110,9 @@ def add_option_flags(group, method_classes) -> None:
     """One flag per option. Its default is None ("not given"), so a trainer can tell a value the user chose
     from the method's default or the run's (`run_defaults`)."""
     for spec in unique_specs(method_classes):
-        default = "the run's" if spec.default is None else spec.default
         kwargs = {"action": argparse.BooleanOptionalAction} if spec.type is bool else {"type": spec.type}
         group.add_argument(f"--{spec.flag}", default=None, **kwargs,
-                           help=f"{spec.owner} only: {spec.help} (default: {default})".replace("%", "%%"))
+                           help=f"{spec.owner} only: {spec.help} (default: {spec.trainer_default})".replace("%", "%%"))
 
 
 def given_options(method_cls, values: dict[str, Any]) -> dict[str, Any]:

@@ -42,8 +42,9 @@ def largest_in_train_step(model) -> int:
 
 @pytest.mark.parametrize("method", ["lora", "dora", "singlora"])
 def test_train_step_builds_no_weight_sized_tensor(method):
-    model = attach(OneLayer(nn.Linear(D_IN, D_OUT)), AdapterConfig(method=method, rank=8, target_modules=["proj"],
-                                                                     options=options_for(method, singlora_ramp_steps=0)))
+    config = AdapterConfig(method=method, rank=8, target_modules=["proj"],
+                           options=options_for(method, singlora_ramp_steps=0))
+    model = attach(OneLayer(nn.Linear(D_IN, D_OUT)), config)
     assert largest_in_train_step(model) < D_OUT * D_IN // 4
 
 

@@ -12,9 +12,9 @@ import time
 import numpy as np
 import pytest
 import torch
+from conftest import METHOD_NAMES
 from PIL import Image
 from safetensors.torch import load_file
-from conftest import METHOD_NAMES
 from train_helpers import PROMPT, ROOT, instance_latents, prompt_states, run_train, train_cmd
 
 import dreamlora
