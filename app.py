@@ -261,13 +261,14 @@ def option_flags() -> list[str]:
     return [spec.flag for spec in unique_specs(METHODS.values())]
 
 
-def option_fields(method: str) -> list:
+def option_fields(picker: gr.Radio) -> list:
     """One text field per method option (generated from the methods' option dataclasses), shown only while
     its method is picked; empty means the method's default."""
-    own = {spec.flag for spec in option_specs(METHODS[method])}
-    return [gr.Textbox("", label=spec.flag, info=spec.help, visible=spec.flag in own,
-                       placeholder=f"default: {spec.trainer_default}")
-            for spec in unique_specs(METHODS.values())]
+    own = {spec.flag for spec in option_specs(METHODS[picker.value])}
+    fields = [gr.Textbox("", label=spec.flag, info=spec.help, visible=spec.flag in own,
+                         placeholder=f"default: {spec.trainer_default}") for spec in unique_specs(METHODS.values())]
+    picker.change(show_options, picker, fields, api_visibility="private", queue=False, show_progress="hidden")
+    return fields
 
 
 def show_options(method: str) -> list:
@@ -361,7 +362,7 @@ def train_tab(app: App, base) -> None:
                 with gr.Row():
                     c["validation_steps"] = gr.Number(100, label="Preview every (steps)", precision=0, minimum=1)
                     c["checkpointing_steps"] = gr.Number(100, label="Checkpoint every (steps)", precision=0, minimum=1)
-                c["options"] = option_fields("lora")
+                c["options"] = option_fields(c["method"])
             start = gr.Button("Start training", variant="primary")
             c["message"] = gr.Markdown()
         with gr.Column(scale=6):
@@ -385,8 +386,6 @@ def train_tab(app: App, base) -> None:
         "files", "folder", "token", "class_noun", "instance_prompt", "method", "rank", "steps", "lr", "prior",
         "class_prompt", "num_class_images", "text_encoder", "resolution", "validation_prompt", "validation_steps",
         "checkpointing_steps", "seed")] + c["options"]
-    c["method"].change(show_options, c["method"], c["options"], api_visibility="private", queue=False,
-                       show_progress="hidden")
     for field in (c["token"], c["class_noun"]):
         field.input(preview_prompts, [c["token"], c["class_noun"]], [c["instance_prompt"], c["validation_prompt"]],
                     api_visibility="private", queue=False, show_progress="hidden")

@@ -266,6 +266,8 @@ def test_method_picker_and_option_fields_come_from_the_registry(server, client, 
     picker = next(p for p in props if p["label"] == "Method")
     assert [tuple(c) for c in picker["choices"]] == [(cls.description, name) for name, cls in METHODS.items()]
     assert {p["label"] for p in props} >= {"loraplus_ratio", "loraplus_lr_embedding", "singlora_ramp_steps"}
+    shown = [update["visible"] for update in app.show_options("singlora")]  # picking a method shows its fields
+    assert shown == [flag == "singlora_ramp_steps" for flag in app.option_flags()]
 
     _, runs, base = server
     blank = dict.fromkeys(app.option_flags(), "")
