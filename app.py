@@ -29,7 +29,8 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import gradio as gr  # noqa: E402
 
-from dreamlora.train_args import METHOD_CHOICES  # noqa: E402
+from dreamlora.methods import METHODS  # noqa: E402
+from dreamlora.options import option_specs, unique_specs  # noqa: E402
 from pipelines.app_disk import GB, MIN_FREE_BYTES, DiskQuota  # noqa: E402
 from pipelines.app_eval import (  # noqa: E402
     SCORE_COLUMNS,
@@ -48,8 +49,6 @@ ROOT = Path(__file__).resolve().parent
 GPU = "gpu"  # the one concurrency id of every handler that uses the GPU
 ADAPTER_SLOTS = 4
 RUN_COLUMNS = ["run", "status", "method", "rank", "step", "last checkpoint", "resumable", "adapter"]
-METHOD_HELP = {"lora": "LoRA: the classic low-rank update", "loraplus": "LoRA+: B learns 16× faster",
-               "dora": "DoRA: magnitude and direction", "singlora": "SingLoRA: one symmetric matrix"}
 INTRO = """# dreamlora
 Teach a Stable Diffusion model your subject from a few photos, then try prompts and compare methods.
 
@@ -115,8 +114,9 @@ class App:
 
     def train(self, name, base_model, files, folder, token, class_noun, instance_prompt, method, rank, steps,
               learning_rate, prior, class_prompt, num_class_images, text_encoder, resolution, validation_prompt,
-              validation_steps, checkpointing_steps, seed):
-        """Start a training run; returns a message and the run picker set to the new run."""
+              validation_steps, checkpointing_steps, seed, *method_options):
+        """Start a training run; returns a message and the run picker set to the new run. `method_options` are
+        the method-option fields (`option_fields`), in the order of `unique_specs(METHODS.values())`."""
         self.refuse_while_training()
         photos, labels = self.photos(files, folder)
         settings = TrainSettings(name=name, base_model=self.check_base(base_model), token=token, class_noun=class_noun,
@@ -124,7 +124,8 @@ class App:
                                  learning_rate=learning_rate, prior_preservation=bool(prior), class_prompt=class_prompt,
                                  num_class_images=num_class_images, train_text_encoder=bool(text_encoder),
                                  resolution=resolution, validation_prompt=validation_prompt or "",
-                                 validation_steps=validation_steps, checkpointing_steps=checkpointing_steps, seed=seed)
+                                 validation_steps=validation_steps, checkpointing_steps=checkpointing_steps, seed=seed,
+                                 method_options=dict(zip(option_flags(), method_options, strict=True)))
         settings.validate()
         self.free_gpu()
         message = self.jobs.start(settings, photos, labels)
@@ -251,6 +252,30 @@ class App:
         return gallery, table_frame(rows, SCORE_COLUMNS), str(self.served(plot)), f"{len(runs)} runs side by side."
 
 
+def method_choices() -> list[tuple[str, str]]:
+    """The method picker: each registered method with its one-line description."""
+    return [(cls.description or name, name) for name, cls in METHODS.items()]
+
+
+def option_flags() -> list[str]:
+    return [spec.flag for spec in unique_specs(METHODS.values())]
+
+
+def option_fields(picker: gr.Radio) -> list:
+    """One text field per method option (generated from the methods' option dataclasses), shown only while
+    its method is picked; empty means the method's default."""
+    own = {spec.flag for spec in option_specs(METHODS[picker.value])}
+    fields = [gr.Textbox("", label=spec.flag, info=spec.help, visible=spec.flag in own,
+                         placeholder=f"default: {spec.trainer_default}") for spec in unique_specs(METHODS.values())]
+    picker.change(show_options, picker, fields, api_visibility="private", queue=False, show_progress="hidden")
+    return fields
+
+
+def show_options(method: str) -> list:
+    own = {spec.flag for spec in option_specs(METHODS[method])}
+    return [gr.update(visible=flag in own) for flag in option_flags()]
+
+
 def preview_prompts(token: str, class_noun: str):
     """The prompts' defaults follow the identifier and class as they are typed."""
     return (gr.update(placeholder=f"a photo of {token} {class_noun} (default)"),
@@ -317,7 +342,7 @@ def train_tab(app: App, base) -> None:
                 c["token"] = gr.Textbox("sks", label="Identifier", info="a rare word that will mean your subject")
                 c["class_noun"] = gr.Textbox("dog", label="Class", info="what it is: dog, backpack, clock…")
             c["instance_prompt"] = gr.Textbox(label="Instance prompt", placeholder="a photo of sks dog (default)")
-            c["method"] = gr.Radio([(METHOD_HELP[m], m) for m in METHOD_CHOICES], value="lora", label="Method")
+            c["method"] = gr.Radio(method_choices(), value="lora", label="Method")
             with gr.Row():
                 c["rank"] = gr.Number(4, label="Rank", precision=0, minimum=1, maximum=256)
                 c["steps"] = gr.Number(400, label="Steps", precision=0, minimum=1)
@@ -337,6 +362,7 @@ def train_tab(app: App, base) -> None:
                 with gr.Row():
                     c["validation_steps"] = gr.Number(100, label="Preview every (steps)", precision=0, minimum=1)
                     c["checkpointing_steps"] = gr.Number(100, label="Checkpoint every (steps)", precision=0, minimum=1)
+                c["options"] = option_fields(c["method"])
             start = gr.Button("Start training", variant="primary")
             c["message"] = gr.Markdown()
         with gr.Column(scale=6):
@@ -359,7 +385,7 @@ def train_tab(app: App, base) -> None:
     inputs = [c[k] for k in ("name",)] + [base] + [c[k] for k in (
         "files", "folder", "token", "class_noun", "instance_prompt", "method", "rank", "steps", "lr", "prior",
         "class_prompt", "num_class_images", "text_encoder", "resolution", "validation_prompt", "validation_steps",
-        "checkpointing_steps", "seed")]
+        "checkpointing_steps", "seed")] + c["options"]
     for field in (c["token"], c["class_noun"]):
         field.input(preview_prompts, [c["token"], c["class_noun"]], [c["instance_prompt"], c["validation_prompt"]],
                     api_visibility="private", queue=False, show_progress="hidden")

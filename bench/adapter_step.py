@@ -27,8 +27,9 @@ import torch
 from report import write_report  # bench/report.py (scripts run from bench/)
 from step_clock import HeapPeak, heap_in_use_mib, reset_peak
 
-CONFIGS = ["floor", "dreamlora-lora", "dreamlora-dora", "dreamlora-singlora", "peft-lora", "peft-dora",
-           "peft-singlora"]
+from dreamlora.methods import METHODS  # noqa: E402
+
+CONFIGS = ["floor", *(f"dreamlora-{m}" for m in METHODS), "peft-lora", "peft-dora", "peft-singlora"]
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 RESULTS = Path(__file__).parent / "results"
 

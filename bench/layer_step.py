@@ -23,7 +23,7 @@ import dreamlora
 RESULTS = Path(__file__).parent / "results"
 # (tokens, d_in, d_out): SD 1.5 at 32×32 latents: self-attention of levels 1-3, cross-attention to_k/to_v.
 SHAPES = [(1024, 320, 320), (256, 640, 640), (64, 1280, 1280), (77, 768, 320)]
-CONFIGS = ["floor", "dreamlora-lora", "dreamlora-dora", "dreamlora-singlora", "peft-lora", "peft-dora"]
+CONFIGS = ["floor", *(f"dreamlora-{m}" for m in dreamlora.METHODS), "peft-lora", "peft-dora"]
 
 
 class OneLinear(nn.Module):
@@ -40,8 +40,11 @@ def build(config: str, base: nn.Module, rank: int) -> nn.Module:
     if config == "floor":
         return model.requires_grad_(False)
     if config.startswith("dreamlora-"):
-        return dreamlora.attach(model, dreamlora.AdapterConfig(method=config.split("-")[1], rank=rank,
-                                                                target_modules=["proj"], singlora_ramp_steps=0))
+        dreamlora.attach(model, dreamlora.AdapterConfig(method=config.split("-", 1)[1], rank=rank,
+                                                         target_modules=["proj"]))
+        for layer in dreamlora.adapter_layers(model, "default").values():
+            layer.step = 1  # past SingLoRA's first step, like any step of a real run
+        return model
     from peft import LoraConfig, get_peft_model
 
     return get_peft_model(model, LoraConfig(r=rank, lora_alpha=rank, target_modules=["proj"],

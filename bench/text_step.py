@@ -25,7 +25,7 @@ from pipelines.text_data import Columns, PadCollator, read_examples, tokenize
 
 RESULTS = Path(__file__).parent / "results"
 SST2 = Path(__file__).parent.parent / "tests" / "assets" / "text" / "sst2_train_400.txt"
-CONFIGS = ["head only", "lora", "loraplus", "dora", "singlora", "peft-lora", "peft-dora"]
+CONFIGS = ["head only", *dreamlora.METHODS, "peft-lora", "peft-dora"]
 
 
 def build(config: str, base, rank: int):
@@ -41,7 +41,9 @@ def build(config: str, base, rank: int):
         model.classifier.requires_grad_(True)
     else:
         dreamlora.attach(model, dreamlora.AdapterConfig(method=config, rank=rank, target_modules=targets,
-                                                        exclude_modules=["classifier"], singlora_ramp_steps=0))
+                                                        exclude_modules=["classifier"]))
+        for layer in dreamlora.adapter_layers(model, "default").values():
+            layer.step = 1  # past SingLoRA's first step, like any step of a real run
         model.classifier.requires_grad_(True)
     params = [p for p in model.parameters() if p.requires_grad]
     return model.train(), torch.optim.AdamW(params, lr=1e-4), sum(p.numel() for p in params)

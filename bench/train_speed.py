@@ -26,9 +26,11 @@ from pathlib import Path
 from report import write_report  # bench/report.py (scripts run from bench/)
 from step_clock import run_checked, step_stats
 
+from dreamlora.methods import METHODS as REGISTRY
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).parent / "results"
-METHODS = ("lora", "loraplus", "dora", "singlora")
+METHODS = tuple(REGISTRY)
 DIFFUSERS = "diffusers"
 PHOTOS = ROOT / "tests" / "assets" / "dog"
 

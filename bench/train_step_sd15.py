@@ -22,10 +22,12 @@ from pathlib import Path
 from report import write_report  # bench/report.py (scripts run from bench/)
 from step_clock import run_checked, step_stats
 
+from dreamlora.methods import METHODS as REGISTRY
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).parent / "results"
 FLOOR = "floor"
-METHODS = ("lora", "loraplus", "dora", "singlora")
+METHODS = tuple(REGISTRY)
 
 
 def command(run: str, model: Path, out: Path, args) -> list[str]:

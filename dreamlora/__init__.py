@@ -22,6 +22,7 @@ from dreamlora.inject import (
 )
 from dreamlora.io import export_lora, load, load_weights, peft_lora_state_dict, save
 from dreamlora.methods import METHODS, AdapterLayer, register
+from dreamlora.options import MethodOptions
 
 __version__ = "0.1.0"
 
@@ -30,6 +31,7 @@ __all__ = [
     "AdaptedLayer",
     "AdapterConfig",
     "AdapterLayer",
+    "MethodOptions",
     "adapter_config",
     "adapter_layers",
     "adapter_names",

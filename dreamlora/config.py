@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass, field, fields
+from typing import Any
 
 SD_ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
 
@@ -15,7 +16,7 @@ SD_ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
 @dataclass
 class AdapterConfig:
     method: str = "lora"
-    """Registered method name: `lora`, `loraplus`, `dora` or `singlora`."""
+    """Registered method name (`dreamlora.METHODS`): `lora`, `loraplus`, `dora`, `singlora`, or a plugin's."""
 
     rank: int = 4
     """Rank r of the update. Must not exceed min(d_in, d_out) of any matched layer."""
@@ -42,14 +43,9 @@ class AdapterConfig:
     (N(0, 1/r^2), as diffusers' DreamBooth script). SingLoRA: `scaled` (the default: entries of order
     (d_in·d_out)^-1/4, see `dreamlora.methods.singlora`) or `kaiming` (the third-party reference init)."""
 
-    loraplus_ratio: float = 16.0
-    """LoRA+: the up factor B trains at lr * ratio (Hayou et al. 2024 recommend 2^4)."""
-
-    loraplus_lr_embedding: float = 1e-6
-    """LoRA+: absolute learning rate of adapters on embedding layers, as PEFT's `loraplus_lr_embedding`."""
-
-    singlora_ramp_steps: int = 100
-    """SingLoRA: T in u(t) = min(t/T, 1), t counted in optimizer steps. 0 turns the ramp off (u = 1)."""
+    options: Any = None
+    """The method's own options: an instance of its `Options` dataclass (e.g. `SingLoRAOptions(ramp_steps=10)`),
+    a dict of its fields (`{"ramp_steps": 10}`), or None for its defaults. Stored as a dict in adapter files."""
 
     def __post_init__(self) -> None:
         from dreamlora.methods import METHODS  # late import: methods import this module
@@ -80,18 +76,7 @@ class AdapterConfig:
             raise ValueError(
                 f"AdapterConfig.init: {self.init!r} is not an init of {self.method}; choose from {', '.join(inits)}"
             )
-        if not self.loraplus_ratio > 0:
-            raise ValueError(f"AdapterConfig.loraplus_ratio must be > 0, got {self.loraplus_ratio!r}")
-        if not self.loraplus_lr_embedding >= 0:
-            raise ValueError(
-                f"AdapterConfig.loraplus_lr_embedding must be >= 0, got {self.loraplus_lr_embedding!r}"
-            )
-        if isinstance(self.singlora_ramp_steps, bool) or not isinstance(self.singlora_ramp_steps, int) or (
-            self.singlora_ramp_steps < 0
-        ):
-            raise ValueError(
-                f"AdapterConfig.singlora_ramp_steps must be an integer >= 0, got {self.singlora_ramp_steps!r}"
-            )
+        self.options = _method_options(METHODS[self.method], self.options)
 
     @property
     def scaling(self) -> float:
@@ -103,12 +88,30 @@ class AdapterConfig:
 
     @classmethod
     def from_json(cls, text: str) -> AdapterConfig:
-        data = json.loads(text)
+        data = _legacy_options(_legacy_init(json.loads(text)))
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"adapter config has unknown fields {unknown}; written by a newer dreamlora?")
-        return cls(**_legacy_init(data))
+        return cls(**data)
+
+
+def _method_options(method_cls, options):
+    """`options` as an instance of the method's own dataclass; its `__post_init__` checks the values."""
+    kind = method_cls.Options
+    if options is None:
+        return kind()
+    if isinstance(options, dict):
+        names = {f.name for f in fields(kind)}
+        unknown = sorted(set(options) - names)
+        if unknown:
+            raise ValueError(f"AdapterConfig.options: {method_cls.method} has no options {unknown}; "
+                             f"its options are {sorted(names) or 'none'}")
+        return kind(**options)
+    if type(options) is not kind:
+        raise ValueError(f"AdapterConfig.options: {method_cls.method} takes {kind.__name__}, "
+                         f"got {type(options).__name__}")
+    return options
 
 
 def _legacy_init(data: dict) -> dict:
@@ -121,3 +124,21 @@ def _legacy_init(data: dict) -> dict:
     if cls is not None and data.get("init") is not None and data["init"] not in cls.inits:
         return {**data, "init": None}
     return data
+
+
+def _legacy_options(data: dict) -> dict:
+    """Files written before methods owned their options hold every method's options as flat fields named as
+    their flags (`loraplus_ratio`, `singlora_ramp_steps`). The file's own method's move into `options`; the
+    other methods' are dropped (they never applied to this adapter)."""
+    from dreamlora.methods import METHODS
+    from dreamlora.options import option_specs, unique_specs
+
+    known = {f.name for f in fields(AdapterConfig)}
+    flat = {k: v for k, v in data.items() if k not in known}
+    if not flat or "options" in data:
+        return data
+    every = {s.flag for s in unique_specs(METHODS.values())}
+    method = METHODS.get(data.get("method", "lora"))
+    own = {s.flag: s.field for s in option_specs(method)} if method is not None else {}
+    options = {own[k]: v for k, v in flat.items() if k in own}
+    return {**{k: v for k, v in data.items() if k in known or k not in every}, "options": options}

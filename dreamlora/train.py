@@ -24,7 +24,7 @@ import torch
 
 import dreamlora
 from dreamlora import AdapterConfig
-from dreamlora.train_args import ArgError, parse_args, resolve_init
+from dreamlora.train_args import ArgError, method_options, parse_args, resolve_init
 from pipelines import data as dbdata
 from pipelines import training
 from pipelines.export import write_tool_files
@@ -36,10 +36,8 @@ log = logging.getLogger("dreamlora.train")
 
 def adapter_config(args, targets: list[str]) -> AdapterConfig:
     init = resolve_init(args.adapter, args.init_lora_weights, "gaussian")
-    ramp = {} if args.singlora_ramp_steps is None else {"singlora_ramp_steps": args.singlora_ramp_steps}
     return AdapterConfig(method=args.adapter, rank=args.rank, alpha=args.alpha, target_modules=targets,
-                         dropout=args.lora_dropout, use_rslora=args.use_rslora, init=init,
-                         loraplus_ratio=args.loraplus_ratio, **ramp)
+                         dropout=args.lora_dropout, use_rslora=args.use_rslora, init=init, options=method_options(args))
 
 
 def make_optimizer(args, param_groups):
@@ -167,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     sd, weight_dtype = load_frozen_models(args, accelerator)
     classes = class_examples(args, sd, accelerator)
 
-    # --- data loader and schedule (its length sets SingLoRA's default ramp) --------------------------------
+    # --- data loader and schedule (its length sets run-dependent method options: SingLoRA's ramp) -----------
     dataset = dbdata.DreamBoothDataset(instances, classes, args.resolution, args.center_crop, args.random_flip,
                                        args.seed)
     sampler = dbdata.EpochShuffle(len(dataset), args.seed)
@@ -176,9 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     batches_per_epoch, steps_per_epoch = training.steps_per_epoch(
         len(dataset), args.train_batch_size, accelerator.num_processes, args.gradient_accumulation_steps)
     max_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
-    if args.adapter == "singlora":
-        args.singlora_ramp_steps = training.resolve_ramp_steps(
-            args.singlora_ramp_steps, max_steps, resume_from and training.adapter_file(resume_from, "unet"))
+    training.resolve_method_options(args, max_steps, resume_from and training.adapter_file(resume_from, "unet"))
     trained, groups = attach_adapters(args, sd)
     optimizer = make_optimizer(args, groups)
     from diffusers.optimization import get_scheduler

@@ -13,10 +13,10 @@ import sys
 from pathlib import Path
 
 from dreamlora.config import SD_ATTENTION
+from dreamlora.options import add_option_flags, given_options
 
 UNET_TARGETS = ",".join(SD_ATTENTION)
 TEXT_ENCODER_TARGETS = "q_proj,k_proj,v_proj,out_proj"
-METHOD_CHOICES = ("lora", "loraplus", "dora", "singlora")
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 
 
@@ -108,11 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_adapter_flags(parser: argparse.ArgumentParser, rank: int, init_help: str):
-    """The adapter flags both trainers share; returns the group so a trainer can add its targets."""
-    from dreamlora.methods import METHODS  # the registry says which inits exist
+    """The adapter flags both trainers share, methods and their options from the registry; returns the group so
+    a trainer can add its targets."""
+    from dreamlora.methods import METHODS
 
     g = parser.add_argument_group("adapter")
-    g.add_argument("--adapter", choices=METHOD_CHOICES, default="lora")
+    g.add_argument("--adapter", choices=list(METHODS), default="lora",
+                   help="; ".join(f"{name}: {cls.description}" for name, cls in METHODS.items()))
     g.add_argument("--rank", type=int, default=rank)
     g.add_argument("--alpha", type=float, default=None, help="default: --rank")
     g.add_argument("--lora_dropout", type=float, default=0.0)
@@ -120,12 +122,22 @@ def add_adapter_flags(parser: argparse.ArgumentParser, rank: int, init_help: str
     inits = sorted({name for cls in METHODS.values() for name in cls.inits})  # each method checks its own
     g.add_argument("--init_lora_weights", choices=inits, default=None,
                    help=f"init of the adapter factors; default: {init_help}")
-    g.add_argument("--loraplus_ratio", type=float, default=16.0)
-    g.add_argument("--singlora_ramp_steps", type=int, default=None,
-                   help="SingLoRA's ramp T in u(t) = min(t/T, 1), in optimizer steps; 0 = no ramp; default: 1%% of "
-                        "the run's optimizer steps (rounded half up, at least 1), as the paper; a resume keeps the "
-                        "checkpoint's T")
+    add_option_flags(g, METHODS.values())
     return g
+
+
+def method_options(args: argparse.Namespace) -> dict:
+    """The options of `--adapter`'s method given on the command line, by field name, checked by the method's
+    own dataclass so a bad value fails before a model loads."""
+    from dreamlora.methods import METHODS
+
+    cls = METHODS[args.adapter]
+    given = given_options(cls, vars(args))
+    try:
+        cls.Options(**given)
+    except (TypeError, ValueError) as e:
+        raise ArgError(f"--adapter {args.adapter}: {e}") from None
+    return given
 
 
 def resolve_init(method: str, flag: str | None, preferred: str | None = None) -> str | None:
@@ -209,5 +221,6 @@ def validate(args: argparse.Namespace) -> None:
     if args.output_kohya_format:  # accepted so that old configs still run
         print("warning: --output_kohya_format is deprecated and has no effect: the kohya file is written by default",
               file=sys.stderr)
+    method_options(args)
     if args.report_to == "none":
         args.report_to = None

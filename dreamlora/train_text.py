@@ -22,6 +22,7 @@ import torch
 
 import dreamlora
 from dreamlora import AdapterConfig
+from dreamlora.train_args import method_options
 from dreamlora.train_text_args import parse_args
 from eval.classification import classification_metrics
 from pipelines import text_models, training
@@ -52,12 +53,10 @@ def build_model(args, labels):
     tokenizer = text_models.load_tokenizer(path)
     model, fresh = text_models.load_classifier(path, labels, args.ignore_mismatched_sizes)
     targets = args.target_modules or text_models.default_targets(model)
-    ramp = {} if args.singlora_ramp_steps is None else {"singlora_ramp_steps": args.singlora_ramp_steps}
     with training.adapter_input():
         config = AdapterConfig(method=args.adapter, rank=args.rank, alpha=args.alpha, target_modules=targets,
                                exclude_modules=text_models.head_exclusions(model), dropout=args.lora_dropout,
-                               use_rslora=args.use_rslora, init=args.init_lora_weights,
-                               loraplus_ratio=args.loraplus_ratio, **ramp)
+                               use_rslora=args.use_rslora, init=args.init_lora_weights, options=method_options(args))
         dreamlora.attach(model, config)
     head = text_models.head_parameter_names(model, fresh)
     params = dict(model.named_parameters())
@@ -100,9 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     batches_per_epoch, steps_per_epoch = training.steps_per_epoch(
         len(train), args.per_device_train_batch_size, accelerator.num_processes, args.gradient_accumulation_steps)
     max_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
-    if args.adapter == "singlora":
-        args.singlora_ramp_steps = training.resolve_ramp_steps(
-            args.singlora_ramp_steps, max_steps, resume_from and training.adapter_file(resume_from, "model"))
+    training.resolve_method_options(args, max_steps, resume_from and training.adapter_file(resume_from, "model"))
     model, tokenizer, groups, what_trains = build_model(args, labels)
     max_length = text_models.usable_max_length(tokenizer, model.config, args.max_length)
     train_features = tokenize(tokenizer, train, max_length)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from dreamlora.train_args import SCHEDULERS, ArgError, _split, add_adapter_flags, parse_with_config
+from dreamlora.train_args import SCHEDULERS, ArgError, _split, add_adapter_flags, method_options, parse_with_config
 
 DATA_FORMATS = ("csv", "tsv", "jsonl", "label_text")
 
@@ -93,5 +93,6 @@ def validate(args: argparse.Namespace) -> None:
     if args.eval_steps and not args.validation_file:
         raise ArgError("--eval_steps needs --validation_file")
     args.target_modules = _split(args.target_modules) if args.target_modules else None
+    method_options(args)
     if args.report_to == "none":
         args.report_to = None

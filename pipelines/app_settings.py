@@ -6,10 +6,11 @@ import json
 import re
 import shutil
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from dreamlora.train_args import METHOD_CHOICES
+from dreamlora.methods import METHODS
+from dreamlora.options import option_specs, parse_option
 from pipelines.app_safety import AppInputError, check_run_name, number
 
 SUBJECT = "subject"  # the photos' folder under data/: also the reference folder name for scoring
@@ -40,6 +41,7 @@ class TrainSettings:
     validation_steps: int = 100
     checkpointing_steps: int = 100
     seed: int = 0
+    method_options: dict = field(default_factory=dict)  # flag name -> value as typed ('' = the method's default)
 
     def validate(self) -> TrainSettings:
         self.name = check_run_name(self.name)
@@ -50,8 +52,8 @@ class TrainSettings:
             raise AppInputError(f"Class {self.class_noun!r}: a plain noun such as dog or backpack.")
         self.instance_prompt = (self.instance_prompt or "").strip() or f"a photo of {self.token} {self.class_noun}"
         self.class_prompt = (self.class_prompt or "").strip() or f"a photo of {self.class_noun}"
-        if self.method not in METHOD_CHOICES:
-            raise AppInputError(f"Method {self.method!r}: one of {', '.join(METHOD_CHOICES)}.")
+        if self.method not in METHODS:
+            raise AppInputError(f"Method {self.method!r}: one of {', '.join(METHODS)}.")
         limits = {"rank": (1, 256), "steps": (1, 100_000), "num_class_images": (1, 1000), "resolution": (64, 2048),
                   "validation_steps": (1, 100_000), "checkpointing_steps": (1, 100_000), "seed": (0, 2**32 - 1)}
         for key, (low, high) in limits.items():
@@ -60,7 +62,22 @@ class TrainSettings:
             raise AppInputError(f"Resolution must be a multiple of 8, got {self.resolution}.")
         self.learning_rate = number(self.learning_rate, "Learning rate", 1e-8, 0.1, float)
         self.validation_prompt = (self.validation_prompt or "").strip()
+        self.method_options = self.checked_options()
         return self
+
+    def checked_options(self) -> dict:
+        """The chosen method's options that were filled in, typed and checked by the method's own dataclass;
+        the other methods' fields are ignored (the page hides them)."""
+        cls, given = METHODS[self.method], {}
+        try:
+            for spec in option_specs(cls):
+                value = parse_option(spec, (self.method_options or {}).get(spec.flag, ""))
+                if value is not None:
+                    given[spec.flag] = value
+            cls.Options(**{s.field: given[s.flag] for s in option_specs(cls) if s.flag in given})
+        except (TypeError, ValueError) as e:
+            raise AppInputError(f"Method option {e}") from None
+        return given
 
     def argv(self, run_dir: Path) -> list[str]:
         """The trainer's flags, as a user would type them."""
@@ -75,6 +92,8 @@ class TrainSettings:
                      "--class_prompt", self.class_prompt, "--num_class_images", str(self.num_class_images)]
         if self.train_text_encoder:
             args.append("--train_text_encoder")
+        for flag, value in self.method_options.items():
+            args += [f"--{flag}", str(value)]
         if self.validation_prompt.strip():
             args += ["--validation_prompt", self.validation_prompt.strip(), "--validation_steps",
                      str(self.validation_steps), "--validation_inference_steps", "20", "--num_validation_images", "2"]

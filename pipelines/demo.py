@@ -1,7 +1,7 @@
 """`make demo`: the whole job on the embedded tiny model, offline, in a few minutes on a laptop CPU.
 
 1. builds the tiny SD pipeline (`python -m dreamlora.tiny`),
-2. trains each method (lora, loraplus, dora, singlora) briefly on four real photos of a dog
+2. trains each registered method (lora, loraplus, dora, singlora, ...) briefly on four real photos of a dog
    (tests/assets/dog, CC BY 4.0, see tests/assets/LICENSE.md) with `dreamlora/train.py`,
 3. samples every adapter with the same prompts and seeds (`pipelines.sample`),
 4. writes a comparison grid and prints where everything is.
@@ -22,7 +22,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PHOTOS = ROOT / "tests" / "assets" / "dog"
-METHODS = ("lora", "loraplus", "dora", "singlora")
 PROMPTS = ("a photo of sks dog", "a photo of sks dog on the beach")
 
 
@@ -62,6 +61,8 @@ def main(argv: list[str] | None = None) -> None:
         run([sys.executable, "-m", "dreamlora.tiny", str(model)])
 
     summary, samples = [], {}
+    from dreamlora.methods import METHODS
+
     for method in METHODS:
         run_dir = out / method
         started = time.time()

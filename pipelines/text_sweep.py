@@ -20,7 +20,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from dreamlora.train_args import METHOD_CHOICES
+from dreamlora.methods import METHODS
 
 TRAINER = Path(__file__).resolve().parent.parent / "dreamlora" / "train_text.py"
 OWNED_FLAGS = ("--adapter", "--learning_rate", "--seed", "--output_dir")
@@ -50,16 +50,16 @@ def parse_args(argv: list[str] | None):
     own, trainer_flags = argv[:split], argv[split + 1:]
     p = argparse.ArgumentParser(prog="python -m pipelines.text_sweep", description=__doc__.split("\n\n")[0])
     p.add_argument("--output_dir", required=True)
-    p.add_argument("--methods", default=",".join(METHOD_CHOICES))
+    p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--learning_rates", default="1e-3,3e-3,1e-2")
     p.add_argument("--seeds", default="0,1")
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel; CPU threads are shared between them")
     p.add_argument("--report_only", action="store_true", help="only rebuild the table and plots")
     args = p.parse_args(own)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    bad = sorted(set(args.methods) - set(METHOD_CHOICES))
+    bad = sorted(set(args.methods) - set(METHODS))
     if bad:
-        p.error(f"--methods: unknown {bad}; choose from {', '.join(METHOD_CHOICES)}")
+        p.error(f"--methods: unknown {bad}; choose from {', '.join(METHODS)}")
     try:
         args.learning_rates = [float(v) for v in args.learning_rates.split(",")]
         args.seeds = [int(v) for v in args.seeds.split(",")]

@@ -347,23 +347,40 @@ def steps_per_epoch(examples: int, batch_size: int, num_processes: int, accumula
     return batches, math.ceil(batches / accumulation)
 
 
-def resolve_ramp_steps(given: int | None, total_steps: int, checkpoint_adapter: Path | None) -> int:
-    """SingLoRA's T: the value a resumed checkpoint was trained with (a resume with another
-    --max_train_steps must not change it); else the flag; else 1 % of the run's optimizer steps, rounded
-    half up, at least 1 (the paper's setting)."""
-    if checkpoint_adapter is not None and checkpoint_adapter.is_file():
-        try:
-            stored = AdapterConfig.from_json(read_metadata(checkpoint_adapter)["config"]).singlora_ramp_steps
-        except (ValueError, KeyError) as e:
-            raise ArgError(f"--resume_from_checkpoint: {str(checkpoint_adapter)!r} is no dreamlora adapter: "
-                           f"{e}") from None
-        if given is not None and given != stored:
-            raise ArgError(f"--singlora_ramp_steps {given}: the checkpoint being resumed was trained with {stored}; "
-                           "drop the flag or pass the same value")
-        return stored
-    if given is not None:
-        return given
-    return max(1, (total_steps + 50) // 100)
+def resolve_method_options(args, total_steps: int, checkpoint_adapter: Path | None) -> dict:
+    """The options of `--adapter`'s method for this run, by field name: the flags given; where a flag is not given,
+    the method's run-dependent default (`Options.run_defaults`, e.g. SingLoRA's T = 1 % of the steps), except
+    that a resumed checkpoint keeps the value it was trained with (a resume with another --max_train_steps must
+    not change it). The resolved values are written back into `args` under their flag names, for run.json."""
+    from dreamlora.methods import METHODS
+    from dreamlora.options import given_options, option_specs
+
+    cls = METHODS[args.adapter]
+    given = given_options(cls, vars(args))
+    run_dependent = cls.Options.run_defaults(total_steps)
+    stored = _stored_options(checkpoint_adapter) if run_dependent else None
+    if not isinstance(stored, cls.Options):
+        stored = None  # another method's checkpoint: loading its state refuses it with a clearer message
+    specs = {s.field: s for s in option_specs(cls)}
+    for name in run_dependent:
+        if stored is not None and name in given and given[name] != getattr(stored, name):
+            raise ArgError(f"--{specs[name].flag} {given[name]}: the checkpoint being resumed was trained with "
+                           f"{getattr(stored, name)}; drop the flag or pass the same value")
+        if stored is not None:
+            given[name] = getattr(stored, name)
+    options = {**run_dependent, **given}
+    for name, value in options.items():
+        setattr(args, specs[name].flag, value)
+    return options
+
+
+def _stored_options(checkpoint_adapter: Path | None):
+    if checkpoint_adapter is None or not checkpoint_adapter.is_file():
+        return None
+    try:
+        return AdapterConfig.from_json(read_metadata(checkpoint_adapter)["config"]).options
+    except (ValueError, KeyError) as e:
+        raise ArgError(f"--resume_from_checkpoint: {str(checkpoint_adapter)!r} is no dreamlora adapter: {e}") from None
 
 
 class ProgressLog:

@@ -11,7 +11,16 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-METHOD_NAMES = ["lora", "loraplus", "dora", "singlora"]
+from dreamlora.methods import METHODS  # noqa: E402
+from dreamlora.options import given_options  # noqa: E402
+
+METHOD_NAMES = list(METHODS)  # the registry is the only method list
+
+
+def options_for(method: str, **flags) -> dict:
+    """`method`'s options among values named as their flags (`singlora_ramp_steps=10`), by field, as a trainer
+    reads them: one set of values serves a test over every method, and a method without them gets none."""
+    return given_options(METHODS[method], flags)
 
 
 class OneLayer(nn.Module):

@@ -252,3 +252,30 @@ def test_a_long_loss_curve_is_binned_for_the_page():
     frame = app.loss_frame([(step, float(step % 2)) for step in range(1, 2001)])
     assert len(frame) == 500 and frame["step"].iloc[-1] == 2000 and frame["loss"].between(0.4, 0.6).all()
     assert len(app.loss_frame([(1, 0.5), (2, 0.25)])) == 2 and list(app.loss_frame([]).columns) == ["step", "loss"]
+
+
+def test_method_picker_and_option_fields_come_from_the_registry(server, client, tiny_model_dir):
+    """The picker lists every registered method with its description; the method-option fields are generated from
+    the methods' option dataclasses, a value typed there reaches the trainer as the method's flag, and a bad one
+    is refused naming it."""
+    import app
+    from dreamlora.methods import METHODS
+
+    demo = app.build(server[1].parent / "runs-options", str(tiny_model_dir))
+    props = [c["props"] for c in demo.config["components"] if c.get("props", {}).get("label")]
+    picker = next(p for p in props if p["label"] == "Method")
+    assert [tuple(c) for c in picker["choices"]] == [(cls.description, name) for name, cls in METHODS.items()]
+    assert {p["label"] for p in props} >= {"loraplus_ratio", "loraplus_lr_embedding", "singlora_ramp_steps"}
+    shown = [update["visible"] for update in app.show_options("singlora")]  # picking a method shows its fields
+    assert shown == [flag == "singlora_ramp_steps" for flag in app.option_flags()]
+
+    _, runs, base = server
+    blank = dict.fromkeys(app.option_flags(), "")
+    with pytest.raises(Exception, match="singlora_ramp_steps must be an integer >= 0"):
+        train(client, base, "dog-bad-ramp", DOG, method="singlora", steps=2, **{**blank, "singlora_ramp_steps": "-2"})
+    train(client, base, "dog-ramp", DOG, method="singlora", steps=2, validation_prompt="",
+          **{**blank, "singlora_ramp_steps": "3", "loraplus_ratio": "2"})  # another method's field: ignored
+    wait_for(lambda: runs_table(client)["dog-ramp"]["status"] == "finished", 120, "dog-ramp to finish")
+    summary = json.loads((runs / "dog-ramp" / "run.json").read_text())
+    assert summary["args"]["singlora_ramp_steps"] == 3 and summary["adapter_config"]["options"] == {"ramp_steps": 3}
+    assert summary["args"]["loraplus_ratio"] is None

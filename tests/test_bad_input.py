@@ -32,7 +32,10 @@ def fresh():
     ({"alpha": 0}, "alpha must be a positive number, got 0"),
     ({"alpha": -1.0}, "got -1.0"),
     ({"dropout": 1.0}, "dropout must be in [0, 1)"),
-    ({"singlora_ramp_steps": -1}, "singlora_ramp_steps"),
+    ({"method": "singlora", "options": {"ramp_steps": -1}}, "singlora_ramp_steps must be an integer >= 0, got -1"),
+    ({"method": "loraplus", "options": {"ratio": 0}}, "loraplus_ratio must be > 0"),
+    ({"method": "singlora", "options": {"ratio": 2}}, "singlora has no options ['ratio']"),
+    ({"method": "lora", "options": {"ramp_steps": 2}}, "lora has no options ['ramp_steps']; its options are none"),
     ({"init": "zeros"}, "'zeros' is not an init of lora"),
     ({"target_modules": []}, "target_modules is empty"),
 ])

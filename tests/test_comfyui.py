@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import randomize_adapters
+from conftest import options_for, randomize_adapters
 from safetensors.torch import load_file, save_file
 
 import dreamlora
@@ -74,7 +74,8 @@ def run_comfyui(folder: Path, unet_config: dict, unet: Path, loras: dict[str, Pa
 
 def adapted(base: torch.nn.Module, method: str, targets: list[str], seed: int, copied: bool = True):
     torch.manual_seed(seed)
-    config = AdapterConfig(method=method, rank=4, alpha=6.0, target_modules=targets, singlora_ramp_steps=10)
+    config = AdapterConfig(method=method, rank=4, alpha=6.0, target_modules=targets,
+                           options=options_for(method, singlora_ramp_steps=10))
     model = attach(copy.deepcopy(base) if copied else base, config)
     randomize_adapters(model, std=0.3)  # strongly perturbed: DoRA's norms then differ visibly from ‖W0‖
     for layer in dreamlora.adapter_layers(model, "default").values():

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import randomize_adapters, tiny_unet, unet_inputs
+from conftest import METHOD_NAMES, options_for, randomize_adapters, tiny_unet, unet_inputs
 from safetensors.torch import load_file
 
 import dreamlora
@@ -15,11 +15,11 @@ from dreamlora import AdapterConfig, attach
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "conv1"]  # attention Linear and ResNet Conv2d together
 
 
-@pytest.mark.parametrize("method", ["lora", "loraplus", "dora", "singlora"])
+@pytest.mark.parametrize("method", METHOD_NAMES)
 def test_exported_lora_loads_in_diffusers_with_the_same_output(method, tmp_path):
     base = tiny_unet().eval()
     model = attach(copy.deepcopy(base), AdapterConfig(method=method, rank=4, alpha=6.0, target_modules=TARGETS,
-                                                      singlora_ramp_steps=10))
+                                                      options=options_for(method, singlora_ramp_steps=10)))
     randomize_adapters(model)
     for layer in dreamlora.adapter_layers(model, "default").values():
         layer.step = 4  # mid-ramp for SingLoRA: the export must carry u(t) too
@@ -42,7 +42,7 @@ def test_exported_lora_loads_in_diffusers_with_the_same_output(method, tmp_path)
 def test_singlora_export_is_lossless_as_a_dreamlora_lora(tmp_path):
     base = tiny_unet().eval()
     model = attach(copy.deepcopy(base), AdapterConfig(method="singlora", rank=4, target_modules=TARGETS,
-                                                      singlora_ramp_steps=0))
+                                                      options={"ramp_steps": 0}))
     randomize_adapters(model)
     native = dreamlora.save(model, tmp_path / "sing.safetensors")
     beside = tmp_path / "sing.lora.safetensors"

@@ -12,7 +12,7 @@ import copy
 
 import pytest
 import torch
-from conftest import OneLayer, randomize_adapters, tiny_unet
+from conftest import OneLayer, options_for, randomize_adapters, tiny_unet
 from torch import nn
 
 import dreamlora
@@ -41,7 +41,7 @@ class Transformers4Layout(nn.Module):
 
 def adapted(model: nn.Module, method: str, targets: list[str], std: float = 0.1) -> nn.Module:
     model = attach(model, AdapterConfig(method=method, rank=4, alpha=6.0, target_modules=targets,
-                                        singlora_ramp_steps=10))
+                                        options=options_for(method, singlora_ramp_steps=10)))
     randomize_adapters(model, std=std)
     for layer in dreamlora.adapter_layers(model, "default").values():
         layer.step = 4  # mid-ramp for SingLoRA: the files must carry u(t)

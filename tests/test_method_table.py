@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import LAYER_KINDS, METHOD_NAMES, OneLayer
+from conftest import LAYER_KINDS, METHOD_NAMES, OneLayer, options_for
 
 import dreamlora
 from dreamlora import AdapterConfig, attach
@@ -23,7 +23,7 @@ def build(method: str, kind: str, dtype: str, **options):
     for p in base.parameters():  # a non-trivial bias and weight so bias handling is visible
         p.data.normal_(0, 0.3)
     config = AdapterConfig(method=method, rank=3, alpha=5.0, target_modules=["proj"],
-                           singlora_ramp_steps=options.pop("ramp", 10), **options)
+                           options=options_for(method, singlora_ramp_steps=options.pop("ramp", 10)), **options)
     model = attach(copy.deepcopy(base), config)
     x = make_input()
     return base, model, x.to(DTYPES[dtype]) if x.is_floating_point() else x

@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from conftest import options_for
 from torch import nn
 
 import dreamlora
@@ -27,7 +28,7 @@ def two_adapters():
     base = TwoLayers()
     model = attach(copy.deepcopy(base), AdapterConfig(method="lora", rank=2, target_modules=["a", "b"]), "style")
     attach(model, AdapterConfig(method="singlora", rank=3, alpha=2.0, target_modules=["b"],
-                                singlora_ramp_steps=0), "subject")
+                                options={"ramp_steps": 0}), "subject")
     for name in ("style", "subject"):
         with torch.no_grad():
             for layer in dreamlora.adapter_layers(model, name).values():
@@ -112,7 +113,8 @@ def test_merging_two_adapters_on_a_half_precision_layer_rounds_once(second):
     rounding the result, bit for bit (rounding after each adapter differs in many entries)."""
     torch.manual_seed(0)
     model = attach(nn.Sequential(nn.Linear(64, 48)).half(), AdapterConfig(rank=4, target_modules=["0"]), "first")
-    attach(model, AdapterConfig(method=second, rank=4, target_modules=["0"], singlora_ramp_steps=0), "second")
+    attach(model, AdapterConfig(method=second, rank=4, target_modules=["0"],
+                                options=options_for(second, singlora_ramp_steps=0)), "second")
     with torch.no_grad():
         for name in ("first", "second"):
             for p in dreamlora.adapter_layers(model, name)["0"].parameters():

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import OneLayer
+from conftest import METHOD_NAMES, OneLayer, options_for
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -40,10 +40,11 @@ def largest_in_train_step(model) -> int:
     return probe.largest
 
 
-@pytest.mark.parametrize("method", ["lora", "dora", "singlora"])
+@pytest.mark.parametrize("method", METHOD_NAMES)  # every registered method, so a new one is checked too
 def test_train_step_builds_no_weight_sized_tensor(method):
-    model = attach(OneLayer(nn.Linear(D_IN, D_OUT)), AdapterConfig(method=method, rank=8, target_modules=["proj"],
-                                                                     singlora_ramp_steps=0))
+    config = AdapterConfig(method=method, rank=8, target_modules=["proj"],
+                           options=options_for(method, singlora_ramp_steps=0))
+    model = attach(OneLayer(nn.Linear(D_IN, D_OUT)), config)
     assert largest_in_train_step(model) < D_OUT * D_IN // 4
 
 

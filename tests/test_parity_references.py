@@ -135,7 +135,7 @@ def test_loraplus_groups_match_create_loraplus_optimizer():
     base = ThreeLayers()
     targets = ["embed", "q", "v", "conv"]
     ours = attach(copy.deepcopy(base), AdapterConfig(method="loraplus", rank=4, target_modules=targets,
-                                                     loraplus_ratio=16.0))
+                                                     options={"ratio": 16.0}))
     peft = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=4, target_modules=targets))
     peft_opt = create_loraplus_optimizer(peft, torch.optim.AdamW, lr=2e-4, loraplus_lr_ratio=16.0,
                                          loraplus_weight_decay=0.01)
@@ -179,7 +179,7 @@ def test_singlora_matches_peft_singlora(shape, step):
     d_in, d_out = shape
     base = OneLayer(nn.Linear(d_in, d_out))
     ours = attach(copy.deepcopy(base), AdapterConfig(method="singlora", rank=4, alpha=8.0,
-                                                     target_modules=["proj"], singlora_ramp_steps=10))
+                                                     target_modules=["proj"], options={"ramp_steps": 10}))
     ref = RefSingLoRA(copy.deepcopy(base.proj), "default", r=4, lora_alpha=8.0, ramp_up_steps=10)
     layer = ours.proj.adapters["default"]
     with torch.no_grad():

@@ -19,7 +19,7 @@ from dreamlora.train_args import resolve_init
 def _full_ramp_delta(base: nn.Module, rank: int = 8, init: str | None = None) -> torch.Tensor:
     model = nn.Sequential(base)
     dreamlora.attach(model, AdapterConfig(method="singlora", rank=rank, alpha=rank, target_modules=["0"],
-                                          init=init, singlora_ramp_steps=10))
+                                          init=init, options={"ramp_steps": 10}))
     (layer,) = adapter_layers(model, "default").values()
     layer.step = layer.ramp_steps  # u(t) = 1: the update at the end of the ramp
     return layer.delta_weight()
@@ -54,7 +54,7 @@ def test_minilm_query_value_update_is_small_against_the_pretrained_weight():
     model, _ = text_models.load_classifier(path, ["neg", "pos"], False)
     torch.manual_seed(0)
     dreamlora.attach(model, AdapterConfig(method="singlora", rank=8, alpha=8, target_modules=["query", "value"],
-                                          singlora_ramp_steps=10))
+                                          options={"ramp_steps": 10}))
     layers = adapter_layers(model, "default")
     assert len(layers) == 12  # 6 blocks × (query, value)
     for name, layer in layers.items():

@@ -12,6 +12,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from conftest import METHOD_NAMES
 from PIL import Image
 from safetensors.torch import load_file
 from train_helpers import PROMPT, ROOT, instance_latents, prompt_states, run_train, train_cmd
@@ -20,7 +21,7 @@ import dreamlora
 from pipelines.loss import fixed_pairs_loss
 from pipelines.sample import AdapterSpec, apply_adapters, generate, load_pipeline
 
-METHODS = ["lora", "loraplus", "dora", "singlora"]
+METHODS = METHOD_NAMES
 LEARN_TARGETS = "to_q,to_k,to_v,to_out.0,conv1,conv2,ff.net.0.proj,ff.net.2"
 
 

@@ -223,22 +223,29 @@ def test_singlora_ramp_is_one_percent_of_the_run_and_survives_a_resume(tiny_mode
     run(tiny_model_dir, out, *flags, "--max_train_steps", 150)
     first = json.loads((out / "run.json").read_text())
     assert first["steps"] == 1 and not first["finished"]
-    assert first["args"]["singlora_ramp_steps"] == first["adapter_config"]["singlora_ramp_steps"] == 2
+    assert first["args"]["singlora_ramp_steps"] == first["adapter_config"]["options"]["ramp_steps"] == 2
     assert first["adapter_config"]["init"] == "scaled"  # SingLoRA's own init, not train.py's gaussian
-    assert stored_config(out / "checkpoint-1" / "unet_adapter.safetensors")["singlora_ramp_steps"] == 2
+    assert stored_config(out / "checkpoint-1" / "unet_adapter.safetensors")["options"]["ramp_steps"] == 2
 
     run(tiny_model_dir, out, *flags, "--max_train_steps", 250, "--resume_from_checkpoint", "latest")
     resumed = json.loads((out / "run.json").read_text())
-    assert resumed["steps"] == 2 and resumed["adapter_config"]["singlora_ramp_steps"] == 2
-    assert stored_config(out / "unet_adapter.safetensors")["singlora_ramp_steps"] == 2
+    assert resumed["steps"] == 2 and resumed["adapter_config"]["options"]["ramp_steps"] == 2
+    assert stored_config(out / "unet_adapter.safetensors")["options"]["ramp_steps"] == 2
     run(tiny_model_dir, out, *flags, "--max_train_steps", 250, "--resume_from_checkpoint", "latest",
         "--singlora_ramp_steps", 7, expect=2)
 
 
 def test_resolve_ramp_steps_rule(tmp_path):
-    assert [training.resolve_ramp_steps(None, n, None) for n in (1, 49, 50, 150, 1000, 20000)] == [1, 1, 1, 2, 10,
-                                                                                                   200]
-    assert training.resolve_ramp_steps(0, 1000, None) == 0  # an explicit value, even "no ramp", wins
+    def resolved(given, steps):
+        args = argparse.Namespace(adapter="singlora", singlora_ramp_steps=given, loraplus_ratio=None)
+        options = training.resolve_method_options(args, steps, None)
+        assert args.singlora_ramp_steps == options["ramp_steps"]  # run.json's args show the value used
+        return options["ramp_steps"]
+
+    assert [resolved(None, n) for n in (1, 49, 50, 150, 1000, 20000)] == [1, 1, 1, 2, 10, 200]
+    assert resolved(0, 1000) == 0  # an explicit value, even "no ramp", wins
+    lora = argparse.Namespace(adapter="lora", singlora_ramp_steps=None, loraplus_ratio=None)
+    assert training.resolve_method_options(lora, 1000, None) == {} and lora.singlora_ramp_steps is None
 
 
 # --- class images ------------------------------------------------------------------------------------------------

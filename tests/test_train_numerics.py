@@ -166,7 +166,7 @@ def test_a_step_the_fp16_scaler_skips_advances_neither_the_ramp_nor_the_lr(fresh
     accelerator = Accelerator(cpu=True)
     accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)  # what fp16 on a GPU would install
     model = attach(nn.Sequential(nn.Linear(8, 8)), AdapterConfig(method="singlora", rank=2, target_modules=["0"],
-                                                                 singlora_ramp_steps=10))
+                                                                 options={"ramp_steps": 10}))
     optimizer = torch.optim.AdamW(dreamlora.param_groups(model, lr=1e-2))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: (step + 1) / 10)  # a warm-up
     model, optimizer, schedule = accelerator.prepare(model, optimizer, schedule)

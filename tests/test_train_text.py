@@ -327,5 +327,5 @@ def test_singlora_defaults_and_a_label_with_an_empty_text(tiny_text_models, tmp_
     data = tmp_path / "train.txt"
     data.write_text(SST2_TRAIN.read_text(encoding="utf-8") + "1\n", encoding="utf-8")
     summary = train(tiny_text_models["bert"], tmp_path / "run", "--adapter", "singlora", steps=4, train_file=data)
-    assert summary["adapter_config"]["singlora_ramp_steps"] == 1 and summary["adapter_config"]["init"] == "scaled"
+    assert summary["adapter_config"]["options"]["ramp_steps"] == 1 and summary["adapter_config"]["init"] == "scaled"
     assert summary["train_examples"] == len(sst2_lines()) + 1 and summary["finished"]

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import METHOD_NAMES
+from conftest import METHOD_NAMES, options_for
 from torch import nn
 
 import dreamlora
@@ -52,7 +52,8 @@ def train(model, x, y, steps: int, accumulation: int = 2, lr: float = 1e-2) -> l
 def test_the_same_loop_trains_every_method(method):
     base, x, y = regression_data()
     model = attach(copy.deepcopy(base), AdapterConfig(method=method, rank=4, target_modules=["0", "2"],
-                                                      singlora_ramp_steps=10, loraplus_ratio=4.0))
+                                                      options=options_for(method, singlora_ramp_steps=10,
+                                                                          loraplus_ratio=4.0)))
     losses = train(model, x, y, steps=60)
     assert losses[-1] < 0.5 * losses[0], (method, losses[0], losses[-1])
     assert dreamlora.adapter_layers(model, "default")["0"].step == 60

@@ -12,6 +12,8 @@ A method says what it is through:
 - class-level hooks over all layers of one adapter: `param_groups` (optimizer), `after_optimizer_step`
   (SingLoRA's ramp; ReLoRA's merge-and-reinit), `regularization` (AdaLoRA's orthogonality loss).
 The training loop calls those hooks through `dreamlora.hooks` and never asks which method it runs.
+It also says `description` (one line for the app, `--help` and the README) and `Options`, its own options
+dataclass (`dreamlora.options`): the trainers' flags and the app's fields are generated from it.
 
 Device and dtype moves (one rule, here, so every registered method follows it): a device move of the model
 (`.to("cuda")`, `.to("meta")`, `.cpu()`, accelerate's hooks) moves the adapter's parameters and buffers with
@@ -27,7 +29,8 @@ can still hand an adapter half-precision tensors: the forward casts its input to
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+import warnings
+from collections.abc import Iterable, Iterator, MutableMapping, Sequence
 from typing import ClassVar
 
 import torch
@@ -35,17 +38,78 @@ from torch import nn
 
 from dreamlora.config import AdapterConfig
 from dreamlora.layer_kinds import LinearKind
+from dreamlora.options import MethodOptions
 
-METHODS: dict[str, type[AdapterLayer]] = {}
+PLUGIN_GROUP = "dreamlora.methods"
+
+
+class Registry(MutableMapping):
+    """The one list of methods, name -> class. Built-in methods register when `dreamlora.methods` loads (each
+    module of that folder is imported); methods of other installed packages, declared in the entry-point group
+    `dreamlora.methods`, load on the first lookup, never at `import dreamlora`, and a plugin that fails to load
+    is reported by name with a warning while the others still load."""
+
+    def __init__(self):
+        self._methods: dict[str, type[AdapterLayer]] = {}
+        self._plugins_loaded = False
+
+    def _all(self) -> dict[str, type[AdapterLayer]]:
+        if not self._plugins_loaded:
+            self._plugins_loaded = True  # first: a plugin that looks methods up while loading must not recurse
+            _load_plugins(self._methods)
+        return self._methods
+
+    def __getitem__(self, name: str) -> type[AdapterLayer]:
+        return self._all()[name]
+
+    def __setitem__(self, name: str, cls: type[AdapterLayer]) -> None:
+        self._methods[name] = cls
+
+    def __delitem__(self, name: str) -> None:
+        del self._methods[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._all())
+
+    def __len__(self) -> int:
+        return len(self._all())
+
+    def __repr__(self) -> str:
+        return f"Registry({sorted(self._methods)}, plugins_loaded={self._plugins_loaded})"
+
+
+def _load_plugins(methods: dict[str, type[AdapterLayer]]) -> None:
+    from importlib.metadata import entry_points  # here, not at import: `import dreamlora` reads no metadata
+
+    for ep in entry_points(group=PLUGIN_GROUP):
+        try:
+            cls = ep.load()
+            if not (isinstance(cls, type) and issubclass(cls, AdapterLayer) and isinstance(cls.__dict__.get("method"),
+                                                                                          str)):
+                raise TypeError(f"{ep.value} is not an AdapterLayer subclass with its own `method` name")
+            if methods.get(cls.method, cls) is not cls:
+                raise ValueError(f"the name {cls.method!r} is taken by {methods[cls.method].__module__}")
+            methods[cls.method] = cls
+        except Exception as e:  # noqa: BLE001 - a broken plugin must not take the others (or the built-ins) down
+            warnings.warn(f"dreamlora: method plugin {ep.name!r} ({ep.value}) was not loaded: "
+                          f"{type(e).__name__}: {e}", stacklevel=2)
+
+
+METHODS = Registry()
 
 
 def register(cls: type[AdapterLayer]) -> type[AdapterLayer]:
+    """Class decorator of a method: `@register` in its own file is all it takes (see `dreamlora.methods`)."""
     METHODS[cls.method] = cls
     return cls
 
 
 class AdapterLayer(nn.Module):
     method: ClassVar[str]
+    # one line for the app's method picker, `--help` and the README's method table.
+    description: ClassVar[str] = ""
+    # the method's own options (a dataclass with a docstring per field); `config.options` is an instance of it.
+    Options: ClassVar[type[MethodOptions]] = MethodOptions
     # parameter attribute -> key suffix in saved files (PEFT's names where the tensor means the same).
     file_keys: ClassVar[dict[str, str]]
     # parameter attribute -> role used by optimizer grouping: "down", "up", "magnitude" or "shared".

@@ -24,6 +24,7 @@ from dreamlora.methods.lora import LoRA
 @register
 class DoRA(LoRA):
     method = "dora"
+    description = "DoRA: magnitude and direction"
     file_keys = {**LoRA.file_keys, "lora_magnitude_vector": "lora_magnitude_vector"}
     roles = {**LoRA.roles, "lora_magnitude_vector": "magnitude"}
     reads_base_weight = True

@@ -18,6 +18,7 @@ from dreamlora.methods.base import AdapterLayer, init_down_, register
 @register
 class LoRA(AdapterLayer):
     method = "lora"
+    description = "LoRA: the classic low-rank update"
     file_keys = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"}
     roles = {"lora_A": "down", "lora_B": "up"}
 

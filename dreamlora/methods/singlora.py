@@ -24,17 +24,38 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from dreamlora.config import AdapterConfig
 from dreamlora.layer_kinds import LinearKind
 from dreamlora.methods.base import AdapterLayer, kaiming_, register
+from dreamlora.options import MethodOptions
+
+
+@dataclass
+class SingLoRAOptions(MethodOptions):
+    ramp_steps: int = 100
+    """T in u(t) = min(t/T, 1), t counted in optimizer steps; 0 turns the ramp off (u = 1). The trainers'
+    default is 1 % of the run's optimizer steps, rounded half up, at least 1 (the paper's App. A.1), and a
+    resume keeps the checkpoint's T."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.ramp_steps, bool) or not isinstance(self.ramp_steps, int) or self.ramp_steps < 0:
+            raise ValueError(f"singlora_ramp_steps must be an integer >= 0, got {self.ramp_steps!r}")
+
+    @classmethod
+    def run_defaults(cls, total_steps: int) -> dict:
+        return {"ramp_steps": max(1, (total_steps + 50) // 100)}
 
 
 @register
 class SingLoRA(AdapterLayer):
     method = "singlora"
+    description = "SingLoRA: one symmetric matrix"
+    Options = SingLoRAOptions
     file_keys = {"singlora_A": "singlora_A"}
     roles = {"singlora_A": "shared"}
     inits = ("scaled", "kaiming")
@@ -44,7 +65,7 @@ class SingLoRA(AdapterLayer):
         n = max(kind.d_in, kind.d_out)
         a = torch.empty(n, config.rank, device=kind.base.weight.device)  # (n, r)
         self.singlora_A = nn.Parameter(self._init(a, kind, config))
-        self.ramp_steps = config.singlora_ramp_steps
+        self.ramp_steps = config.options.ramp_steps
 
     @staticmethod
     def _init(a: torch.Tensor, kind: LinearKind, config: AdapterConfig) -> torch.Tensor:

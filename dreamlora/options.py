@@ -1,0 +1,137 @@
+"""A method's own options: a small dataclass in the method's file, a docstring under each field (litgpt's
+`args.py` style), checked in its `__post_init__`, stored in the adapter file's metadata (`AdapterConfig.options`).
+
+The code here is the one place that turns those dataclasses into command-line flags and app fields, so a new
+method never edits a trainer or the app. A flag is named `--<method>_<field>` after the method that declares
+the options (`LoRAPlusOptions.ratio` → `--loraplus_ratio`); a subclass method that inherits its parent's options
+shares its parent's flags. Standard library only: the core stays torch-only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import inspect
+import textwrap
+import types
+import typing
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass
+class MethodOptions:
+    """No options of its own (LoRA, DoRA). A method with options subclasses this dataclass."""
+
+    @classmethod
+    def run_defaults(cls, total_steps: int) -> dict[str, Any]:
+        """Defaults that depend on the run's length (SingLoRA's ramp: 1 % of the steps), by field name. A
+        trainer uses them where the user gave no flag, and a resume keeps the checkpoint's value instead."""
+        return {}
+
+
+@dataclass(frozen=True)
+class OptionSpec:
+    """One option as a flag and an app field sees it."""
+
+    field: str  # the dataclass field: "ratio"
+    flag: str  # the flag without "--", also the key in run.json's args: "loraplus_ratio"
+    type: type  # int, float, bool or str (an `X | None` annotation gives X)
+    default: Any  # the dataclass default (the Python API's); a trainer may fill `run_defaults` instead
+    help: str  # the field's docstring
+    owner: str  # the method that declares it: "loraplus"
+    run_dependent: bool  # the trainers' default comes from the run (`run_defaults`), not from `default`
+
+    @property
+    def trainer_default(self) -> str:
+        """The default as a trainer applies it, in words (for --help, the app and the README)."""
+        return "set by the run" if self.run_dependent else str(self.default)
+
+
+def options_owner(method_cls) -> str:
+    """The registered name of the class in `method_cls`'s MRO that declares its `Options`."""
+    for klass in method_cls.__mro__:
+        if "Options" in vars(klass):
+            return getattr(klass, "method", method_cls.method)  # the base class's empty options: no flags anyway
+    return method_cls.method
+
+
+def option_specs(method_cls) -> list[OptionSpec]:
+    options = method_cls.Options
+    hints = typing.get_type_hints(options)
+    docs = field_docs(options)
+    owner = options_owner(method_cls)
+    run_dependent = options.run_defaults(1)
+    return [OptionSpec(f.name, f"{owner}_{f.name}", _base_type(hints[f.name]), _default(f), docs.get(f.name, ""),
+                       owner, f.name in run_dependent) for f in dataclasses.fields(options)]
+
+
+def field_docs(cls) -> dict[str, str]:
+    """The string literal under each annotated field, read from the source (the convention of AdapterConfig and
+    litgpt). Classes without reachable source (built in a REPL) give no docs rather than an error."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        try:
+            body = ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0].body
+        except (OSError, TypeError, IndexError, AttributeError, SyntaxError):
+            continue
+        for node, after in zip(body, body[1:], strict=False):
+            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(after, ast.Expr)
+                    and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
+                docs[node.target.id] = " ".join(inspect.cleandoc(after.value.value).split())
+    return docs
+
+
+def _base_type(hint) -> type:
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    if hint not in (int, float, bool, str):
+        raise TypeError(f"method options are int, float, bool or str (or X | None); got {hint!r}")
+    return hint
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None if f.default is dataclasses.MISSING else f.default
+
+
+def unique_specs(method_classes) -> list[OptionSpec]:
+    """Every method's option specs, each flag once (a method that inherits options shares its parent's flags)."""
+    seen: dict[str, OptionSpec] = {}
+    for cls in method_classes:
+        for spec in option_specs(cls):
+            seen.setdefault(spec.flag, spec)
+    return list(seen.values())
+
+
+def add_option_flags(group, method_classes) -> None:
+    """One flag per option. Its default is None ("not given"), so a trainer can tell a value the user chose
+    from the method's default or the run's (`run_defaults`)."""
+    for spec in unique_specs(method_classes):
+        kwargs = {"action": argparse.BooleanOptionalAction} if spec.type is bool else {"type": spec.type}
+        group.add_argument(f"--{spec.flag}", default=None, **kwargs,
+                           help=f"{spec.owner} only: {spec.help} (default: {spec.trainer_default})".replace("%", "%%"))
+
+
+def given_options(method_cls, values: dict[str, Any]) -> dict[str, Any]:
+    """The options of `method_cls` present (not None) in `values`, a mapping of flag names (argparse's dest,
+    run.json's args) to values, by field name. Other methods' flags are ignored: a sweep passes one set to all."""
+    return {s.field: values[s.flag] for s in option_specs(method_cls) if values.get(s.flag) is not None}
+
+
+def parse_option(spec: OptionSpec, text: str) -> Any:
+    """A value typed into an app field (text) as the option's type; '' means not given (None)."""
+    text = str(text).strip()
+    if text == "":
+        return None
+    if spec.type is bool:
+        if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+            raise ValueError(f"{spec.flag}: true or false, got {text!r}")
+        return text.lower() in ("true", "1", "yes")
+    try:
+        return spec.type(float(text)) if spec.type is int and float(text).is_integer() else spec.type(text)
+    except ValueError:
+        raise ValueError(f"{spec.flag}: a{'n' if spec.type is int else ''} {spec.type.__name__}, "
+                         f"got {text!r}") from None
