@@ -91,11 +91,11 @@ def _text_encoder_peft(text_encoder: nn.Module, name: str) -> tuple[dict[str, to
 
 def kohya_state_dict(model: nn.Module, component: str, name: str = "default") -> dict[str, torch.Tensor]:
     """`lora_unet_<path>.<suffix>` for each layer, the suffixes and tensors being the method's own
-    (`AdapterLayer.kohya_tensors`), each with its own `.alpha`: for LoRA-shaped methods `lora_down`/`lora_up`/
-    `alpha` (= that layer's factor rank); DoRA adds `.dora_scale`, the per-output-row magnitude shaped
-    (d_out, 1[, 1, 1]): LyCORIS's `wd_on_output` form (its default since 4.x), which LyCORIS and kohya merge
-    exactly as PEFT does. ComfyUI reads it differently (`comfyui_state_dict`); A1111 normalises per input column
-    and cannot express it (README). Raises `ExportUnsupported` for a method that has no kohya form."""
+    (`AdapterLayer.kohya_tensors`), each with its own `.alpha`: for LoRA-shaped methods `lora_down`/`lora_up`
+    at the layer's own rank and `alpha` (= the `rank` option, `lora_up` rescaled to match); DoRA adds
+    `.dora_scale`, the per-output-row magnitude shaped (d_out, 1[, 1, 1]): LyCORIS's `wd_on_output` form (its
+    default since 4.x), which LyCORIS and kohya merge exactly as PEFT does. ComfyUI reads it differently
+    (`comfyui_state_dict`); A1111 normalises per input column and cannot express it (README). Raises `ExportUnsupported` for a method that has no kohya form."""
     out = {}
     for path, layer in dreamlora.adapter_layers(model, name).items():
         type(layer).check_format("kohya")

@@ -25,7 +25,8 @@ from dreamlora.methods.singlora import SingLoRA
 from pipelines import export
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "conv1"]
-TE_TARGETS = ["q_proj", "v_proj", "fc1"]
+# all four attention projections: diffusers' kohya converter misnames a text encoder's q/v without k/out
+TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1"]
 
 
 class WideLoRA(LoRA):
@@ -79,7 +80,10 @@ def wide(model: nn.Module, targets: list[str]) -> nn.Module:
     return model
 
 
-def test_per_layer_ranks_load_in_unmodified_diffusers_with_the_same_output(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("weight_name", [export.DIFFUSERS_WEIGHT_NAME, export.KOHYA_WEIGHT_NAME])
+def test_per_layer_ranks_load_in_unmodified_diffusers_with_the_same_output(weight_name, tiny_model_dir, tmp_path):
+    """The diffusers file (rank_pattern/alpha_pattern) and the kohya file (per-module alpha, through diffusers'
+    kohya converter) both give dreamlora's UNet and text-encoder outputs."""
     from pipelines.sample import load_pipeline
 
     pipe = load_pipeline(str(tiny_model_dir), "cpu", torch.float32)
@@ -90,7 +94,8 @@ def test_per_layer_ranks_load_in_unmodified_diffusers_with_the_same_output(tiny_
         context = te(ids)[0]
         ours = unet(latents, 10, context).sample
     export.write_diffusers_lora(tmp_path, unet, te)
-    pipe.load_lora_weights(str(tmp_path))
+    export.write_kohya_lora(tmp_path, unet, te)
+    pipe.load_lora_weights(str(tmp_path), weight_name=weight_name)
     with torch.no_grad():
         theirs_context = pipe.text_encoder(ids)[0]
         theirs = pipe.unet(latents, 10, theirs_context).sample
@@ -104,9 +109,9 @@ def test_per_layer_ranks_in_the_kohya_file_merge_in_lycoris_to_our_weights(monke
     base_unet, base_te = tiny_unet().eval(), Transformers4Layout(tiny_clip())
     unet, te = wide(copy.deepcopy(base_unet), UNET_TARGETS), wide(copy.deepcopy(base_te), TE_TARGETS)
     tensors = {**export.kohya_state_dict(unet, "unet"), **export.kohya_state_dict(te, "text_encoder")}
-    for key, t in tensors.items():
-        if key.endswith(".alpha"):  # each module's alpha is its own factor rank (scale folded into lora_up)
-            assert t.item() == tensors[key.removesuffix("alpha") + "lora_down.weight"].shape[0]
+    alphas = {t.item() for key, t in tensors.items() if key.endswith(".alpha")}
+    dims = {t.shape[0] for key, t in tensors.items() if key.endswith(".lora_down.weight")}
+    assert alphas == {2.0} and dims == {2, 4}  # one alpha (the rank option), each module at its own rank
     layers = {(base_unet, p): layer for p, layer in dreamlora.adapter_layers(unet, "default").items()}
     layers |= {(base_te, p): layer for p, layer in dreamlora.adapter_layers(te, "default").items()}
 
@@ -120,7 +125,7 @@ def test_the_kohya_header_says_dynamic_when_layers_differ_in_rank(tmp_path):
     path = export.write_kohya_lora(tmp_path, wide(tiny_unet(), UNET_TARGETS))
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
-    assert meta["ss_network_dim"] == meta["ss_network_alpha"] == "Dynamic"
+    assert meta["ss_network_dim"] == "Dynamic" and meta["ss_network_alpha"] == "2"
     assert meta["dreamlora_method"] == "test_widelora"
 
 

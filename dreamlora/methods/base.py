@@ -202,12 +202,17 @@ class AdapterLayer(nn.Module):
 
     def kohya_tensors(self) -> dict[str, torch.Tensor]:
         """This layer in kohya/LyCORIS keys, the suffixes after `lora_unet_<path>.`, `alpha` included. Default:
-        the LoRA factors as `lora_down`/`lora_up` with alpha = their rank (scale 1), DoRA's magnitude as a
-        per-output-row `dora_scale` (LyCORIS's `wd_on_output` form)."""
+        the LoRA factors as `lora_down`/`lora_up`, DoRA's magnitude as a per-output-row `dora_scale` (LyCORIS's
+        `wd_on_output` form). Readers scale by alpha / (the layer's factor rank); alpha is the `rank` option on
+        every layer and `lora_up` carries factor rank / rank option, so the product is the exact update while
+        the file has one alpha: diffusers' kohya converter loses per-module alphas of the text encoder under
+        transformers 5 (its alpha_pattern keeps the `text_model.` level). For LoRA itself the factor is 1."""
         factors = self.lora_factors()
         down = factors["lora_A.weight"]
-        out = {"lora_down.weight": down.contiguous(), "lora_up.weight": factors["lora_B.weight"].contiguous(),
-               "alpha": torch.tensor(float(down.shape[0]))}
+        ratio = down.shape[0] / self.rank
+        up = factors["lora_B.weight"] if ratio == 1 else factors["lora_B.weight"] * ratio
+        out = {"lora_down.weight": down.contiguous(), "lora_up.weight": up.contiguous(),
+               "alpha": torch.tensor(float(self.rank))}
         if "lora_magnitude_vector" in factors:
             out["dora_scale"] = per_row(factors["lora_magnitude_vector"], self.kind)
         return out
