@@ -95,7 +95,8 @@ def kohya_state_dict(model: nn.Module, component: str, name: str = "default") ->
     at the layer's own rank and `alpha` (= the `rank` option, `lora_up` rescaled to match); DoRA adds
     `.dora_scale`, the per-output-row magnitude shaped (d_out, 1[, 1, 1]): LyCORIS's `wd_on_output` form (its
     default since 4.x), which LyCORIS and kohya merge exactly as PEFT does. ComfyUI reads it differently
-    (`comfyui_state_dict`); A1111 normalises per input column and cannot express it (README). Raises `ExportUnsupported` for a method that has no kohya form."""
+    (`comfyui_state_dict`); A1111 normalises per input column and cannot express it (README). Raises
+    `ExportUnsupported` for a method that has no kohya form."""
     out = {}
     for path, layer in dreamlora.adapter_layers(model, name).items():
         type(layer).check_format("kohya")
