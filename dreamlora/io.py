@@ -3,9 +3,10 @@
 - Native file: one adapter, keys `<module path>.<key>` with PEFT's names for LoRA/LoRA+/DoRA
   (`lora_A.weight`, `lora_B.weight`, `lora_magnitude_vector`) and `singlora_A` for SingLoRA; the header
   metadata holds the format, the method, the full config, the step (SingLoRA's ramp state) and the name.
-- LoRA export (`export_lora`): any method as plain PEFT LoRA keys with alpha = r (the scale is folded
-  into B, so a reader that assumes alpha = r, as diffusers does without metadata, is still right).
-  SingLoRA becomes B' = s·u·A[:d_out], A' = A[:d_in]ᵀ: lossless. No file mixes key styles.
+- LoRA export (`export_lora`): any method as plain PEFT LoRA keys, each layer at its factors' own rank with
+  alpha = that rank (the scale is folded into B, so a reader that assumes alpha = r, as diffusers does without
+  metadata, is still right). The method supplies the factors (`AdapterLayer.lora_factors`): SingLoRA becomes
+  B' = s·u·A[:d_out], A' = A[:d_in]ᵀ, lossless. No file mixes key styles.
 Writes are atomic: a temporary file in the same folder, then os.replace.
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -76,42 +78,55 @@ def _metadata(config: AdapterConfig, name: str, step: int, **extra: str) -> dict
 
 def save(model: nn.Module, path: str | os.PathLike, name: str = "default") -> Path:
     """Write adapter `name` to `path` (.safetensors). A method whose native keys are not LoRA's (SingLoRA)
-    also gets its lossless LoRA export beside it, `<stem>.lora.safetensors`. Returns the native path."""
+    also gets its lossless LoRA export beside it, `<stem>.lora.safetensors`, unless the method cannot be written
+    as plain LoRA (`unsupported_formats`). Returns the native path."""
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"adapter files are .safetensors; got {str(path)!r}")
     layers = adapter_layers(model, name)
     first = next(iter(layers.values()))
     atomic_save_file(adapter_state_dict(model, name), path, _metadata(first.config, name, first.step))
-    if set(type(first).file_keys.values()) - {"lora_A.weight", "lora_B.weight", "lora_magnitude_vector"}:
+    method = type(first)
+    if set(method.file_keys.values()) - {"lora_A.weight", "lora_B.weight", "lora_magnitude_vector"} and (
+            method.unsupported_reason("lora") is None):
         export_lora(model, path.with_suffix(".lora.safetensors"), name)
     return path
 
 
-def lora_export_config(config: AdapterConfig) -> AdapterConfig:
-    """The config of the plain-LoRA export: same rank and targets, alpha = r, DoRA kept as DoRA."""
-    method = "dora" if config.method == "dora" else "lora"
-    return AdapterConfig(method=method, rank=config.rank, alpha=float(config.rank),
+def lora_export_config(config: AdapterConfig, rank: int, dora: bool) -> AdapterConfig:
+    """The config of the plain-LoRA export: the same targets, the file's common factor `rank` with alpha = rank
+    (the scale is folded into B), DoRA when the factors carry magnitudes."""
+    return AdapterConfig(method="dora" if dora else "lora", rank=rank, alpha=float(rank),
                          target_modules=config.target_modules, exclude_modules=config.exclude_modules)
 
 
 def peft_lora_state_dict(model: nn.Module, name: str = "default") -> tuple[dict[str, torch.Tensor], dict]:
-    """Adapter `name` as PEFT LoRA tensors (`<path>.lora_A.weight`, ...) and a PEFT LoraConfig dict."""
+    """Adapter `name` as PEFT LoRA tensors (`<path>.lora_A.weight`, ...) and a PEFT LoraConfig dict. Each
+    layer's rank is its factors' own (`AdapterLayer.lora_factors`): `r` is the most common one, and layers of
+    another rank are listed in `rank_pattern` and `alpha_pattern` (alpha = rank, scale 1), as diffusers does."""
     layers = adapter_layers(model, name)
-    tensors = {f"{path}.{layer.kind.file_key(key)}": t
-               for path, layer in layers.items() for key, t in layer.lora_factors().items()}
-    config = next(iter(layers.values())).config
-    peft_config = {"r": config.rank, "lora_alpha": config.rank, "target_modules": sorted(layers),
-                   "use_dora": config.method == "dora", "use_rslora": False, "lora_dropout": 0.0, "bias": "none"}
+    method = type(next(iter(layers.values())))
+    method.check_format("lora")
+    factors = {path: layer.lora_factors() for path, layer in layers.items()}
+    tensors = {f"{path}.{layers[path].kind.file_key(key)}": t for path, f in factors.items() for key, t in f.items()}
+    ranks = {path: f["lora_A.weight"].shape[0] for path, f in factors.items()}
+    r = Counter(ranks.values()).most_common(1)[0][0]
+    pattern = {path: rank for path, rank in sorted(ranks.items()) if rank != r}
+    peft_config = {"r": r, "lora_alpha": r, "rank_pattern": pattern, "alpha_pattern": dict(pattern),
+                   "target_modules": sorted(layers),
+                   "use_dora": any("lora_magnitude_vector" in f for f in factors.values()),
+                   "use_rslora": False, "lora_dropout": 0.0, "bias": "none"}
     return tensors, peft_config
 
 
 def export_lora(model: nn.Module, path: str | os.PathLike, name: str = "default") -> Path:
-    """Write adapter `name` as a plain PEFT-keyed LoRA (DoRA keeps its magnitudes)."""
+    """Write adapter `name` as a plain PEFT-keyed LoRA (DoRA keeps its magnitudes). A method whose layers
+    differ in factor rank gets a file that PEFT/diffusers read (`peft_config`'s `rank_pattern`) but
+    `dreamlora.load` cannot (its config has one rank)."""
     tensors, peft_config = peft_lora_state_dict(model, name)
     first = next(iter(adapter_layers(model, name).values()))
-    meta = _metadata(lora_export_config(first.config), name, first.step,
-                     exported_from=first.config.method, peft_config=json.dumps(peft_config))
+    config = lora_export_config(first.config, peft_config["r"], peft_config["use_dora"])
+    meta = _metadata(config, name, first.step, exported_from=first.config.method, peft_config=json.dumps(peft_config))
     atomic_save_file(tensors, path, meta)
     return Path(path)
 

@@ -1,8 +1,10 @@
 """Writing trained adapters for other tools: diffusers' pipeline LoRA file, the kohya file (kohya, LyCORIS,
 A1111/Forge, ComfyUI) and, for DoRA, a ComfyUI file of its own.
 
-All start from the core's lossless LoRA factors (alpha = r, scale folded into B), so SingLoRA goes out
-as plain LoRA and DoRA keeps its magnitudes. Files are written under a temporary name and renamed.
+Each writer asks the method (`AdapterLayer.lora_factors`, `kohya_tensors`, `unsupported_formats`) and assumes
+no shape of its own: rank and alpha are each layer's. So SingLoRA goes out as plain LoRA, DoRA keeps its
+magnitudes, and a method that cannot be written in a format gets that file skipped with its reason. Files are
+written under a temporary name and renamed.
 
 Which tool reads which file (also recorded in run.json by `write_tool_files`):
 - diffusers `pipe.load_lora_weights(run_dir)`: `pytorch_lora_weights.safetensors` (PEFT keys + LoraConfig metadata);
@@ -16,13 +18,16 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from torch import nn
 
 import dreamlora
 from dreamlora.io import atomic_save_file
+from dreamlora.methods.base import ExportUnsupported, per_row
 
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 KOHYA_WEIGHT_NAME = "kohya_lora.safetensors"
@@ -46,7 +51,8 @@ def has_adapter(model: nn.Module | None, name: str) -> bool:
 def write_diffusers_lora(output_dir: str | os.PathLike, unet: nn.Module, text_encoder: nn.Module | None = None,
                          name: str = "default") -> Path:
     """`pytorch_lora_weights.safetensors` as diffusers' own `save_lora_weights` writes it (PEFT keys under
-    `unet.` / `text_encoder.`, LoraConfig metadata), so `pipe.load_lora_weights(output_dir)` reads it."""
+    `unet.` / `text_encoder.`, LoraConfig metadata with each layer's rank), so `pipe.load_lora_weights(output_dir)`
+    reads it. Raises `ExportUnsupported` for a method that cannot be written as plain LoRA."""
     from diffusers import StableDiffusionPipeline
 
     out = Path(output_dir)
@@ -54,9 +60,8 @@ def write_diffusers_lora(output_dir: str | os.PathLike, unet: nn.Module, text_en
     unet_layers, unet_meta = dreamlora.peft_lora_state_dict(unet, name)
     te_layers, te_meta = (_text_encoder_peft(text_encoder, name) if has_adapter(text_encoder, name)
                           else (None, None))
-    # diffusers 0.34-0.3x index these LoraConfig fields unconditionally (KeyError 'rank_pattern' without them)
-    unet_meta = {"rank_pattern": {}, "alpha_pattern": {}, **unet_meta}
-    te_meta = te_meta and {"rank_pattern": {}, "alpha_pattern": {}, **te_meta}
+    # `rank_pattern`/`alpha_pattern` are always present, if empty: diffusers 0.34-0.3x index these LoraConfig
+    # fields unconditionally (KeyError 'rank_pattern' without them)
     with tempfile.TemporaryDirectory(dir=out, prefix=".export.") as tmp:
         StableDiffusionPipeline.save_lora_weights(
             tmp, unet_lora_layers={k: v.contiguous() for k, v in unet_layers.items()},
@@ -73,7 +78,10 @@ def _text_encoder_peft(text_encoder: nn.Module, name: str) -> tuple[dict[str, to
     # Keys in transformers 4's form (diffusers strips `text_model.` itself on transformers 5); target modules
     # without it, which PEFT matches as a suffix of the module names of both layouts.
     layers = {text_encoder_path(k): v for k, v in layers.items()}
-    meta = {**meta, "target_modules": sorted(p.removeprefix(CLIP_TEXT_LEVEL) for p in meta["target_modules"])}
+    # rank/alpha patterns the same way: PEFT matches their keys as suffixes too.
+    meta = {**meta, "target_modules": sorted(p.removeprefix(CLIP_TEXT_LEVEL) for p in meta["target_modules"]),
+            **{k: {p.removeprefix(CLIP_TEXT_LEVEL): v for p, v in meta[k].items()}
+               for k in ("rank_pattern", "alpha_pattern")}}
     # transformers' PEFT loader wants PEFT's own saved name for DoRA magnitudes (`lora_magnitude_vector.weight`);
     # without `.weight` it silently drops them. diffusers' UNet loader takes the bare name. Both checked by
     # loading back (tests/test_train.py).
@@ -82,21 +90,20 @@ def _text_encoder_peft(text_encoder: nn.Module, name: str) -> tuple[dict[str, to
 
 
 def kohya_state_dict(model: nn.Module, component: str, name: str = "default") -> dict[str, torch.Tensor]:
-    """`lora_unet_<path>.lora_down.weight` / `.lora_up.weight` / `.alpha` (= r); DoRA adds `.dora_scale`, the
-    per-output-row magnitude shaped (d_out, 1[, 1, 1]): LyCORIS's `wd_on_output` form (its default since
-    4.x), which LyCORIS and kohya merge exactly as PEFT does. ComfyUI reads it differently (`comfyui_state_dict`);
-    A1111 normalises per input column and cannot express it (README)."""
+    """`lora_unet_<path>.<suffix>` for each layer, the suffixes and tensors being the method's own
+    (`AdapterLayer.kohya_tensors`), each with its own `.alpha`: for LoRA-shaped methods `lora_down`/`lora_up`
+    at the layer's own rank and `alpha` (= the `rank` option, `lora_up` rescaled to match); DoRA adds
+    `.dora_scale`, the per-output-row magnitude shaped (d_out, 1[, 1, 1]): LyCORIS's `wd_on_output` form (its
+    default since 4.x), which LyCORIS and kohya merge exactly as PEFT does. ComfyUI reads it differently
+    (`comfyui_state_dict`); A1111 normalises per input column and cannot express it (README). Raises
+    `ExportUnsupported` for a method that has no kohya form."""
     out = {}
     for path, layer in dreamlora.adapter_layers(model, name).items():
+        type(layer).check_format("kohya")
         if layer.kind.is_embedding:
             raise ValueError(f"{path}: embedding adapters have no kohya LoRA form")
         key = _kohya_key(component, path)
-        factors = layer.lora_factors()
-        out[f"{key}.lora_down.weight"] = factors["lora_A.weight"].contiguous()
-        out[f"{key}.lora_up.weight"] = factors["lora_B.weight"].contiguous()
-        out[f"{key}.alpha"] = torch.tensor(float(layer.rank))
-        if "lora_magnitude_vector" in factors:
-            out[f"{key}.dora_scale"] = _per_row(factors["lora_magnitude_vector"], layer)
+        out.update({f"{key}.{suffix}": t for suffix, t in layer.kohya_tensors().items()})
     return out
 
 
@@ -104,12 +111,6 @@ def _kohya_key(component: str, path: str) -> str:
     if component == "text_encoder":
         path = text_encoder_path(path)
     return f"{KOHYA_PREFIXES[component]}_{path.replace('.', '_')}"
-
-
-def _per_row(vector: torch.Tensor, layer) -> torch.Tensor:
-    """A per-output-row vector shaped (d_out, 1[, 1, 1]), always 2-D or more: ComfyUI broadcasts a 1-D
-    `dora_scale` (N,) into an N×N outer product."""
-    return vector.reshape(-1, *[1] * (layer.kind.base.weight.dim() - 1)).contiguous()
 
 
 @torch.no_grad()
@@ -129,7 +130,7 @@ def comfyui_state_dict(model: nn.Module, component: str, name: str = "default") 
         factors = layer.lora_factors()
         delta = layer.kind.up_matrix(factors["lora_B.weight"]) @ layer.kind.down_matrix(factors["lora_A.weight"])
         magnitude = factors["lora_magnitude_vector"].reshape(-1).float()
-        out[key] = _per_row(magnitude * w0.norm(dim=1) / (w0 + delta).norm(dim=1), layer)
+        out[key] = per_row(magnitude * w0.norm(dim=1) / (w0 + delta).norm(dim=1), layer.kind)
     return out
 
 
@@ -140,16 +141,23 @@ def _tool_tensors(unet: nn.Module, text_encoder: nn.Module | None, name: str, bu
     return tensors
 
 
-def _kohya_metadata(unet: nn.Module, name: str, **extra: str) -> dict[str, str]:
+def _kohya_metadata(unet: nn.Module, name: str, tensors: dict[str, torch.Tensor], **extra: str) -> dict[str, str]:
+    """kohya's header: the layers' dim/alpha when they all agree, "Dynamic" when they differ (as kohya's
+    resize_lora writes), the `rank` option for keys without a `lora_down` (a method's native LyCORIS keys)."""
     config = dreamlora.adapter_config(unet, name)
-    return {"ss_network_module": "networks.lora", "ss_network_dim": str(config.rank),
-            "ss_network_alpha": str(config.rank), "dreamlora_method": config.method, **extra}
+    dims = {str(t.shape[0]) for k, t in tensors.items() if k.endswith(".lora_down.weight")} or {str(config.rank)}
+    alphas = {f"{t.item():g}" for k, t in tensors.items() if k.endswith(".alpha")} or {f"{config.alpha:g}"}
+    return {"ss_network_module": dreamlora.METHODS[config.method].kohya_network_module,
+            "ss_network_dim": dims.pop() if len(dims) == 1 else "Dynamic",
+            "ss_network_alpha": alphas.pop() if len(alphas) == 1 else "Dynamic",
+            "dreamlora_method": config.method, **extra}
 
 
 def write_kohya_lora(output_dir: str | os.PathLike, unet: nn.Module, text_encoder: nn.Module | None = None,
                      name: str = "default") -> Path:
     path = Path(output_dir) / KOHYA_WEIGHT_NAME
-    atomic_save_file(_tool_tensors(unet, text_encoder, name, kohya_state_dict), path, _kohya_metadata(unet, name))
+    tensors = _tool_tensors(unet, text_encoder, name, kohya_state_dict)
+    atomic_save_file(tensors, path, _kohya_metadata(unet, name, tensors))
     return path
 
 
@@ -157,23 +165,38 @@ def write_comfyui_lora(output_dir: str | os.PathLike, unet: nn.Module, text_enco
                        name: str = "default") -> Path:
     """`comfyui_lora.safetensors`: the kohya file with ComfyUI's DoRA compensation (`comfyui_state_dict`)."""
     path = Path(output_dir) / COMFYUI_WEIGHT_NAME
-    meta = _kohya_metadata(unet, name, dreamlora_target="ComfyUI 0.3.x (dora_scale compensated for its DoRA rule)")
-    atomic_save_file(_tool_tensors(unet, text_encoder, name, comfyui_state_dict), path, meta)
+    tensors = _tool_tensors(unet, text_encoder, name, comfyui_state_dict)
+    meta = _kohya_metadata(unet, name, tensors,
+                           dreamlora_target="ComfyUI 0.3.x (dora_scale compensated for its DoRA rule)")
+    atomic_save_file(tensors, path, meta)
     return path
 
 
 def write_tool_files(output_dir: str | os.PathLike, unet: nn.Module, text_encoder: nn.Module | None = None,
-                     name: str = "default", kohya: bool = True) -> dict[str, str | None]:
+                     name: str = "default", kohya: bool = True) -> dict:
     """Write the diffusers file and (unless `kohya` is False) the kohya file, plus the ComfyUI file for DoRA.
-    Returns which file each tool reads (file names in `output_dir`; None: no file that tool reads right)."""
-    write_diffusers_lora(output_dir, unet, text_encoder, name)
-    files: dict[str, str | None] = {"diffusers": DIFFUSERS_WEIGHT_NAME, "kohya": None, "lycoris": None,
-                                    "comfyui": None, "a1111": None}
-    if not kohya:
-        return files
-    write_kohya_lora(output_dir, unet, text_encoder, name)
-    is_dora = dreamlora.adapter_config(unet, name).method == "dora"
-    comfy = write_comfyui_lora(output_dir, unet, text_encoder, name).name if is_dora else KOHYA_WEIGHT_NAME
-    files.update(kohya=KOHYA_WEIGHT_NAME, lycoris=KOHYA_WEIGHT_NAME, comfyui=comfy,
-                 a1111=None if is_dora else KOHYA_WEIGHT_NAME)  # A1111 cannot express per-row DoRA (README)
-    return files
+    Returns which file each tool reads (file names in `output_dir`; None: no file that tool reads right). A file
+    in a format the method cannot be written in is skipped with a warning naming the format and the reason
+    (also returned under `not_written`); the other files are still written."""
+    files: dict = dict.fromkeys(("diffusers", "kohya", "lycoris", "comfyui", "a1111"))
+    skipped: dict[str, str] = {}
+    if _try_write(skipped, write_diffusers_lora, output_dir, unet, text_encoder, name):
+        files["diffusers"] = DIFFUSERS_WEIGHT_NAME
+    if kohya and (path := _try_write(skipped, write_kohya_lora, output_dir, unet, text_encoder, name)):
+        with safe_open(str(path), framework="pt") as f:
+            is_dora = any(k.endswith(".dora_scale") for k in f.keys())
+        comfy = write_comfyui_lora(output_dir, unet, text_encoder, name).name if is_dora else KOHYA_WEIGHT_NAME
+        files.update(kohya=KOHYA_WEIGHT_NAME, lycoris=KOHYA_WEIGHT_NAME, comfyui=comfy,
+                     a1111=None if is_dora else KOHYA_WEIGHT_NAME)  # A1111 cannot express per-row DoRA (README)
+    return {**files, "not_written": skipped} if skipped else files
+
+
+def _try_write(skipped: dict[str, str], writer, output_dir, *args) -> Path | None:
+    """`writer(output_dir, *args)`, or None with a warning when the method cannot be written in its format."""
+    try:
+        return writer(output_dir, *args)
+    except ExportUnsupported as e:
+        skipped[writer.__name__.removeprefix("write_")] = str(e)
+        warnings.warn(f"{e}. Not written: {writer.__name__.removeprefix('write_')}; the other files are.",
+                      stacklevel=3)
+        return None

@@ -5,10 +5,10 @@ an entry in the `dreamlora.methods` entry-point group, loaded on the first regis
 import importlib
 import pkgutil
 
-from dreamlora.methods.base import METHODS, AdapterLayer, register
+from dreamlora.methods.base import EXPORT_FORMATS, METHODS, AdapterLayer, ExportUnsupported, register
 
 for _module in pkgutil.iter_modules(__path__):
     if _module.name != "base" and not _module.name.startswith("_"):
         importlib.import_module(f"{__name__}.{_module.name}")
 
-__all__ = ["METHODS", "AdapterLayer", "register"]
+__all__ = ["EXPORT_FORMATS", "METHODS", "AdapterLayer", "ExportUnsupported", "register"]

@@ -8,12 +8,24 @@ runs the base layer and hands its output to each active adapter, PEFT's "variant
 A method says what it is through:
 - `forward(x, base_out)`: the adapted output, computed from the input side (never W0 + ΔW in training);
 - `delta_weight()` / `merge_into(w)`: the merge rule, for export, inference and tests;
-- `lora_factors()`: the update as plain LoRA factors (B, A), for PEFT/diffusers files;
+- its export (see "Export" below): `lora_factors()`, `kohya_tensors()`, `unsupported_formats`;
 - class-level hooks over all layers of one adapter: `param_groups` (optimizer), `after_optimizer_step`
   (SingLoRA's ramp; ReLoRA's merge-and-reinit), `regularization` (AdaLoRA's orthogonality loss).
 The training loop calls those hooks through `dreamlora.hooks` and never asks which method it runs.
 It also says `description` (one line for the app, `--help` and the README) and `Options`, its own options
 dataclass (`dreamlora.options`): the trainers' flags and the app's fields are generated from it.
+
+Export: a method says how it is written in each format of `EXPORT_FORMATS`, or that it cannot be, and why.
+- "lora": `lora_factors()`, the exact update as plain PEFT LoRA factors of any rank, which may differ from the
+  `rank` option and from layer to layer (AdaLoRA's pruned ranks, LoHa's r1·r2); alpha is that layer's factor
+  rank, the scale folded into B. The PEFT/diffusers writers read each layer's rank from its factors.
+- "kohya": `kohya_tensors()`, one layer in kohya/LyCORIS keys (suffixes after `lora_unet_<path>.`, each with
+  its own `alpha`); by default the LoRA factors as `lora_down`/`lora_up`, so only a method with native
+  LyCORIS keys (LoHa's `hada_*`) overrides it.
+- `unsupported_formats`: format -> reason, for a format the method cannot be written in exactly. A writer
+  asked for such a format raises `ExportUnsupported` naming the format and the reason; `write_tool_files`
+  skips that file with a warning and writes the others. A method that defines no `lora_factors` cannot be
+  written as "lora" (nor as "kohya" unless it defines `kohya_tensors`) without listing it here.
 
 Device and dtype moves (one rule, here, so every registered method follows it): a device move of the model
 (`.to("cuda")`, `.to("meta")`, `.cpu()`, accelerate's hooks) moves the adapter's parameters and buffers with
@@ -41,6 +53,13 @@ from dreamlora.layer_kinds import LinearKind
 from dreamlora.options import MethodOptions
 
 PLUGIN_GROUP = "dreamlora.methods"
+# the formats a method is written in for other tools (see "Export" in the module docstring)
+EXPORT_FORMATS = {"lora": "exact plain-LoRA factors (the PEFT/diffusers file, export_lora)",
+                  "kohya": "kohya/LyCORIS keys (the kohya and ComfyUI files)"}
+
+
+class ExportUnsupported(ValueError):
+    """A method cannot be written in the format asked for (its `unsupported_formats` says why)."""
 
 
 class Registry(MutableMapping):
@@ -119,6 +138,10 @@ class AdapterLayer(nn.Module):
     # True when forward reads the base weight itself (DoRA's norm), not only the base layer's output: such a
     # method cannot run under accelerate's sequential CPU offload, which loads W0 only inside the base's own call.
     reads_base_weight: ClassVar[bool] = False
+    # export format (a key of EXPORT_FORMATS) -> why this method cannot be written in it exactly.
+    unsupported_formats: ClassVar[dict[str, str]] = {}
+    # the kohya file's `ss_network_module`: what kohya/A1111 build to read this method's keys.
+    kohya_network_module: ClassVar[str] = "networks.lora"
 
     def __init__(self, kind: LinearKind, config: AdapterConfig):
         super().__init__()
@@ -172,9 +195,49 @@ class AdapterLayer(nn.Module):
         return self.kind.weight_from_matrix(self.merge_into(self.kind.weight_matrix().float()))
 
     def lora_factors(self) -> dict[str, torch.Tensor]:
-        """The update as PEFT LoRA tensors with alpha = r: keys `lora_A.weight`, `lora_B.weight`
-        (and `lora_magnitude_vector` for DoRA)."""
+        """The exact update as PEFT LoRA tensors, `lora_A.weight` (rank, d_in[, kh, kw]) and `lora_B.weight`
+        (d_out, rank[, 1, 1]) (and `lora_magnitude_vector` for DoRA), with alpha = this layer's factor rank:
+        the scale is folded into B. The rank is this layer's own (any, not necessarily `self.rank`)."""
         raise NotImplementedError
+
+    def kohya_tensors(self) -> dict[str, torch.Tensor]:
+        """This layer in kohya/LyCORIS keys, the suffixes after `lora_unet_<path>.`, `alpha` included. Default:
+        the LoRA factors as `lora_down`/`lora_up`, DoRA's magnitude as a per-output-row `dora_scale` (LyCORIS's
+        `wd_on_output` form). Readers scale by alpha / (the layer's factor rank); alpha is the `rank` option on
+        every layer and `lora_up` carries factor rank / rank option, so the product is the exact update while
+        the file has one alpha: diffusers' kohya converter loses per-module alphas of the text encoder under
+        transformers 5 (its alpha_pattern keeps the `text_model.` level). For LoRA itself the factor is 1."""
+        factors = self.lora_factors()
+        down = factors["lora_A.weight"]
+        ratio = down.shape[0] / self.rank
+        up = factors["lora_B.weight"] if ratio == 1 else factors["lora_B.weight"] * ratio
+        out = {"lora_down.weight": down.contiguous(), "lora_up.weight": up.contiguous(),
+               "alpha": torch.tensor(float(self.rank))}
+        if "lora_magnitude_vector" in factors:
+            out["dora_scale"] = per_row(factors["lora_magnitude_vector"], self.kind)
+        return out
+
+    @classmethod
+    def unsupported_reason(cls, fmt: str) -> str | None:
+        """Why this method cannot be written in export format `fmt`; None when it can."""
+        if fmt not in EXPORT_FORMATS:
+            raise ValueError(f"unknown export format {fmt!r}; known: {', '.join(EXPORT_FORMATS)}")
+        if fmt in cls.unsupported_formats:
+            return cls.unsupported_formats[fmt]
+        if fmt == "lora" and cls.lora_factors is AdapterLayer.lora_factors:
+            return f"{cls.__name__} defines no lora_factors()"
+        if fmt == "kohya" and cls.kohya_tensors is AdapterLayer.kohya_tensors:
+            lora_reason = cls.unsupported_reason("lora")  # the default kohya form is built from the LoRA factors
+            return lora_reason and f"{lora_reason} (its kohya keys are built from its LoRA form)"
+        return None
+
+    @classmethod
+    def check_format(cls, fmt: str) -> None:
+        """Raise `ExportUnsupported` (format and reason named) when this method cannot be written as `fmt`."""
+        reason = cls.unsupported_reason(fmt)
+        if reason is not None:
+            raise ExportUnsupported(f"a {cls.method} adapter cannot be written as {EXPORT_FORMATS[fmt]} "
+                                    f"(format {fmt!r}): {reason}")
 
     def base_weight_changed(self) -> None:
         """Called after something (a merge) rewrote the base weight; refresh anything cached from it."""
@@ -213,6 +276,12 @@ class AdapterLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, scaling={self.scaling:g}, multiplier={self.multiplier:g}, enabled={self.enabled}"
+
+
+def per_row(vector: torch.Tensor, kind: LinearKind) -> torch.Tensor:
+    """A per-output-row vector shaped (d_out, 1[, 1, 1]), always 2-D or more: ComfyUI broadcasts a 1-D
+    `dora_scale` (N,) into an N×N outer product."""
+    return vector.reshape(-1, *[1] * (kind.base.weight.dim() - 1)).contiguous()
 
 
 def kaiming_(t: torch.Tensor) -> torch.Tensor:
