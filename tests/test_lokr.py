@@ -4,14 +4,20 @@ weights; its exact plain-LoRA form; its native LyCORIS keys read back by LyCORIS
 from __future__ import annotations
 
 import copy
+import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 from conftest import OneLayer, randomize_adapters, tiny_unet
+from safetensors.torch import load_file
 from test_interop_kohya import Transformers4Layout, merged_by_lycoris, tiny_clip
 from test_method_export import TE_TARGETS, UNET_TARGETS
 from test_no_full_matrix import LargestNewTensor
 from torch import nn
+from train_helpers import ROOT, run_train
 
 import dreamlora
 from dreamlora import AdapterConfig, attach
@@ -252,3 +258,30 @@ def test_the_diffusers_file_loads_in_unmodified_diffusers_with_the_same_output(t
     assert (ours_out - plain).abs().max() > 1e-2  # the adapters do something visible
     torch.testing.assert_close(theirs_context, context, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(theirs, ours_out, rtol=1e-5, atol=1e-5)
+
+
+def test_trains_in_train_py_with_its_flag_and_writes_every_file(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    run_train(tiny_model_dir, out, "--adapter", "lokr", "--rank", "2", "--lokr_factor", "4", "--max_train_steps", "2",
+              "--checkpointing_steps", "100")
+    summary = json.loads((out / "run.json").read_text())
+    assert summary["method"] == "lokr" and summary["steps"] == 2 and summary["args"]["lokr_factor"] == 4
+    native = load_file(out / "unet_adapter.safetensors")
+    zero_init = [t for k, t in native.items() if k.endswith(("lokr_w2", "lokr_w2_b"))]
+    assert zero_init and any(t.abs().max() > 0 for t in zero_init)  # it trained: W2 moved off its zero init
+    kohya = load_file(out / export.KOHYA_WEIGHT_NAME)
+    assert any(k.endswith(".lokr_w1") for k in kohya) and not any("lora_down" in k for k in kohya)
+    assert (out / export.DIFFUSERS_WEIGHT_NAME).exists()
+
+
+def test_trains_in_train_text_py(tmp_path):
+    from text_helpers import SST2_TRAIN, build_tiny_text_model
+
+    bert, out = build_tiny_text_model("bert", tmp_path / "bert"), tmp_path / "run"
+    cmd = [sys.executable, str(ROOT / "dreamlora" / "train_text.py"), "--adapter", "lokr", "--model_name_or_path",
+           str(bert), "--train_file", str(SST2_TRAIN), "--max_train_steps", "2", "--per_device_train_batch_size", "4",
+           "--max_length", "24", "--max_train_samples", "16", "--report_to", "none", "--output_dir", str(out)]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    summary = json.loads((out / "run.json").read_text())
+    assert summary["method"] == "lokr" and summary["finished"]
+    assert summary["adapter_config"]["options"] == {"factor": -1}
