@@ -77,7 +77,7 @@ class LoKr(AdapterLayer):
     Options = LoKrOptions
     file_keys = {"lokr_w1": "lokr_w1", "lokr_w2": "lokr_w2", "lokr_w2_a": "lokr_w2_a", "lokr_w2_b": "lokr_w2_b"}
     roles = {"lokr_w1": "shared", "lokr_w2": "shared", "lokr_w2_a": "up", "lokr_w2_b": "down"}
-    inits = ("lycoris",)
+    inits = ("kaiming",)  # LyCORIS's: Kaiming-uniform(a=√5) of W1 and w2_a, zero w2_b or full W2 (as LoRA's A, B)
     kohya_network_module = "lycoris.kohya"
 
     def __init__(self, kind: LinearKind, config: AdapterConfig):
