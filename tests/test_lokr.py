@@ -21,7 +21,7 @@ from train_helpers import ROOT, run_train
 
 import dreamlora
 from dreamlora import AdapterConfig, attach
-from dreamlora.methods.lokr import factorization
+from dreamlora.methods.lokr import LoKr, factorization
 from pipelines import export
 
 lycoris = pytest.importorskip("lycoris", reason="lycoris-lora is a test dependency (pyproject's test extra)")
@@ -285,3 +285,17 @@ def test_trains_in_train_text_py(tmp_path):
     summary = json.loads((out / "run.json").read_text())
     assert summary["method"] == "lokr" and summary["finished"]
     assert summary["adapter_config"]["options"] == {"factor": -1}
+
+
+def test_is_in_the_apps_method_list_with_its_option_field():
+    probe = ("import json, app; from pipelines.app_settings import TrainSettings; "
+             "s = TrainSettings(name='r', base_model='tiny', method='lokr', method_options={'lokr_factor': '4'})"
+             ".validate(); print(json.dumps({'choices': app.method_choices(), 'fields': app.option_flags(), "
+             "'argv': s.argv(__import__('pathlib').Path('r'))}))")
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, cwd=ROOT,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    found = json.loads(proc.stdout.splitlines()[-1])
+    assert [LoKr.description, "lokr"] in found["choices"] and "lokr_factor" in found["fields"]
+    argv = found["argv"]
+    assert argv[argv.index("--adapter") + 1] == "lokr" and argv[argv.index("--lokr_factor") + 1] == "4"
