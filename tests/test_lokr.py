@@ -299,3 +299,12 @@ def test_is_in_the_apps_method_list_with_its_option_field():
     assert [LoKr.description, "lokr"] in found["choices"] and "lokr_factor" in found["fields"]
     argv = found["argv"]
     assert argv[argv.index("--adapter") + 1] == "lokr" and argv[argv.index("--lokr_factor") + 1] == "4"
+
+
+def test_unbatched_conv_input_is_the_batched_result():
+    model, layer = ours("conv-lowrank")
+    randomize(layer)
+    x = torch.randn(48, 9, 9)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), model(x.unsqueeze(0)).squeeze(0), rtol=1e-6, atol=1e-6)
+        assert (model(x) - model.proj.base_layer(x)).abs().max() > 1e-2
