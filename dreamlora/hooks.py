@@ -26,7 +26,8 @@ def _roles(path: str, layer) -> list[tuple[str, nn.Parameter, str]]:
     def role_of(role: str) -> str:
         return "embedding" if layer.kind.is_embedding and role != "magnitude" else role
 
-    return [(f"{path}.{attr}", getattr(layer, attr), role_of(role)) for attr, role in type(layer).roles.items()]
+    roles = type(layer).roles
+    return [(f"{path}.{attr}", getattr(layer, attr), role_of(roles[attr])) for attr in layer.present(roles)]
 
 
 def _adapters(model: nn.Module, names: list[str] | None = None):

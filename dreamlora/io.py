@@ -66,7 +66,7 @@ def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, tor
     """Native tensors of adapter `name`, keyed `<module path>.<file key>`."""
     out = {}
     for path, layer in adapter_layers(model, name).items():
-        for attr in type(layer).file_keys:
+        for attr in layer.present(type(layer).file_keys):
             out[f"{path}.{layer.file_key(attr)}"] = getattr(layer, attr).detach()
     return out
 
@@ -222,7 +222,7 @@ def load_weights(model: nn.Module, path: str | os.PathLike, name: str = "default
 def _assign(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], path: Path) -> None:
     expected = {}
     for module_path, layer in adapter_layers(model, name).items():
-        for attr in type(layer).file_keys:
+        for attr in layer.present(type(layer).file_keys):
             expected[f"{module_path}.{layer.file_key(attr)}"] = getattr(layer, attr)
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))

@@ -129,7 +129,9 @@ class AdapterLayer(nn.Module):
     description: ClassVar[str] = ""
     # the method's own options (a dataclass with a docstring per field); `config.options` is an instance of it.
     Options: ClassVar[type[MethodOptions]] = MethodOptions
-    # parameter attribute -> key suffix in saved files (PEFT's names where the tensor means the same).
+    # parameter attribute -> key suffix in saved files (PEFT's names where the tensor means the same). A method
+    # whose form differs per layer (LoKr: W2 full or low-rank) lists every attribute and registers the ones a
+    # layer lacks as None (`register_parameter(name, None)`); files, roles and optimizers skip them.
     file_keys: ClassVar[dict[str, str]]
     # parameter attribute -> role used by optimizer grouping: "down", "up", "magnitude" or "shared".
     roles: ClassVar[dict[str, str]]
@@ -172,6 +174,10 @@ class AdapterLayer(nn.Module):
 
     def _input(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return self.kind.prepare_input(x, dtype, self.dropout)
+
+    def present(self, attrs: Iterable[str]) -> list[str]:
+        """The attributes of `attrs` this layer has (not None): see `file_keys`."""
+        return [a for a in attrs if getattr(self, a, None) is not None]
 
     def file_key(self, attr: str) -> str:
         """The key suffix of parameter `attr` in saved files (PEFT names, per layer type)."""
