@@ -38,10 +38,10 @@ class AdapterConfig:
     """Rank-stabilised scaling alpha/sqrt(r) instead of alpha/r (Kalajdzievski 2023)."""
 
     init: str | None = None
-    """Init of the trainable factors; None means the method's own default (the first of its `inits`).
-    LoRA, LoRA+, DoRA: `kaiming` (Kaiming-uniform of A, a=sqrt(5), as PEFT; the default) or `gaussian`
-    (N(0, 1/r^2), as diffusers' DreamBooth script). SingLoRA: `scaled` (the default: entries of order
-    (d_in·d_out)^-1/4, see `dreamlora.methods.singlora`) or `kaiming` (the third-party reference init)."""
+    """Init of the trainable factors; None means the method's own default, the first of its class's `inits`
+    (each method's docstring says what they draw). E.g. LoRA, LoRA+, DoRA: `kaiming` (Kaiming-uniform of A,
+    a=sqrt(5), as PEFT; the default) or `gaussian` (N(0, 1/r^2), as diffusers' DreamBooth script); SingLoRA:
+    `scaled` (the default: entries of order (d_in·d_out)^-1/4) or `kaiming` (the third-party reference init)."""
 
     options: Any = None
     """The method's own options: an instance of its `Options` dataclass (e.g. `SingLoRAOptions(ramp_steps=10)`),
