@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import importlib
 
 import pytest
 import torch
@@ -58,8 +59,16 @@ def hand_weight(method: str, model) -> torch.Tensor:
 
 
 def hand_weight_matrix(method: str, layer, w0: torch.Tensor) -> torch.Tensor:
-    """W' for a (d_out, d_in) base matrix."""
+    """W' for a (d_out, d_in) base matrix. A method added in its own file brings its formula in its own test
+    helper, `tests/hand_<method>.py` with `weight_matrix(layer, w0, s)`, so this table needs no edit for it."""
     s = 5.0 / 3
+    if method not in ("lora", "dora", "singlora"):
+        try:
+            helper = importlib.import_module(f"hand_{method}")
+        except ModuleNotFoundError as e:
+            raise AssertionError(f"method {method!r} has no hand formula: add tests/hand_{method}.py "
+                                 "defining weight_matrix(layer, w0, s)") from e
+        return helper.weight_matrix(layer, w0, s)
     if method == "singlora":
         a = layer.singlora_A
         u = min(layer.step / 10, 1.0)
