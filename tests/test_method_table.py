@@ -62,7 +62,7 @@ def hand_weight_matrix(method: str, layer, w0: torch.Tensor) -> torch.Tensor:
     """W' for a (d_out, d_in) base matrix. A method added in its own file brings its formula in its own test
     helper, `tests/hand_<method>.py` with `weight_matrix(layer, w0, s)`, so this table needs no edit for it."""
     s = 5.0 / 3
-    if method not in ("lora", "dora", "singlora"):
+    if method != "singlora" and not hasattr(layer, "lora_A"):  # LoRA's family (LoRA+, DoRA) uses the formula below
         try:
             helper = importlib.import_module(f"hand_{method}")
         except ModuleNotFoundError as e:
