@@ -59,7 +59,7 @@ def hand_weight(method: str, model) -> torch.Tensor:
 
 
 def hand_weight_matrix(method: str, layer, w0: torch.Tensor) -> torch.Tensor:
-    """W' for a (d_out, d_in) base matrix."""
+    """W' for a (d_out, d_in) base matrix (a method added in its own file brings its formula: `own_hand_delta`)."""
     s = 5.0 / 3
     if method not in ("lora", "loraplus", "dora", "singlora"):
         return w0 + own_hand_delta(method)(layer)

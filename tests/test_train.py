@@ -92,10 +92,15 @@ def test_dora_kohya_file_keeps_magnitudes_as_dora_scale(trained_runs):
     assert scales and all(v.shape[1:] in {(1,), (1, 1, 1)} for v in scales.values())
 
 
+def init_flag(method: str, init: str) -> list[str]:
+    """`--init_lora_weights init` where the method has that init; a method with its own (LoHa) keeps its own."""
+    return ["--init_lora_weights", init] if init in dreamlora.METHODS[method].inits else []
+
+
 def learn(tiny_model_dir, out, method, *extra) -> dict:
     run_train(tiny_model_dir, out, "--adapter", method, "--rank", 8, "--target_modules", LEARN_TARGETS,
               "--max_train_steps", 200, "--learning_rate", 2e-3, "--checkpointing_steps", 1000,
-              "--init_lora_weights", "kaiming", *extra)
+              *init_flag(method, "kaiming"), *extra)
     pipe = load_pipeline(str(tiny_model_dir), "cpu")
     latents = instance_latents(pipe)
     states = prompt_states(pipe, PROMPT, latents.shape[0])
