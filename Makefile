@@ -35,6 +35,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 
 # Debian's chromium for the app's browser test (tests/test_app_browser.py drives it with Python Playwright;
@@ -60,6 +61,7 @@ floors:
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 
 bench: $(STAMP)
 	$(BIN)/python bench/adapter_step.py

@@ -29,10 +29,11 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import gradio as gr  # noqa: E402
 
-from dreamlora.methods import METHODS  # noqa: E402
-from dreamlora.options import option_specs, unique_specs  # noqa: E402
-from pipelines.app_disk import GB, MIN_FREE_BYTES, DiskQuota  # noqa: E402
-from pipelines.app_eval import (  # noqa: E402
+from app_backend.disk import GB, MIN_FREE_BYTES, DiskQuota  # noqa: E402
+from app_backend.jobs import JobManager, format_seconds  # noqa: E402
+from app_backend.safety import MAX_IMAGE_BYTES, MAX_IMAGES, SERVED, AppInputError, publish  # noqa: E402
+from app_backend.sampling import Sampler  # noqa: E402
+from app_backend.scoring import (  # noqa: E402
     SCORE_COLUMNS,
     SCORERS,
     EvalSettings,
@@ -40,10 +41,9 @@ from pipelines.app_eval import (  # noqa: E402
     default_scorer,
     scorer_status,
 )
-from pipelines.app_jobs import JobManager, format_seconds  # noqa: E402
-from pipelines.app_safety import MAX_IMAGE_BYTES, MAX_IMAGES, SERVED, AppInputError, publish  # noqa: E402
-from pipelines.app_sample import Sampler  # noqa: E402
-from pipelines.app_settings import TrainSettings, native_resolution  # noqa: E402
+from app_backend.settings import TrainSettings, native_resolution  # noqa: E402
+from dreamlora.methods import METHODS  # noqa: E402
+from dreamlora.options import option_specs, unique_specs  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
 GPU = "gpu"  # the one concurrency id of every handler that uses the GPU
@@ -104,7 +104,8 @@ class App:
             if not self.allow_server_folders:
                 raise AppInputError("Picking a folder on the server is off when the app is shared or listens beyond "
                                     "this machine; upload the photos instead.")
-            from pipelines.data import DataError, list_images
+            from dreamlora.errors import DataError
+            from pipelines.diffusion.data import list_images
 
             try:
                 files += list_images(Path(folder).expanduser(), "The folder")

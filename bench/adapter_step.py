@@ -70,7 +70,7 @@ def cached_sd15_unet(device: str, dtype: torch.dtype):
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from pipelines.sd_configs import build_sd15_unet
+    from pipelines.diffusion.sd_configs import build_sd15_unet
 
     cache = RESULTS / ".cache" / "sd15_unet_random_seed0.safetensors"
     unet = build_sd15_unet("meta")

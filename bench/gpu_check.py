@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as `python bench/gpu_check.py` from a checkout without installing it
 
 import dreamlora  # noqa: E402
-from dreamlora.tiny import SD15, SD_SCHEDULE, TINY  # noqa: E402
+from pipelines.diffusion.tiny_model import SD15, SD_SCHEDULE, TINY  # noqa: E402
 
 REFERENCE = "peft-lora"
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]

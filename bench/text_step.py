@@ -2,7 +2,7 @@
 
     python bench/text_step.py        # writes bench/results/text_step.{json,md}
 
-The sweep's wall times (pipelines.text_sweep) measure whole runs on a shared machine; this isolates the
+The sweep's wall times (pipelines.text.sweep) measure whole runs on a shared machine; this isolates the
 step: one fixed SST-2 batch (16 sentences, dynamic padding), forward + backward + AdamW over adapters and
 head, every method built once and timed in interleaved rounds. The figure is the 20th-percentile step time;
 the ratio is to LoRA in the same run. "head only" is the floor: the frozen backbone's forward and the
@@ -20,8 +20,8 @@ import torch
 from report import write_report  # bench/report.py (scripts run from bench/)
 
 import dreamlora
-from pipelines import text_models
-from pipelines.text_data import Columns, PadCollator, read_examples, tokenize
+from pipelines.text import models as text_models
+from pipelines.text.data import Columns, PadCollator, read_examples, tokenize
 
 RESULTS = Path(__file__).parent / "results"
 SST2 = Path(__file__).parent.parent / "tests" / "assets" / "text" / "sst2_train_400.txt"

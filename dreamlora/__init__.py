@@ -9,7 +9,7 @@ The core (this package minus the training entry points) imports torch and safete
 from dreamlora.config import AdapterConfig
 from dreamlora.hooks import on_optimizer_step, param_groups, regularization_loss, trainable_parameter_count
 from dreamlora.inject import (
-    AdaptedLayer,
+    LayerWithAdapters,
     adapter_config,
     adapter_layers,
     adapter_names,
@@ -28,7 +28,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "METHODS",
-    "AdaptedLayer",
+    "LayerWithAdapters",
     "AdapterConfig",
     "AdapterLayer",
     "MethodOptions",

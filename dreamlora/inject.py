@@ -1,6 +1,6 @@
 """Attaching adapters to any torch module: finding targets, wrapping them, and managing named adapters.
 
-A matched layer is replaced by an `AdaptedLayer` host that keeps the original as `base_layer` (PEFT's
+A matched layer is replaced by an `LayerWithAdapters` host that keeps the original as `base_layer` (PEFT's
 layout, so module paths in files read the same) and runs its active adapters after it.
 """
 
@@ -19,7 +19,7 @@ from dreamlora.methods import METHODS, AdapterLayer
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
 
 
-class AdaptedLayer(nn.Module):
+class LayerWithAdapters(nn.Module):
     """A base layer plus named adapters; y = base(x), then each active adapter in attach order."""
 
     def __init__(self, base_layer: nn.Module):
@@ -41,7 +41,7 @@ class AdaptedLayer(nn.Module):
         # Code that reads `attn.to_q.weight` or `.in_features` keeps working on the wrapped layer. Private names
         # are not passed through: hooks that libraries keep on a module (accelerate's `_hf_hook`, `_old_forward`)
         # belong to the base layer alone, and the host answering for them made accelerate detach the base's
-        # offload hook from the host ("AdaptedLayer does not have a parameter named weight").
+        # offload hook from the host ("LayerWithAdapters does not have a parameter named weight").
         try:
             return super().__getattr__(name)
         except AttributeError:
@@ -65,13 +65,13 @@ def _logical_modules(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, 
     for child_name, child in model.named_children():
         path = f"{prefix}{child_name}"
         yield path, child
-        if not isinstance(child, AdaptedLayer):
+        if not isinstance(child, LayerWithAdapters):
             yield from _logical_modules(child, path + ".")
 
 
-def hosts(model: nn.Module) -> Iterator[tuple[str, AdaptedLayer]]:
+def hosts(model: nn.Module) -> Iterator[tuple[str, LayerWithAdapters]]:
     for path, module in _logical_modules(model):
-        if isinstance(module, AdaptedLayer):
+        if isinstance(module, LayerWithAdapters):
             yield path, module
 
 
@@ -129,7 +129,7 @@ def find_targets(model: nn.Module, config: AdapterConfig) -> dict[str, nn.Module
         pattern = _matches(path, config.target_modules)
         if pattern is None or _matches(path, config.exclude_modules):
             continue
-        base = module.base_layer if isinstance(module, AdaptedLayer) else module
+        base = module.base_layer if isinstance(module, LayerWithAdapters) else module
         try:
             kind_of(base)
         except UnsupportedLayer as e:
@@ -146,7 +146,7 @@ def find_targets(model: nn.Module, config: AdapterConfig) -> dict[str, nn.Module
 
 
 def _sample_names(model: nn.Module, limit: int = 8) -> str:
-    leaves = [p for p, m in _logical_modules(model) if not list(m.children()) or isinstance(m, AdaptedLayer)]
+    leaves = [p for p, m in _logical_modules(model) if not list(m.children()) or isinstance(m, LayerWithAdapters)]
     shown = ", ".join(leaves[:limit])
     return shown + (", ..." if len(leaves) > limit else "") if shown else "(none)"
 
@@ -185,7 +185,7 @@ def exact_targets(model: nn.Module, paths: Iterable[str]) -> dict[str, nn.Module
             raise ValueError(f"{type(model).__name__} has no module {path!r}; some module names: "
                              f"{_sample_names(model)}")
         module = logical[path]
-        base = module.base_layer if isinstance(module, AdaptedLayer) else module
+        base = module.base_layer if isinstance(module, LayerWithAdapters) else module
         try:
             kind_of(base)
         except UnsupportedLayer as e:
@@ -214,8 +214,8 @@ def _attach_layers(model: nn.Module, config: AdapterConfig, name: str, targets: 
             p.requires_grad_(False)
     for path, layer in new_layers.items():
         host = model.get_submodule(path)
-        if not isinstance(host, AdaptedLayer):
-            host = AdaptedLayer(host)
+        if not isinstance(host, LayerWithAdapters):
+            host = LayerWithAdapters(host)
             _set_module(model, path, host)
         host.adapters[name] = layer
         host.refresh()
@@ -223,7 +223,7 @@ def _attach_layers(model: nn.Module, config: AdapterConfig, name: str, targets: 
     return model
 
 
-def _settle(model: nn.Module, path: str, host: AdaptedLayer) -> None:
+def _settle(model: nn.Module, path: str, host: LayerWithAdapters) -> None:
     """After adapters were removed from `host`: give the layer its original module back if none is left."""
     if len(host.adapters) == 0:
         _set_module(model, path, host.base_layer)

@@ -46,16 +46,6 @@ def atomic_save_file(tensors: dict[str, torch.Tensor], path: str | os.PathLike, 
         raise
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write `text` under a temporary name in the same folder, then rename: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
-
-
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

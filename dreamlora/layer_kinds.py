@@ -17,8 +17,9 @@ class UnsupportedLayer(TypeError):
     pass
 
 
-class LinearKind:
-    """nn.Linear: weight (d_out, d_in), y = x·Wᵀ + b."""
+class LayerKind:
+    """The view every kind shares, written for a weight stored (d_out, d_in) with y = x·Wᵀ + b; the other kinds
+    override what differs."""
 
     is_embedding = False
     file_key_names: dict[str, str] = {}  # PEFT renames some keys per layer type (embeddings)
@@ -80,7 +81,11 @@ class LinearKind:
         return self.base.bias
 
 
-class TransposedKind(LinearKind):
+class LinearKind(LayerKind):
+    """nn.Linear: weight (d_out, d_in), y = x·Wᵀ + b — the shared view as is."""
+
+
+class TransposedKind(LayerKind):
     """A layer whose weight is stored (d_in, d_out): its matrix view is Wᵀ."""
 
     def __init__(self, base: nn.Module):
@@ -101,7 +106,7 @@ class Conv1DKind(TransposedKind):
         return x @ self.base.weight
 
 
-class Conv2dKind(LinearKind):
+class Conv2dKind(LayerKind):
     """nn.Conv2d with groups=1 and zero padding: matrix view (C_out, C_in·kh·kw)."""
 
     def __init__(self, base: nn.Conv2d):
@@ -178,7 +183,7 @@ class EmbeddingKind(TransposedKind):
 
 def file_key_spellings(key: str) -> set[str]:
     """Every way some layer kind spells file key `key` (PEFT renames a few per layer type)."""
-    kinds, spellings = [LinearKind], {key}
+    kinds, spellings = [LayerKind], {key}
     while kinds:
         kind = kinds.pop()
         spellings.add(kind.file_key_names.get(key, key))
@@ -186,7 +191,7 @@ def file_key_spellings(key: str) -> set[str]:
     return spellings
 
 
-def kind_of(module: nn.Module) -> LinearKind:
+def kind_of(module: nn.Module) -> LayerKind:
     """The view of a supported layer; `UnsupportedLayer` for anything else."""
     if isinstance(module, nn.Linear):
         return LinearKind(module)

@@ -24,12 +24,14 @@ import torch
 
 import dreamlora
 from dreamlora import AdapterConfig
-from dreamlora.train_args import ArgError, method_options, parse_args, resolve_init
-from pipelines import data as dbdata
+from dreamlora.errors import ArgError
+from dreamlora.train_args import method_options, parse_args, resolve_init
 from pipelines import training
-from pipelines.export import write_tool_files
-from pipelines.loss import denoising_loss, draw_noise, prediction_type
-from pipelines.models import encode_prompts, load_components
+from pipelines.diffusion import data as dbdata
+from pipelines.diffusion.export import write_tool_files
+from pipelines.diffusion.loss import denoising_loss, draw_noise, prediction_type
+from pipelines.diffusion.models import encode_prompts, load_components
+from pipelines.trainer import order
 
 log = logging.getLogger("dreamlora.train")
 
@@ -55,7 +57,7 @@ def make_optimizer(args, param_groups):
 def sample_generators(seed: int, epoch: int, rows: list[tuple[int, int]]) -> list[torch.Generator]:
     """One generator per batch row, from (seed, epoch, stream, dataset index): a sample draws the same noise
     and timestep whatever its batch, process or resume point."""
-    return [torch.Generator().manual_seed(dbdata.stable_seed(seed, epoch, stream, index)) for stream, index in rows]
+    return [torch.Generator().manual_seed(order.stable_seed(seed, epoch, stream, index)) for stream, index in rows]
 
 
 class LatentEncoder:
@@ -168,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     # --- data loader and schedule (its length sets run-dependent method options: SingLoRA's ramp) -----------
     dataset = dbdata.DreamBoothDataset(instances, classes, args.resolution, args.center_crop, args.random_flip,
                                        args.seed)
-    sampler = dbdata.EpochShuffle(len(dataset), args.seed)
+    sampler = order.EpochShuffle(len(dataset), args.seed)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.train_batch_size, sampler=sampler,
                                          collate_fn=dbdata.collate)
     batches_per_epoch, steps_per_epoch = training.steps_per_epoch(

@@ -13,15 +13,12 @@ import sys
 from pathlib import Path
 
 from dreamlora.config import SD_ATTENTION
+from dreamlora.errors import ArgError
 from dreamlora.options import add_option_flags, given_options
 
 UNET_TARGETS = ",".join(SD_ATTENTION)
 TEXT_ENCODER_TARGETS = "q_proj,k_proj,v_proj,out_proj"
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
-
-
-class ArgError(ValueError):
-    """A bad flag value or combination; the message names the flag."""
 
 
 def build_parser() -> argparse.ArgumentParser:

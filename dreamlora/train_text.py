@@ -25,9 +25,10 @@ from dreamlora import AdapterConfig
 from dreamlora.train_args import method_options
 from dreamlora.train_text_args import parse_args
 from eval.classification import classification_metrics
-from pipelines import text_models, training
-from pipelines.data import EpochShuffle
-from pipelines.text_data import Columns, PadCollator, read_examples, tokenize
+from pipelines import training
+from pipelines.text import models as text_models
+from pipelines.text.data import Columns, PadCollator, read_examples, tokenize
+from pipelines.trainer.order import EpochShuffle
 
 log = logging.getLogger("dreamlora.train_text")
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import argparse
 
-from dreamlora.train_args import SCHEDULERS, ArgError, _split, add_adapter_flags, method_options, parse_with_config
+from dreamlora.errors import ArgError
+from dreamlora.train_args import SCHEDULERS, _split, add_adapter_flags, method_options, parse_with_config
 
 DATA_FORMATS = ("csv", "tsv", "jsonl", "label_text")
 

@@ -1,7 +1,7 @@
 """`python -m eval.compare RUN_DIRS...`: one table and one plot across methods, to pick one for a budget.
 
 Each RUN_DIR is a scored generation folder (`scores.json` from `eval.score`, `run.json` from
-`pipelines.dreambench`); the training cost comes from the `run.json` of the adapter it generated with.
+`pipelines.diffusion.dreambench`); the training cost comes from the `run.json` of the adapter it generated with.
 Columns: method, rank, trainable params, train time, peak memory, DINO, CLIP-I, CLIP-T (mean ± std).
 """
 

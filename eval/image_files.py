@@ -1,5 +1,5 @@
-"""The image files dreamlora reads: one list for the trainer (`pipelines.data`), the scorer (`eval.score`) and
-the app (`pipelines.app_safety`, `pipelines.app_jobs`), so a photo that trains is also scored and accepted.
+"""The image files dreamlora reads: one list for the trainer (`pipelines.diffusion.data`), the scorer (`eval.score`) and
+the app (`app_backend.safety`, `app_backend.jobs`), so a photo that trains is also scored and accepted.
 
 It lives in `eval/` as a module without imports: the trainer already imports `eval` (the text trainer's
 metrics), while `eval` must not import the trainers' heavy modules, and the adapter core (`dreamlora/`) is

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from dreamlora.io import atomic_write_text
+from dreamlora.atomic import atomic_write_text
 from eval import metrics
 from eval.image_files import IMAGE_SUFFIXES, is_image_file
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dreamlora.io import atomic_write_text
+from dreamlora.atomic import atomic_write_text
 
 
 def read_runs(sweep_dir: Path) -> list[dict]:

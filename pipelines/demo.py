@@ -3,7 +3,7 @@
 1. builds the tiny SD pipeline (`python -m dreamlora.tiny`),
 2. trains each registered method (lora, loraplus, dora, singlora, ...) briefly on four real photos of a dog
    (tests/assets/dog, CC BY 4.0, see tests/assets/LICENSE.md) with `dreamlora/train.py`,
-3. samples every adapter with the same prompts and seeds (`pipelines.sample`),
+3. samples every adapter with the same prompts and seeds (`pipelines.diffusion.sample`),
 4. writes a comparison grid and prints where everything is.
 
 The tiny model has random weights, so the images show that every stage runs, not what a real SD model
@@ -45,7 +45,7 @@ def grid(rows: dict[str, list[Path]], out: Path) -> Path:
         for c, file in enumerate(files):
             with Image.open(file) as im:
                 canvas.paste(im.convert("RGB").resize((cell, cell)), (label + c * cell, r * cell))
-    from pipelines.data import save_png_atomic
+    from dreamlora.atomic import save_png_atomic
 
     return save_png_atomic(canvas, out)
 

@@ -17,10 +17,12 @@ from pathlib import Path
 import torch
 
 import dreamlora
+from dreamlora.atomic import atomic_write_text, save_png_atomic
 from dreamlora.config import AdapterConfig
-from dreamlora.io import atomic_save_file, atomic_write_text, read_metadata
-from dreamlora.train_args import ArgError
-from pipelines.data import IMAGE_SUFFIXES, DataError, save_png_atomic, stable_seed
+from dreamlora.errors import ArgError, DataError
+from dreamlora.io import atomic_save_file, read_metadata
+from eval.image_files import IMAGE_SUFFIXES
+from pipelines.trainer.order import stable_seed
 
 log = logging.getLogger(__name__)
 CHECKPOINT_PREFIX = "checkpoint-"

@@ -45,7 +45,7 @@ def serve(runs_dir: Path, base_model: Path, max_queue: int = 32, extra: list[str
 
 def stop_leftover_trainers(runs_dir: Path) -> None:
     """A failed test must not leave a 2000-step trainer running in its own session after pytest ends."""
-    from pipelines.app_jobs import JobManager
+    from app_backend.jobs import JobManager
 
     jobs = JobManager(runs_dir, stop_timeouts=(5, 2))
     for name in jobs.names():

@@ -53,7 +53,7 @@ def _seed():
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """The embedded tiny SD pipeline, written once per test session."""
-    from dreamlora import tiny
+    from pipelines.diffusion import tiny_model as tiny
 
     return tiny.write(tmp_path_factory.mktemp("tiny") / "model")
 

@@ -14,7 +14,7 @@ import pytest
 from app_server import ASSETS, GRADIO_PANDAS_NOISE, serve, wait_for
 from gradio_client import Client, handle_file
 
-from pipelines.app_safety import AppInputError
+from app_backend.safety import AppInputError
 
 DOG = sorted(p for p in (ASSETS / "dog").iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
 pytestmark = GRADIO_PANDAS_NOISE

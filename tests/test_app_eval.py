@@ -10,8 +10,8 @@ import pytest
 import torch
 from app_server import ASSETS
 
-from pipelines.app_eval import PAPER_WEIGHTS, EvalSettings, Evaluator, default_scorer, scorer_status
-from pipelines.app_jobs import JobManager
+from app_backend.jobs import JobManager
+from app_backend.scoring import PAPER_WEIGHTS, EvalSettings, Evaluator, default_scorer, scorer_status
 
 DOG = sorted(p for p in (ASSETS / "dog").iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
 

@@ -12,9 +12,9 @@ import pytest
 from app_server import ASSETS, wait_for
 from PIL import Image
 
-from pipelines.app_jobs import JobManager, live_group_members, tail
-from pipelines.app_safety import MAX_IMAGES, AppInputError, check_images, check_run_name, inside, number
-from pipelines.app_settings import TrainSettings, native_resolution, resolve_base_model
+from app_backend.jobs import JobManager, live_group_members, tail
+from app_backend.safety import MAX_IMAGES, AppInputError, check_images, check_run_name, inside, number
+from app_backend.settings import TrainSettings, native_resolution, resolve_base_model
 
 DOG = sorted(p for p in (ASSETS / "dog").iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
 
@@ -172,7 +172,7 @@ def test_a_crashed_run_is_failed_and_resumable(tmp_path):
 
 
 def test_only_what_the_page_shows_is_published(tmp_path):
-    from pipelines.app_safety import SERVED, publish
+    from app_backend.safety import SERVED, publish
 
     runs = tmp_path / "runs"
     for rel in ("dog/validation/step-000010-0.png", "dog/data/subject/photo-000.jpg", "dog/train.log",
@@ -198,7 +198,7 @@ def test_only_what_the_page_shows_is_published(tmp_path):
 
 
 def test_disk_limits_refuse_new_work(tmp_path):
-    from pipelines.app_disk import DiskQuota, folder_bytes
+    from app_backend.disk import DiskQuota, folder_bytes
 
     runs = tmp_path / "runs"
     photos = sum(p.stat().st_size for p in DOG[:3])
@@ -220,7 +220,7 @@ def test_disk_limits_refuse_new_work(tmp_path):
 def test_a_run_past_its_disk_cap_is_stopped_and_says_why(tmp_path):
     """A stand-in trainer that writes 100 kB every 0.1 s into its run folder and exits on SIGUSR1 (as the
     trainer does, after its checkpoint): the watcher stops it past the cap, and the run says why."""
-    from pipelines.app_disk import DiskQuota
+    from app_backend.disk import DiskQuota
 
     script = tmp_path / "filling-python"
     script.write_text("#!/bin/bash\nwhile [ $# -gt 0 ]; do [ \"$1\" = --output_dir ] && out=$2; shift; done\n"

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 
 import dreamlora
 from dreamlora import AdapterConfig, attach
-from pipelines import export
+from pipelines.diffusion import export
 
 HERE = Path(__file__).resolve().parent
 STRENGTHS = [1.0, 0.5]
@@ -173,8 +173,8 @@ def test_full_size_sd15_unet_and_clip_in_comfyui(method, tmp_path):
     require_comfyui()
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from dreamlora.tiny import SD15
-    from pipelines.sd_configs import build_sd15_unet
+    from pipelines.diffusion.sd_configs import build_sd15_unet
+    from pipelines.diffusion.tiny_model import SD15
 
     torch.manual_seed(0)
     unet = build_sd15_unet().eval()

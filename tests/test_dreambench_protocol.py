@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from eval import metrics
-from pipelines.dreambench_protocol import load_protocol
+from pipelines.diffusion.dreambench_protocol import load_protocol
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +72,7 @@ def test_metrics_equal_a_hand_computation():
 def test_generation_writes_the_protocol_layout_and_resumes(tiny_model_dir, tmp_path):
     import json
 
-    from pipelines.dreambench import main as generate_main
+    from pipelines.diffusion.dreambench import main as generate_main
 
     out = tmp_path / "gen"
     argv = ["--pretrained_model_name_or_path", str(tiny_model_dir), "--subject", "dog", "--subject", "teapot",
@@ -122,7 +122,7 @@ def test_many_subjects_each_with_its_own_adapter(tiny_model_dir, tmp_path):
     from diffusers import UNet2DConditionModel
 
     import dreamlora
-    from pipelines.dreambench import main as generate_main
+    from pipelines.diffusion.dreambench import main as generate_main
 
     subjects_dir, adapter_root = tmp_path / "subjects", tmp_path / "adapters"
     for name, method in (("dog", "lora"), ("teapot", "dora")):

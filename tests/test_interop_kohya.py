@@ -17,7 +17,7 @@ from torch import nn
 
 import dreamlora
 from dreamlora import AdapterConfig, attach
-from pipelines import export
+from pipelines.diffusion import export
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "ff.net.0.proj", "ff.net.2", "conv1", "conv2"]
 TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1"]
@@ -84,7 +84,7 @@ def test_diffusers_file_text_encoder_keys_are_the_same_for_both_layouts(tmp_path
 
 @pytest.mark.parametrize("method", ["lora", "dora"])
 def test_diffusers_loads_the_text_encoder_adapter_of_the_installed_transformers(method, tiny_model_dir, tmp_path):
-    from pipelines.sample import load_pipeline
+    from pipelines.diffusion.sample import load_pipeline
 
     pipe = load_pipeline(str(tiny_model_dir), "cpu")
     unet = adapted(copy.deepcopy(pipe.unet), method, ["to_q"])

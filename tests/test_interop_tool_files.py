@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from train_helpers import run_train
 
 from dreamlora import AdapterConfig, attach
-from pipelines import export
+from pipelines.diffusion import export
 
 SHORT = ("--rank", 2, "--max_train_steps", 1, "--checkpointing_steps", 100, "--train_text_encoder")
 

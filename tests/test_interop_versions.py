@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 from packaging.version import Version
 
-from pipelines.models import diffusers_dtype_kwargs
-from pipelines.sample import load_pipeline
+from pipelines.diffusion.models import diffusers_dtype_kwargs
+from pipelines.diffusion.sample import load_pipeline
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -23,7 +23,7 @@ def declared_floor(package: str) -> Version:
 
 
 def test_diffusers_floor_has_the_lora_metadata_argument():
-    # pipelines.export passes `unet_lora_adapter_metadata` to save_lora_weights: diffusers 0.34.0 and later
+    # pipelines.diffusion.export passes `unet_lora_adapter_metadata` to save_lora_weights: diffusers 0.34.0 and later
     assert declared_floor("diffusers") >= Version("0.34.0")
 
 

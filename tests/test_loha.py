@@ -14,7 +14,7 @@ from torch import nn
 import dreamlora
 from dreamlora import AdapterConfig, attach
 from dreamlora.methods.loha import refactor
-from pipelines import export
+from pipelines.diffusion import export
 
 lycoris_loha = pytest.importorskip("lycoris.modules.loha", reason="lycoris-lora is a test dependency")
 
@@ -119,7 +119,7 @@ def loha(model: nn.Module, targets: list[str]) -> nn.Module:
 @pytest.mark.parametrize("weight_name", [export.DIFFUSERS_WEIGHT_NAME, export.KOHYA_WEIGHT_NAME])
 def test_files_load_in_unmodified_diffusers_with_the_same_output(weight_name, tiny_model_dir, tmp_path):
     """The diffusers file holds the exact LoRA form; diffusers' kohya converter rejects `hada_*` keys."""
-    from pipelines.sample import load_pipeline
+    from pipelines.diffusion.sample import load_pipeline
 
     pipe = load_pipeline(str(tiny_model_dir), "cpu", torch.float32)
     unet, te = loha(copy.deepcopy(pipe.unet), UNET_TARGETS), loha(copy.deepcopy(pipe.text_encoder), TE_TARGETS)

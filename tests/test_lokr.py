@@ -22,7 +22,7 @@ from train_helpers import ROOT, run_train
 import dreamlora
 from dreamlora import AdapterConfig, attach
 from dreamlora.methods.lokr import LoKr, factorization
-from pipelines import export
+from pipelines.diffusion import export
 
 lycoris = pytest.importorskip("lycoris", reason="lycoris-lora is a test dependency (pyproject's test extra)")
 from lycoris.modules.lokr import LokrModule  # noqa: E402
@@ -237,7 +237,7 @@ def test_the_kohya_file_merges_in_lycoris_loader_to_our_weights_at_scale_not_one
 
 def test_the_diffusers_file_loads_in_unmodified_diffusers_with_the_same_output(tiny_model_dir, tmp_path):
     """The exact plain-LoRA form at each layer's own rank (capped layers re-factorised) in diffusers' loader."""
-    from pipelines.sample import load_pipeline
+    from pipelines.diffusion.sample import load_pipeline
 
     pipe = load_pipeline(str(tiny_model_dir), "cpu", torch.float32)
     unet = adapted_lokr(copy.deepcopy(pipe.unet), UNET_TARGETS)
@@ -288,7 +288,7 @@ def test_trains_in_train_text_py(tmp_path):
 
 
 def test_is_in_the_apps_method_list_with_its_option_field():
-    probe = ("import json, app; from pipelines.app_settings import TrainSettings; "
+    probe = ("import json, app; from app_backend.settings import TrainSettings; "
              "s = TrainSettings(name='r', base_model='tiny', method='lokr', method_options={'lokr_factor': '4'})"
              ".validate(); print(json.dumps({'choices': app.method_choices(), 'fields': app.option_flags(), "
              "'argv': s.argv(__import__('pathlib').Path('r'))}))")

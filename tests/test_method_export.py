@@ -22,7 +22,7 @@ from dreamlora.methods import METHODS, register
 from dreamlora.methods.base import ExportUnsupported, kaiming_
 from dreamlora.methods.lora import LoRA
 from dreamlora.methods.singlora import SingLoRA
-from pipelines import export
+from pipelines.diffusion import export
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "conv1"]
 # all four attention projections: diffusers' kohya converter misnames a text encoder's q/v without k/out
@@ -84,7 +84,7 @@ def wide(model: nn.Module, targets: list[str]) -> nn.Module:
 def test_per_layer_ranks_load_in_unmodified_diffusers_with_the_same_output(weight_name, tiny_model_dir, tmp_path):
     """The diffusers file (rank_pattern/alpha_pattern) and the kohya file (per-module alpha, through diffusers'
     kohya converter) both give dreamlora's UNet and text-encoder outputs."""
-    from pipelines.sample import load_pipeline
+    from pipelines.diffusion.sample import load_pipeline
 
     pipe = load_pipeline(str(tiny_model_dir), "cpu", torch.float32)
     unet, te = wide(copy.deepcopy(pipe.unet), UNET_TARGETS), wide(copy.deepcopy(pipe.text_encoder), TE_TARGETS)

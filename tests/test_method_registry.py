@@ -26,9 +26,10 @@ from train_helpers import INSTANCE_DIR, PROMPT
 
 import dreamlora
 from dreamlora import AdapterConfig
+from dreamlora.errors import ArgError
 from dreamlora.methods import METHODS
 from dreamlora.options import option_specs
-from dreamlora.train_args import ArgError, parse_args
+from dreamlora.train_args import parse_args
 
 ROOT = Path(__file__).resolve().parent.parent
 ASSETS = Path(__file__).resolve().parent / "assets" / "adapters_v0"
@@ -125,7 +126,7 @@ def test_a_dropped_in_module_trains_with_train_text_py(package_copy, tiny_bert, 
 def test_a_dropped_in_module_is_in_the_apps_method_list(package_copy):
     probe = textwrap.dedent("""
         import json, app
-        from pipelines.app_settings import TrainSettings
+        from app_backend.settings import TrainSettings
         settings = TrainSettings(name="r", base_model="tiny", method="gainlora",
                                  method_options={"gainlora_gain": "0.75", "singlora_ramp_steps": "3"}).validate()
         print(json.dumps({"choices": app.method_choices(), "fields": app.option_flags(),
@@ -259,7 +260,7 @@ def method_rows(unet) -> list[str]:
 
 
 def test_readme_method_table_is_the_registrys():
-    from pipelines.sd_configs import build_sd15_unet
+    from pipelines.diffusion.sd_configs import build_sd15_unet
 
     expected = "\n".join(method_rows(build_sd15_unet("meta")))
     readme = (ROOT / "README.md").read_text(encoding="utf-8")

@@ -96,7 +96,7 @@ def test_cli_writes_scores_and_names_bad_input(encoders, tmp_path, capsys):
 
 
 def test_scorer_reads_back_what_generation_wrote(encoders, tiny_model_dir, tmp_path):
-    from pipelines.dreambench import main as generate_main
+    from pipelines.diffusion.dreambench import main as generate_main
 
     out = tmp_path / "gen"
     assert generate_main(["--pretrained_model_name_or_path", str(tiny_model_dir), "--subject", "dog",
@@ -234,10 +234,11 @@ def test_compare_table_and_plot_accept_runs_scored_without_prompts(tmp_path):
 
 
 def test_one_image_suffix_list_for_trainer_scorer_and_app():
-    """BMP and TIFF train (pipelines.data) and are accepted as uploads (the app): the scorer reads them too."""
+    """BMP and TIFF train (pipelines.diffusion.data), are accepted as uploads (the app) and are scored."""
+    from app_backend import safety as app_safety
     from eval import image_files
     from eval import score as score_module
-    from pipelines import app_safety, data
+    from pipelines.diffusion import data
 
     assert data.IMAGE_SUFFIXES is score_module.IMAGE_SUFFIXES is image_files.IMAGE_SUFFIXES
     assert app_safety.IMAGE_FORMATS is image_files.IMAGE_FORMATS

@@ -6,7 +6,7 @@ import pytest
 
 import dreamlora
 from dreamlora import AdapterConfig, attach
-from pipelines.sd_configs import build_sd15_unet
+from pipelines.diffusion.sd_configs import build_sd15_unet
 
 
 @pytest.fixture(scope="module")

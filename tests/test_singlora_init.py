@@ -48,7 +48,7 @@ def test_reference_init_stays_reachable_and_grows_with_width():
 
 
 def test_minilm_query_value_update_is_small_against_the_pretrained_weight():
-    from pipelines import text_models
+    from pipelines.text import models as text_models
 
     path = text_models.resolve_model_path("minilm")
     model, _ = text_models.load_classifier(path, ["neg", "pos"], False)

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from text_helpers import SST2_DEV, SST2_TRAIN, build_tiny_text_model
 
+from dreamlora.errors import DataError
 from eval.classification import classification_metrics
 from eval.text_report import first_step_reaching, mean_curve, write_report
-from pipelines.data import DataError
-from pipelines.text_data import Columns, PadCollator, read_examples
+from pipelines.text.data import Columns, PadCollator, read_examples
 
 
 def test_metrics_match_hand_computation():

@@ -6,7 +6,7 @@ import hashlib
 
 import pytest
 
-from dreamlora import tiny
+from pipelines.diffusion import tiny_model as tiny
 
 
 @pytest.fixture(scope="module")

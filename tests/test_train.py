@@ -18,8 +18,8 @@ from safetensors.torch import load_file
 from train_helpers import PROMPT, ROOT, instance_latents, prompt_states, run_train, train_cmd
 
 import dreamlora
-from pipelines.loss import fixed_pairs_loss
-from pipelines.sample import AdapterSpec, apply_adapters, generate, load_pipeline
+from pipelines.diffusion.loss import fixed_pairs_loss
+from pipelines.diffusion.sample import AdapterSpec, apply_adapters, generate, load_pipeline
 
 METHODS = METHOD_NAMES
 LEARN_TARGETS = "to_q,to_k,to_v,to_out.0,conv1,conv2,ff.net.0.proj,ff.net.2"
@@ -127,7 +127,7 @@ def class_image_loss(tiny_model_dir, class_dir, run_dir) -> tuple[float, float]:
     """Fixed-pair denoising loss on the class images with the class prompt: base, then with the adapter."""
     import random
 
-    from pipelines.data import augment, read_examples
+    from pipelines.diffusion.data import augment, read_examples
 
     pipe = load_pipeline(str(tiny_model_dir), "cpu")
     examples = read_examples(class_dir, "--class_data_dir", "a photo of dog", 64, is_class=True)
@@ -245,7 +245,7 @@ def test_sigusr1_checkpoints_and_stops_cleanly(tiny_model_dir, tmp_path):
 
 
 def test_sample_cli_two_adapters_with_scales_and_merge(trained_runs, tiny_model_dir, tmp_path):
-    from pipelines.sample import main as sample_main
+    from pipelines.diffusion.sample import main as sample_main
 
     common = ["--pretrained_model_name_or_path", str(tiny_model_dir), "--adapter", f"{trained_runs['lora']}:0.5",
               "--adapter", f"{trained_runs['singlora']}:1.0", "--prompt", PROMPT, "--prompt", "a dog on the beach",

@@ -10,9 +10,10 @@ import pytest
 from PIL import Image
 from train_helpers import INSTANCE_DIR, PROMPT, run_train
 
+from dreamlora.errors import ArgError
 from dreamlora.train import cli
-from dreamlora.train_args import ArgError, parse_args
-from pipelines import data
+from dreamlora.train_args import parse_args
+from pipelines.diffusion import data
 from pipelines.training import ensure_class_images
 
 
@@ -132,7 +133,7 @@ def test_nan_loss_stops_keeps_the_last_good_checkpoint_and_says_so(tiny_model_di
 
 
 def test_sample_cli_bad_input_names_the_flag(tmp_path, capsys):
-    from pipelines.sample import main as sample_main
+    from pipelines.diffusion.sample import main as sample_main
 
     args = ["--pretrained_model_name_or_path", str(tmp_path), "--output_dir", str(tmp_path / "out")]
     assert sample_main([*args, "--prompt", "x", "--adapter", str(tmp_path / "nope:0.5")]) == 2
@@ -149,7 +150,7 @@ def test_sample_cli_bad_input_names_the_flag(tmp_path, capsys):
 def test_adapter_spec_parses_scales_and_colons():
     from pathlib import Path
 
-    from pipelines.sample import AdapterSpec
+    from pipelines.diffusion.sample import AdapterSpec
 
     assert AdapterSpec.parse("runs/dog:0.5") == AdapterSpec(Path("runs/dog"), 0.5)
     assert AdapterSpec.parse("runs/dog") == AdapterSpec(Path("runs/dog"), 1.0)

@@ -16,9 +16,9 @@ from train_helpers import INSTANCE_DIR, PROMPT, train_cmd
 
 import dreamlora
 from dreamlora import train
-from pipelines import data as dbdata
 from pipelines import training
-from pipelines.models import load_components
+from pipelines.diffusion import data as dbdata
+from pipelines.diffusion.models import load_components
 
 COMMON = ("--max_train_steps", 2, "--learning_rate", 1e-3, "--checkpointing_steps", 100)
 
@@ -171,7 +171,7 @@ def test_8bit_adam_trains_with_bitsandbytes_state(baseline, tiny_model_dir, tmp_
 # --- loss flags on a v-prediction model -----------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def vpred_model_dir(tmp_path_factory):
-    from dreamlora import tiny
+    from pipelines.diffusion import tiny_model as tiny
 
     return tiny.write(tmp_path_factory.mktemp("tiny-v") / "model", prediction_type="v_prediction")
 

@@ -15,10 +15,10 @@ from torch import nn
 
 import dreamlora
 from dreamlora import AdapterConfig, attach
-from dreamlora.train_args import ArgError
-from pipelines import data as dbdata
+from dreamlora.errors import ArgError, DataError
 from pipelines import training
-from pipelines.loss import denoising_loss, snr_weights
+from pipelines.diffusion.loss import denoising_loss, snr_weights
+from pipelines.trainer import order
 
 
 # --- seeds ---------------------------------------------------------------------------------------------
@@ -32,16 +32,16 @@ def blake2b_seed(*values: int) -> int:
 def test_resume_seeds_are_a_version_stable_hash():
     # the value the formula above gives, written down once: Python's hash() may change between versions
     assert blake2b_seed(1, 2, 3, 4) == 5971943691875951595
-    assert training.batch_seed(1, 2, 3, 4) == dbdata.stable_seed(1, 2, 3, 4) == 5971943691875951595
-    assert dbdata.stable_seed(0, 0, 0, 1) != dbdata.stable_seed(0, 0, 1, 0)  # positions are not interchangeable
-    assert dbdata.stable_seed(-1, 7) == blake2b_seed(-1, 7)
+    assert training.batch_seed(1, 2, 3, 4) == order.stable_seed(1, 2, 3, 4) == 5971943691875951595
+    assert order.stable_seed(0, 0, 0, 1) != order.stable_seed(0, 0, 1, 0)  # positions are not interchangeable
+    assert order.stable_seed(-1, 7) == blake2b_seed(-1, 7)
 
 
 # --- the loss per prediction type ------------------------------------------------------------------------
 def scheduler(prediction_type: str = "epsilon"):
     from diffusers import DDPMScheduler
 
-    from dreamlora.tiny import SD_SCHEDULE
+    from pipelines.diffusion.tiny_model import SD_SCHEDULE
 
     return DDPMScheduler.from_config({**SD_SCHEDULE, "prediction_type": prediction_type})
 
@@ -123,7 +123,7 @@ def generators(*seeds: int) -> list[torch.Generator]:
 def test_noise_offset_shifts_each_channel_by_one_constant():
     """--noise_offset adds offset·N(0,1) per (sample, channel), constant over the image: the noise's mean
     brightness varies, which is what lets the model learn very dark or bright images."""
-    from pipelines.loss import draw_noise
+    from pipelines.diffusion.loss import draw_noise
 
     shape = (2, 4, 8, 8)
     plain = draw_noise(shape, generators(1, 2), 0.0)
@@ -137,7 +137,7 @@ def test_noise_offset_shifts_each_channel_by_one_constant():
 def test_a_sample_draws_the_same_noise_whatever_batch_it_is_in():
     """Noise and timesteps come from each sample's own generator, so one process with batch 2 and two
     processes with batch 1 train on identical draws."""
-    from pipelines.loss import draw_noise, draw_timesteps
+    from pipelines.diffusion.loss import draw_noise, draw_timesteps
 
     together = draw_noise((2, 4, 8, 8), generators(7, 9), 0.1)
     alone = torch.cat([draw_noise((1, 4, 8, 8), generators(s), 0.1) for s in (7, 9)])
@@ -305,7 +305,7 @@ def raising(error: Exception):
 
 def test_exit_codes_follow_exception_types_not_message_text(capsys):
     assert training.run_cli(raising(ArgError("--rank must be > 0")), []) == 2
-    assert training.run_cli(raising(dbdata.DataError("--train_file x: no such file")), []) == 2
+    assert training.run_cli(raising(DataError("--train_file x: no such file")), []) == 2
     assert training.run_cli(raising(training.TrainingDiverged("loss became nan")), []) == 1
     assert capsys.readouterr().err.splitlines() == ["error: --rank must be > 0", "error: --train_file x: no such file",
                                                     "error: loss became nan"]

@@ -17,8 +17,8 @@ from text_helpers import SST2_DEV, SST2_TRAIN, build_tiny_text_model, sst2_lines
 import dreamlora
 from dreamlora.train_text import cli
 from eval.classification import classification_metrics
-from pipelines import text_models
-from pipelines.text_data import Columns, PadCollator, read_examples, tokenize
+from pipelines.text import models as text_models
+from pipelines.text.data import Columns, PadCollator, read_examples, tokenize
 
 KINDS = ("bert", "roberta", "gpt2")
 

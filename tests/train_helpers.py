@@ -34,7 +34,7 @@ def instance_latents(pipe, resolution: int = 64) -> torch.Tensor:
     """VAE means of the instance photos, center-cropped as training sees them."""
     import random
 
-    from pipelines.data import augment, read_examples
+    from pipelines.diffusion.data import augment, read_examples
 
     examples = read_examples(INSTANCE_DIR, "--instance_data_dir", PROMPT, resolution, is_class=False)
     pixels = torch.stack([augment(e.image, resolution, True, False, random.Random(0))[0] for e in examples])
@@ -43,7 +43,7 @@ def instance_latents(pipe, resolution: int = 64) -> torch.Tensor:
 
 
 def prompt_states(pipe, prompt: str, n: int) -> torch.Tensor:
-    from pipelines.models import encode_prompts
+    from pipelines.diffusion.models import encode_prompts
 
     with torch.no_grad():
         return encode_prompts(pipe.tokenizer, pipe.text_encoder, [prompt] * n)

@@ -49,7 +49,7 @@ import torch
 from torch import nn
 
 from dreamlora.config import AdapterConfig
-from dreamlora.layer_kinds import LinearKind
+from dreamlora.layer_kinds import LayerKind
 from dreamlora.options import MethodOptions
 
 PLUGIN_GROUP = "dreamlora.methods"
@@ -145,7 +145,7 @@ class AdapterLayer(nn.Module):
     # the kohya file's `ss_network_module`: what kohya/A1111 build to read this method's keys.
     kohya_network_module: ClassVar[str] = "networks.lora"
 
-    def __init__(self, kind: LinearKind, config: AdapterConfig):
+    def __init__(self, kind: LayerKind, config: AdapterConfig):
         super().__init__()
         self.kind = kind  # a plain object holding the base layer: not a submodule, so no duplicate weights
         self.config = config
@@ -284,7 +284,7 @@ class AdapterLayer(nn.Module):
         return f"rank={self.rank}, scaling={self.scaling:g}, multiplier={self.multiplier:g}, enabled={self.enabled}"
 
 
-def per_row(vector: torch.Tensor, kind: LinearKind) -> torch.Tensor:
+def per_row(vector: torch.Tensor, kind: LayerKind) -> torch.Tensor:
     """A per-output-row vector shaped (d_out, 1[, 1, 1]), always 2-D or more: ComfyUI broadcasts a 1-D
     `dora_scale` (N,) into an N×N outer product."""
     return vector.reshape(-1, *[1] * (kind.base.weight.dim() - 1)).contiguous()

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from dreamlora.config import AdapterConfig
-from dreamlora.layer_kinds import LinearKind
+from dreamlora.layer_kinds import LayerKind
 from dreamlora.methods.base import register
 from dreamlora.methods.lora import LoRA
 
@@ -29,7 +29,7 @@ class DoRA(LoRA):
     roles = {**LoRA.roles, "lora_magnitude_vector": "magnitude"}
     reads_base_weight = True
 
-    def __init__(self, kind: LinearKind, config: AdapterConfig):
+    def __init__(self, kind: LayerKind, config: AdapterConfig):
         super().__init__(kind, config)
         # ‖W0‖² per row, cached because W0 is frozen. A non-persistent buffer, so device moves carry it (and it
         # stays out of files); the base class keeps it fp32 through dtype casts, which keeps m/‖W0‖ = 1 exactly.

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from dreamlora.config import AdapterConfig
-from dreamlora.layer_kinds import LinearKind
+from dreamlora.layer_kinds import LayerKind
 from dreamlora.methods.base import AdapterLayer, register
 
 
@@ -42,7 +42,7 @@ class LoHa(AdapterLayer):
     inits = ("lycoris",)
     kohya_network_module = "lycoris.kohya"
 
-    def __init__(self, kind: LinearKind, config: AdapterConfig):
+    def __init__(self, kind: LayerKind, config: AdapterConfig):
         if config.dropout > 0:
             raise ValueError(f"--lora_dropout must be 0 for loha (got {config.dropout:g}): LyCORIS's LoHa has no "
                              "plain dropout, so there is no reference for it")

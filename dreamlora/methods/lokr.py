@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dreamlora.config import AdapterConfig
-from dreamlora.layer_kinds import Conv2dKind, LinearKind
+from dreamlora.layer_kinds import Conv2dKind, LayerKind
 from dreamlora.methods.base import AdapterLayer, kaiming_, register
 from dreamlora.options import MethodOptions
 
@@ -80,7 +80,7 @@ class LoKr(AdapterLayer):
     inits = ("kaiming",)  # LyCORIS's: Kaiming-uniform(a=√5) of W1 and w2_a, zero w2_b or full W2 (as LoRA's A, B)
     kohya_network_module = "lycoris.kohya"
 
-    def __init__(self, kind: LinearKind, config: AdapterConfig):
+    def __init__(self, kind: LayerKind, config: AdapterConfig):
         if config.dropout > 0:
             raise ValueError(f"lokr has no plain dropout (LyCORIS's LoKr has none): --lora_dropout must be 0, "
                              f"got {config.dropout}")

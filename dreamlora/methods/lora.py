@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from dreamlora.config import AdapterConfig
-from dreamlora.layer_kinds import LinearKind
+from dreamlora.layer_kinds import LayerKind
 from dreamlora.methods.base import AdapterLayer, init_down_, register
 
 
@@ -22,7 +22,7 @@ class LoRA(AdapterLayer):
     file_keys = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"}
     roles = {"lora_A": "down", "lora_B": "up"}
 
-    def __init__(self, kind: LinearKind, config: AdapterConfig):
+    def __init__(self, kind: LayerKind, config: AdapterConfig):
         super().__init__(kind, config)
         device = kind.base.weight.device
         r = config.rank

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from dreamlora.config import AdapterConfig
-from dreamlora.layer_kinds import LinearKind
+from dreamlora.layer_kinds import LayerKind
 from dreamlora.methods.base import AdapterLayer, kaiming_, register
 from dreamlora.options import MethodOptions
 
@@ -60,7 +60,7 @@ class SingLoRA(AdapterLayer):
     roles = {"singlora_A": "shared"}
     inits = ("scaled", "kaiming")
 
-    def __init__(self, kind: LinearKind, config: AdapterConfig):
+    def __init__(self, kind: LayerKind, config: AdapterConfig):
         super().__init__(kind, config)
         n = max(kind.d_in, kind.d_out)
         a = torch.empty(n, config.rank, device=kind.base.weight.device)  # (n, r)
@@ -68,7 +68,7 @@ class SingLoRA(AdapterLayer):
         self.ramp_steps = config.options.ramp_steps
 
     @staticmethod
-    def _init(a: torch.Tensor, kind: LinearKind, config: AdapterConfig) -> torch.Tensor:
+    def _init(a: torch.Tensor, kind: LayerKind, config: AdapterConfig) -> torch.Tensor:
         if config.init == "kaiming":
             return kaiming_(a)  # fan_in = r: the third-party reference init (see the module docstring)
         bound = (kind.d_in * kind.d_out) ** -0.25  # Kaiming-uniform(a=√5) with fan √(d_in·d_out)

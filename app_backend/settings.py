@@ -9,9 +9,9 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from app_backend.safety import AppInputError, check_run_name, number
 from dreamlora.methods import METHODS
 from dreamlora.options import option_specs, parse_option
-from pipelines.app_safety import AppInputError, check_run_name, number
 
 SUBJECT = "subject"  # the photos' folder under data/: also the reference folder name for scoring
 TOKEN = re.compile(r"[A-Za-z0-9]{1,24}")
@@ -109,7 +109,7 @@ def resolve_base_model(runs_dir: Path, value: str | None) -> str:
     folder = Path(runs_dir) / "_models" / "tiny-sd"
     with _TINY_LOCK:
         if not (folder / "model_index.json").is_file():
-            from dreamlora import tiny
+            from pipelines.diffusion import tiny_model as tiny
 
             shutil.rmtree(folder, ignore_errors=True)
             tiny.write(folder)

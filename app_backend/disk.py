@@ -13,7 +13,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipelines.app_safety import AppInputError
+from app_backend.safety import AppInputError
 
 GB = 10**9
 MIN_FREE_BYTES = 2 * GB  # below this much free space the app writes nothing new

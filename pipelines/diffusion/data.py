@@ -9,10 +9,8 @@ the pixels an uninterrupted one would.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,32 +19,13 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from dreamlora.errors import DataError
 from eval.image_files import IMAGE_SUFFIXES  # one list for the trainer, the scorer and the app
+from pipelines.trainer.order import stable_seed
 
 log = logging.getLogger(__name__)
 
 CAPTION_KEYS = ("text", "caption", "prompt")
-
-
-def save_png_atomic(image: Image.Image, path: Path) -> Path:
-    """PNG under a temporary name, then renamed: an interrupted run leaves no broken image behind."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
-    return path
-
-
-def stable_seed(*values: int) -> int:
-    """A seed from integers that every Python version and platform computes alike (Python's hash() of a
-    tuple is an implementation detail): BLAKE2b, 8-byte digest, of the values as 8-byte little-endian signed
-    integers, read little-endian with the top bit cleared. Exact resume depends on it."""
-    data = b"".join(int(v).to_bytes(8, "little", signed=True) for v in values)
-    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") & (2**63 - 1)
-
-
-class DataError(ValueError):
-    """Bad training data; the message names the flag or file."""
 
 
 def load_rgb(path: Path) -> Image.Image:
@@ -197,20 +176,3 @@ def collate(items: list[dict]) -> dict:
     return {"pixel_values": torch.stack([r["pixel_values"] for r in rows]),
             "prompts": [r["prompt"] for r in rows], "keys": [r["key"] for r in rows],
             "rows": [r["row"] for r in rows], "is_class": torch.tensor([r["is_class"] for r in rows])}
-
-
-class EpochShuffle(torch.utils.data.Sampler[int]):
-    """A permutation per epoch from (seed, epoch) alone, so the order after a resume is the original order."""
-
-    def __init__(self, length: int, seed: int):
-        self.length, self.seed, self.epoch = length, seed, 0
-
-    def select_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self):
-        gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return iter(torch.randperm(self.length, generator=gen).tolist())
-
-    def __len__(self) -> int:
-        return self.length

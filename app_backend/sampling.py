@@ -1,4 +1,4 @@
-"""The Sample tab's work: a base model plus trained adapters with scales, through `pipelines.sample`.
+"""The Sample tab's work: a base model plus trained adapters with scales, through `pipelines.diffusion.sample`.
 
 The base pipeline stays loaded between requests (the app serialises GPU work, and a lock guards the shared
 pipeline besides); each request attaches its adapters, generates, and detaches them again. Images go to
@@ -15,10 +15,10 @@ import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
-from dreamlora.io import atomic_write_text
-from pipelines.app_jobs import JobManager, read_json
-from pipelines.app_safety import AppInputError, number
-from pipelines.app_settings import SUBJECT, resolve_base_model
+from app_backend.jobs import JobManager, read_json
+from app_backend.safety import AppInputError, number
+from app_backend.settings import SUBJECT, resolve_base_model
+from dreamlora.atomic import atomic_write_text
 
 SAMPLES = "_samples"
 LIMITS = {"num_images": (1, 8), "steps": (1, 150), "size": (64, 1024)}
@@ -31,7 +31,7 @@ class Sampler:
         self._lock = threading.Lock()
 
     def _pipeline(self, model: str):
-        from pipelines.sample import load_pipeline
+        from pipelines.diffusion.sample import load_pipeline
 
         if self._model != model:
             self._pipe, self._model = None, None
@@ -50,7 +50,7 @@ class Sampler:
 
     def specs(self, adapters: list[tuple[str | None, float]]) -> list:
         """(run name, scale) pairs -> AdapterSpecs of runs that have an adapter; empty slots are skipped."""
-        from pipelines.sample import AdapterSpec
+        from pipelines.diffusion.sample import AdapterSpec
 
         specs = []
         for name, scale in adapters:
@@ -67,7 +67,7 @@ class Sampler:
                negative_prompt: str = "", seed: int = 0, num_images: int = 1, steps: int = 30,
                guidance: float = 7.5, size: int = 512) -> tuple[Path, list[Path]]:
         """Generate; returns the output folder and its PNGs."""
-        from pipelines.sample import generate
+        from pipelines.diffusion.sample import generate
 
         prompt = (prompt or "").strip()
         if not prompt:
@@ -105,7 +105,7 @@ class Sampler:
 def adapters_attached(pipe, specs: list, model: str):
     """The pipeline with `specs` attached (each under its own name and scale), detached again after."""
     import dreamlora
-    from pipelines.sample import apply_adapters
+    from pipelines.diffusion.sample import apply_adapters
 
     def detach_all():
         for component in (pipe.unet, pipe.text_encoder):

@@ -31,11 +31,11 @@ from pathlib import Path
 
 from PIL import Image
 
-from dreamlora.io import atomic_write_text
+from app_backend.disk import DiskQuota
+from app_backend.safety import AppInputError, check_images, check_run_name, inside
+from app_backend.settings import SUBJECT, TrainSettings, resolve_base_model
+from dreamlora.atomic import atomic_write_text
 from eval.image_files import FORMAT_SUFFIX
-from pipelines.app_disk import DiskQuota
-from pipelines.app_safety import AppInputError, check_images, check_run_name, inside
-from pipelines.app_settings import SUBJECT, TrainSettings, resolve_base_model
 from pipelines.training import list_checkpoints
 
 ROOT = Path(__file__).resolve().parent.parent

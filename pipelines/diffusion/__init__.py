@@ -1,0 +1,1 @@
+"""The diffusers side: SD loading, DreamBooth data and loss, sampling, export for other tools, DreamBench."""

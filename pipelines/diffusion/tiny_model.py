@@ -1,0 +1,157 @@
+"""A tiny Stable Diffusion 1.x pipeline, built offline and seeded (`python -m dreamlora.tiny OUT_DIR`).
+
+The architecture is SD 1.x's (UNet2DConditionModel with cross-attention, AutoencoderKL with an 8× latent,
+CLIP text encoder, the real CLIP BPE tokenizer, SD's noise schedule) at a size that trains on a laptop CPU.
+Weights are random: it exercises every code path of training, sampling and loading, not image quality.
+`StableDiffusionPipeline.from_pretrained(OUT_DIR)` loads it like any diffusers folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from pipelines.diffusion.sd_configs import SD15_UNET_CONFIG
+
+SOT, EOT = "<|startoftext|>", "<|endoftext|>"
+# SD 1.x's scheduler config (stable-diffusion-v1-5/stable-diffusion-v1-5 scheduler/scheduler_config.json).
+SD_SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
+               "beta_schedule": "scaled_linear", "clip_sample": False, "set_alpha_to_one": False,
+               "steps_offset": 1, "prediction_type": "epsilon"}
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """CLIP's reversible byte -> printable unicode map (the alphabet the BPE merges are written in)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
+        range(ord("®"), ord("ÿ") + 1))
+    chars = printable[:]
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, map(chr, chars), strict=True))
+
+
+def clip_bpe_files() -> tuple[dict[str, int], list[str]]:
+    """vocab (token -> id) and merges in Hugging Face's CLIPTokenizer layout, from open_clip's BPE file.
+
+    Same construction as CLIP's SimpleTokenizer: 256 byte tokens, the same with `</w>`, the first
+    48,894 merges, then <|startoftext|> (49406) and <|endoftext|> (49407): 49,408 tokens."""
+    import open_clip
+
+    bpe_path = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
+    merges = gzip.open(bpe_path).read().decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
+    alphabet = list(bytes_to_unicode().values())
+    tokens = alphabet + [c + "</w>" for c in alphabet] + ["".join(m.split()) for m in merges] + [SOT, EOT]
+    return {t: i for i, t in enumerate(tokens)}, merges
+
+
+def build_tokenizer(folder: Path):
+    from transformers import CLIPTokenizer
+
+    vocab, merges = clip_bpe_files()
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77,
+                              bos_token=SOT, eos_token=EOT, unk_token=EOT, pad_token=EOT)
+    return tokenizer
+
+
+TINY = (
+    {"sample_size": 8, "in_channels": 4, "out_channels": 4, "layers_per_block": 1, "block_out_channels": (32, 64),
+     "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"), "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
+     "cross_attention_dim": 32, "attention_head_dim": 8, "norm_num_groups": 8},
+    # four VAE blocks: the 8× latent of SD (64 px images -> 8×8 latents)
+    {"in_channels": 3, "out_channels": 3, "latent_channels": 4, "block_out_channels": (8, 16, 32, 32),
+     "layers_per_block": 1, "down_block_types": ("DownEncoderBlock2D",) * 4,
+     "up_block_types": ("UpDecoderBlock2D",) * 4, "norm_num_groups": 8, "sample_size": 64},
+    {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+     "projection_dim": 32},
+)
+SD15 = (
+    SD15_UNET_CONFIG,
+    {"in_channels": 3, "out_channels": 3, "latent_channels": 4, "block_out_channels": (128, 256, 512, 512),
+     "layers_per_block": 2, "down_block_types": ("DownEncoderBlock2D",) * 4,
+     "up_block_types": ("UpDecoderBlock2D",) * 4, "norm_num_groups": 32, "sample_size": 512},
+    {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
+     "projection_dim": 768, "hidden_act": "quick_gelu"},
+)
+PRESETS = {"tiny": TINY, "sd15": SD15}
+
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+def build_pipeline(seed: int = 0, preset: str = "tiny", prediction_type: str = "epsilon"):
+    """The pipeline in memory (random weights from `seed`): `tiny`, or `sd15` for the full SD 1.5
+    architecture (860M-parameter UNet, SD VAE, CLIP ViT-L/14 text encoder) for benchmarks.
+    `prediction_type` v_prediction gives an SD 2.x-style v-prediction variant (same weights, its scheduler)."""
+    from diffusers import AutoencoderKL, DDPMScheduler, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    unet_cfg, vae_cfg, text_cfg = PRESETS[preset]
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**unet_cfg)
+    vae = AutoencoderKL(**vae_cfg)
+    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, bos_token_id=49406,
+                                                eos_token_id=49407, pad_token_id=49407, **text_cfg))
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = build_tokenizer(Path(tmp))
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type must be one of {', '.join(PREDICTION_TYPES)}, got {prediction_type!r}")
+    scheduler = PNDMScheduler.from_config({**SD_SCHEDULE, "skip_prk_steps": True,  # ignores DDIM-only keys
+                                           "prediction_type": prediction_type})
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    assert DDPMScheduler.from_config(pipe.scheduler.config).config.beta_schedule == "scaled_linear"
+    return pipe
+
+
+def write(out_dir: str | os.PathLike, seed: int = 0, preset: str = "tiny", prediction_type: str = "epsilon") -> Path:
+    """Write the tiny pipeline to `out_dir` atomically (a sibling temp folder, then a rename)."""
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"OUT_DIR {str(out)!r} exists and is not empty")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        build_pipeline(seed, preset, prediction_type).save_pretrained(tmp, safe_serialization=True)
+        if out.exists():
+            out.rmdir()
+        os.chmod(tmp, 0o755)  # mkdtemp makes 0700; the model folder is an ordinary folder
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out_dir", help="folder to create (must not exist or be empty)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny",
+                        help="tiny (default) or sd15: the full SD 1.5 architecture, random, for benchmarks")
+    parser.add_argument("--prediction_type", choices=PREDICTION_TYPES, default="epsilon",
+                        help="the scheduler's target: epsilon (SD 1.x), v_prediction (SD 2.x 768-v style) or sample")
+    args = parser.parse_args(argv)
+    try:
+        path = write(args.out_dir, args.seed, args.preset, args.prediction_type)
+    except FileExistsError as e:
+        parser.exit(2, f"error: {e}\n")
+    print(f"{args.preset} Stable Diffusion pipeline (random weights) written to {path}")
+
+
+if __name__ == "__main__":
+    main()
