@@ -329,73 +329,96 @@ def build(runs_dir: Path, base_model: str = "tiny", allow_server_folders: bool =
 
 
 def train_tab(app: App, base) -> None:
+    """The Train tab: the setup form, the running run's panel, the runs table; its components are kept in
+    `app.train_components` (the page's load handler fills them)."""
     c = app.train_components = {}
     with gr.Row():
         with gr.Column(scale=5):
-            gr.Markdown("### Setup")
-            c["name"] = gr.Textbox("run-1", label="Run name", info="letters, digits, . _ - (a folder in the runs dir)")
-            c["files"] = gr.File(file_count="multiple", file_types=["image"], type="filepath",
-                                 label=f"Photos of your subject (3-20 is typical; at most {MAX_IMAGES}, "
-                                       f"{MAX_IMAGE_BYTES // 2**20} MB each)")
-            c["folder"] = gr.Textbox(label="…or a folder of photos on this machine",
-                                     placeholder="/path/to/photos", visible=app.allow_server_folders)
-            with gr.Row():
-                c["token"] = gr.Textbox("sks", label="Identifier", info="a rare word that will mean your subject")
-                c["class_noun"] = gr.Textbox("dog", label="Class", info="what it is: dog, backpack, clock…")
-            c["instance_prompt"] = gr.Textbox(label="Instance prompt", placeholder="a photo of sks dog (default)")
-            c["method"] = gr.Radio(method_choices(), value="lora", label="Method")
-            with gr.Row():
-                c["rank"] = gr.Number(4, label="Rank", precision=0, minimum=1, maximum=256)
-                c["steps"] = gr.Number(400, label="Steps", precision=0, minimum=1)
-                c["lr"] = gr.Number(1e-4, label="Learning rate")
-            with gr.Row():
-                c["prior"] = gr.Checkbox(False, label="Prior preservation", info="also learn from class images")
-                c["text_encoder"] = gr.Checkbox(False, label="Train the text encoder too")
-            with gr.Accordion("More settings", open=False):
-                with gr.Row():
-                    c["class_prompt"] = gr.Textbox(label="Class prompt", placeholder="a photo of dog (default)")
-                    c["num_class_images"] = gr.Number(50, label="Class images", precision=0, minimum=1)
-                with gr.Row():
-                    c["resolution"] = gr.Number(native_resolution(base.value), label="Resolution", precision=0)
-                    c["seed"] = gr.Number(0, label="Seed", precision=0)
-                c["validation_prompt"] = gr.Textbox("a photo of sks dog on the beach", label="Preview prompt",
-                                                    info="drawn every 'preview every' steps; empty: no previews")
-                with gr.Row():
-                    c["validation_steps"] = gr.Number(100, label="Preview every (steps)", precision=0, minimum=1)
-                    c["checkpointing_steps"] = gr.Number(100, label="Checkpoint every (steps)", precision=0, minimum=1)
-                c["options"] = option_fields(c["method"])
-            start = gr.Button("Start training", variant="primary")
-            c["message"] = gr.Markdown()
+            train_setup(app, base, c)
         with gr.Column(scale=6):
-            gr.Markdown("### Running")
-            with gr.Row():
-                c["run"] = gr.Dropdown([], label="Run", allow_custom_value=True, scale=3)
-                stop = gr.Button("Stop (save a checkpoint)", variant="stop", scale=1)
-                resume = gr.Button("Resume", scale=1)
-                download = gr.Button("Download adapter", scale=1)
-            c["headline"] = gr.Markdown(elem_id="run-status")
-            c["loss"] = gr.LinePlot(loss_frame([]), x="step", y="loss", title="Training loss", height=240)
-            c["validation"] = gr.Gallery(label="Preview images (validation prompt)", columns=4, height=220)
-            c["adapter_files"] = gr.File(label="Adapter files (load with --adapter, or dreamlora.load)",
-                                         file_count="multiple", visible=True, height=90)
-            c["log"] = gr.Textbox(label="Trainer log (last lines; all of it in RUNS/<run>/train.log)", lines=8,
-                                  max_lines=8, autoscroll=True)
+            train_panel(c)
     gr.Markdown("### Runs")
     c["runs"] = gr.Dataframe(table_frame([], RUN_COLUMNS), interactive=False, wrap=True)
+    wire_train(app, base, c)
+
+
+def train_setup(app: App, base, c: dict) -> None:
+    """The training form: photos, subject, method and the main settings; the rest under "More settings"."""
+    gr.Markdown("### Setup")
+    c["name"] = gr.Textbox("run-1", label="Run name", info="letters, digits, . _ - (a folder in the runs dir)")
+    c["files"] = gr.File(file_count="multiple", file_types=["image"], type="filepath",
+                         label=f"Photos of your subject (3-20 is typical; at most {MAX_IMAGES}, "
+                               f"{MAX_IMAGE_BYTES // 2**20} MB each)")
+    c["folder"] = gr.Textbox(label="…or a folder of photos on this machine",
+                             placeholder="/path/to/photos", visible=app.allow_server_folders)
+    with gr.Row():
+        c["token"] = gr.Textbox("sks", label="Identifier", info="a rare word that will mean your subject")
+        c["class_noun"] = gr.Textbox("dog", label="Class", info="what it is: dog, backpack, clock…")
+    c["instance_prompt"] = gr.Textbox(label="Instance prompt", placeholder="a photo of sks dog (default)")
+    c["method"] = gr.Radio(method_choices(), value="lora", label="Method")
+    with gr.Row():
+        c["rank"] = gr.Number(4, label="Rank", precision=0, minimum=1, maximum=256)
+        c["steps"] = gr.Number(400, label="Steps", precision=0, minimum=1)
+        c["lr"] = gr.Number(1e-4, label="Learning rate")
+    with gr.Row():
+        c["prior"] = gr.Checkbox(False, label="Prior preservation", info="also learn from class images")
+        c["text_encoder"] = gr.Checkbox(False, label="Train the text encoder too")
+    with gr.Accordion("More settings", open=False):
+        more_train_settings(base, c)
+    c["start"] = gr.Button("Start training", variant="primary")
+    c["message"] = gr.Markdown()
+
+
+def more_train_settings(base, c: dict) -> None:
+    with gr.Row():
+        c["class_prompt"] = gr.Textbox(label="Class prompt", placeholder="a photo of dog (default)")
+        c["num_class_images"] = gr.Number(50, label="Class images", precision=0, minimum=1)
+    with gr.Row():
+        c["resolution"] = gr.Number(native_resolution(base.value), label="Resolution", precision=0)
+        c["seed"] = gr.Number(0, label="Seed", precision=0)
+    c["validation_prompt"] = gr.Textbox("a photo of sks dog on the beach", label="Preview prompt",
+                                        info="drawn every 'preview every' steps; empty: no previews")
+    with gr.Row():
+        c["validation_steps"] = gr.Number(100, label="Preview every (steps)", precision=0, minimum=1)
+        c["checkpointing_steps"] = gr.Number(100, label="Checkpoint every (steps)", precision=0, minimum=1)
+    c["options"] = option_fields(c["method"])
+
+
+def train_panel(c: dict) -> None:
+    """The picked run: its controls, status line, loss curve, preview images, files and log."""
+    gr.Markdown("### Running")
+    with gr.Row():
+        c["run"] = gr.Dropdown([], label="Run", allow_custom_value=True, scale=3)
+        c["stop"] = gr.Button("Stop (save a checkpoint)", variant="stop", scale=1)
+        c["resume"] = gr.Button("Resume", scale=1)
+        c["download"] = gr.Button("Download adapter", scale=1)
+    c["headline"] = gr.Markdown(elem_id="run-status")
+    c["loss"] = gr.LinePlot(loss_frame([]), x="step", y="loss", title="Training loss", height=240)
+    c["validation"] = gr.Gallery(label="Preview images (validation prompt)", columns=4, height=220)
+    c["adapter_files"] = gr.File(label="Adapter files (load with --adapter, or dreamlora.load)",
+                                 file_count="multiple", visible=True, height=90)
+    c["log"] = gr.Textbox(label="Trainer log (last lines; all of it in RUNS/<run>/train.log)", lines=8,
+                          max_lines=8, autoscroll=True)
+
+
+def wire_train(app: App, base, c: dict) -> None:
+    """The Train tab's events: the API endpoints (train, stop, resume, download, progress, runs), the prompt
+    previews and the one-second poll of the picked run."""
     seen = gr.State(None)
-    inputs = [c[k] for k in ("name",)] + [base] + [c[k] for k in (
+    inputs = [c["name"], base] + [c[k] for k in (
         "files", "folder", "token", "class_noun", "instance_prompt", "method", "rank", "steps", "lr", "prior",
         "class_prompt", "num_class_images", "text_encoder", "resolution", "validation_prompt", "validation_steps",
         "checkpointing_steps", "seed")] + c["options"]
     for field in (c["token"], c["class_noun"]):
         field.input(preview_prompts, [c["token"], c["class_noun"]], [c["instance_prompt"], c["validation_prompt"]],
                     api_visibility="private", queue=False, show_progress="hidden")
-    start.click(refused(app.train), inputs, [c["message"], c["run"]], api_name="train", concurrency_id=GPU,
-                concurrency_limit=1)
-    stop.click(refused(app.stop), c["run"], c["message"], api_name="stop", concurrency_limit=4)
-    resume.click(refused(app.resume), c["run"], c["message"], api_name="resume", concurrency_id=GPU,
-                 concurrency_limit=1)
-    download.click(refused(app.download), c["run"], c["adapter_files"], api_name="download", concurrency_limit=4)
+    c["start"].click(refused(app.train), inputs, [c["message"], c["run"]], api_name="train", concurrency_id=GPU,
+                     concurrency_limit=1)
+    c["stop"].click(refused(app.stop), c["run"], c["message"], api_name="stop", concurrency_limit=4)
+    c["resume"].click(refused(app.resume), c["run"], c["message"], api_name="resume", concurrency_id=GPU,
+                      concurrency_limit=1)
+    c["download"].click(refused(app.download), c["run"], c["adapter_files"], api_name="download",
+                        concurrency_limit=4)
     panel = [c["headline"], c["loss"], c["validation"], c["log"]]
     c["run"].input(refused(app.progress), c["run"], panel, api_name="progress", concurrency_limit=None)
     gr.Button("Refresh runs", size="sm").click(app.runs, None, c["runs"], api_name="runs", concurrency_limit=None)

@@ -1,10 +1,11 @@
 """A method's own options: a small dataclass in the method's file, a docstring under each field (litgpt's
 `args.py` style), checked in its `__post_init__`, stored in the adapter file's metadata (`AdapterConfig.options`).
 
-The code here is the one place that turns those dataclasses into command-line flags and app fields, so a new
-method never edits a trainer or the app. A flag is named `--<method>_<field>` after the method that declares
-the options (`LoRAPlusOptions.ratio` → `--loraplus_ratio`); a subclass method that inherits its parent's options
-shares its parent's flags. Standard library only: the core stays torch-only.
+The code here is the one place that turns dataclasses into command-line flags (`flag_specs`, `add_flag`): a
+method's options, and the trainers' own flag groups (`dreamlora/train_args.py`), so a new method never edits a
+trainer or the app. A method's flag is named `--<method>_<field>` after the method that declares the options
+(`LoRAPlusOptions.ratio` → `--loraplus_ratio`); a subclass method that inherits its parent's options shares its
+parent's flags. A trainer's flag is named as its field. Standard library only: the core stays torch-only.
 """
 
 from __future__ import annotations
@@ -32,21 +33,64 @@ class MethodOptions:
 
 
 @dataclass(frozen=True)
-class OptionSpec:
-    """One option as a flag and an app field sees it."""
+class FlagSpec:
+    """One dataclass field as a command-line flag."""
 
     field: str  # the dataclass field: "ratio"
-    flag: str  # the flag without "--", also the key in run.json's args: "loraplus_ratio"
-    type: type  # int, float, bool or str (an `X | None` annotation gives X)
-    default: Any  # the dataclass default (the Python API's); a trainer may fill `run_defaults` instead
+    flag: str  # the flag without "--", also argparse's dest and the key in run.json's args: "loraplus_ratio"
+    type: type  # int, float, bool, str, or list (of str, given comma-separated); an `X | None` annotation gives X
+    default: Any  # the dataclass default
     help: str  # the field's docstring
-    owner: str  # the method that declares it: "loraplus"
-    run_dependent: bool  # the trainers' default comes from the run (`run_defaults`), not from `default`
+    choices: Any = None  # from a `Literal[...]` annotation, or `metadata={"choices": ...}`: values, a mapping of
+    # value to description (listed in --help), or a function giving either when the parser is built (a registry)
+
+
+@dataclass(frozen=True)
+class OptionSpec(FlagSpec):
+    """One method option as a flag and an app field sees it."""
+
+    owner: str = ""  # the method that declares it: "loraplus"
+    run_dependent: bool = False  # the trainers' default comes from the run (`run_defaults`), not from `default`
 
     @property
     def trainer_default(self) -> str:
         """The default as a trainer applies it, in words (for --help, the app and the README)."""
         return "set by the run" if self.run_dependent else str(self.default)
+
+
+def flag_specs(cls, prefix: str = "") -> list[FlagSpec]:
+    """Every field of the dataclass `cls` as a flag named `prefix + field`, with its docstring as help."""
+    hints = typing.get_type_hints(cls)
+    docs = field_docs(cls)
+    specs = []
+    for f in dataclasses.fields(cls):
+        kind, choices = _flag_type(hints[f.name])
+        specs.append(FlagSpec(f.name, prefix + f.name, kind, _default(f), docs.get(f.name, ""),
+                              f.metadata.get("choices", choices)))
+    return specs
+
+
+def add_flag(group, spec: FlagSpec, default: Any = dataclasses.MISSING, help: str | None = None) -> None:
+    """`spec` as an argparse argument of `group`, default the field's unless given. A bool whose default is False
+    is a switch (`--x`); any other bool can be set either way (`--x`/`--no-x`), as None means "not given"."""
+    default = spec.default if default is dataclasses.MISSING else default
+    kwargs: dict[str, Any] = {"default": default}
+    if spec.type is bool:
+        kwargs["action"] = "store_true" if default is False else argparse.BooleanOptionalAction
+    else:
+        kwargs["type"] = comma_list if spec.type is list else spec.type
+    help = spec.help if help is None else help
+    choices = spec.choices() if callable(spec.choices) else spec.choices
+    if choices:
+        kwargs["choices"] = list(choices)
+        if isinstance(choices, dict):  # each value with what it means
+            help = f"{help}: " + "; ".join(f"{value}: {meaning}" for value, meaning in choices.items())
+    group.add_argument(f"--{spec.flag}", help=help.replace("%", "%%") or None, **kwargs)
+
+
+def comma_list(value: str | list) -> list[str]:
+    """`a, b,c` (a flag) or a list (a config file) as a list of non-empty stripped names."""
+    return [v.strip() for v in (value.split(",") if isinstance(value, str) else value) if v.strip()]
 
 
 def options_owner(method_cls) -> str:
@@ -58,13 +102,15 @@ def options_owner(method_cls) -> str:
 
 
 def option_specs(method_cls) -> list[OptionSpec]:
-    options = method_cls.Options
-    hints = typing.get_type_hints(options)
-    docs = field_docs(options)
     owner = options_owner(method_cls)
-    run_dependent = options.run_defaults(1)
-    return [OptionSpec(f.name, f"{owner}_{f.name}", _base_type(hints[f.name]), _default(f), docs.get(f.name, ""),
-                       owner, f.name in run_dependent) for f in dataclasses.fields(options)]
+    run_dependent = method_cls.Options.run_defaults(1)
+    specs = []
+    for spec in flag_specs(method_cls.Options, prefix=f"{owner}_"):
+        if spec.type not in (int, float, bool, str) or spec.choices is not None:
+            raise TypeError(f"method options are int, float, bool or str (or X | None); got {spec.field}: "
+                            f"{spec.type.__name__}")  # what an app text field and run.json can carry
+        specs.append(OptionSpec(**vars(spec), owner=owner, run_dependent=spec.field in run_dependent))
+    return specs
 
 
 def field_docs(cls) -> dict[str, str]:
@@ -83,12 +129,19 @@ def field_docs(cls) -> dict[str, str]:
     return docs
 
 
-def _base_type(hint) -> type:
+def _flag_type(hint) -> tuple[type, tuple | None]:
+    """The flag's type and choices of an annotation: int, float, bool, str, list[str], Literal[...] of one of
+    those, each optionally `| None`."""
     if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
         hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    if typing.get_origin(hint) is typing.Literal:
+        choices = typing.get_args(hint)
+        return type(choices[0]), choices
+    if typing.get_origin(hint) is list and typing.get_args(hint) == (str,):
+        return list, None
     if hint not in (int, float, bool, str):
-        raise TypeError(f"method options are int, float, bool or str (or X | None); got {hint!r}")
-    return hint
+        raise TypeError(f"a flag is int, float, bool, str, list[str] or a Literal (or X | None); got {hint!r}")
+    return hint, None
 
 
 def _default(f: dataclasses.Field) -> Any:
@@ -110,9 +163,8 @@ def add_option_flags(group, method_classes) -> None:
     """One flag per option. Its default is None ("not given"), so a trainer can tell a value the user chose
     from the method's default or the run's (`run_defaults`)."""
     for spec in unique_specs(method_classes):
-        kwargs = {"action": argparse.BooleanOptionalAction} if spec.type is bool else {"type": spec.type}
-        group.add_argument(f"--{spec.flag}", default=None, **kwargs,
-                           help=f"{spec.owner} only: {spec.help} (default: {spec.trainer_default})".replace("%", "%%"))
+        add_flag(group, spec, default=None,
+                 help=f"{spec.owner} only: {spec.help} (default: {spec.trainer_default})")
 
 
 def given_options(method_cls, values: dict[str, Any]) -> dict[str, Any]:

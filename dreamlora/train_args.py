@@ -1,126 +1,306 @@
 """Command-line flags of `dreamlora/train.py`, named as in diffusers' train_dreambooth_lora.py wherever the
 concept is the same, plus `--config FILE` (YAML or JSON with the same keys; the command line wins).
 
-Every check that can be made before loading a model is made here, so bad input fails in a second with
-one line naming the flag.
+The flags are typed dataclasses, one per group, a docstring under each field as its --help text and checks in
+`__post_init__` (`dreamlora/flags.py` makes the parser). The groups both trainers share (adapter, checkpoints,
+logs, output) are declared here once. Every check that can be made before loading a model is made here, so bad
+input fails in a second with one line naming the flag.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
+import typing
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal
 
 from dreamlora.config import SD_ATTENTION
-from dreamlora.errors import ArgError
-from dreamlora.options import add_option_flags, given_options
+from dreamlora.flags import ArgError, make_parser, parse, require_given, require_positive
+from dreamlora.options import add_option_flags, comma_list, given_options
 
-UNET_TARGETS = ",".join(SD_ATTENTION)
-TEXT_ENCODER_TARGETS = "q_proj,k_proj,v_proj,out_proj"
-SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+__all__ = ["SCHEDULERS", "ArgError", "build_parser", "method_options", "parse_args", "resolve_init", "validate"]
+
+Scheduler = Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
+SCHEDULERS = typing.get_args(Scheduler)
+Precision = Literal["no", "fp16", "bf16"]
+
+
+def method_choices() -> dict[str, str]:
+    """The registered methods with their one-line descriptions (read when a parser is built: the registry
+    imports torch and finds plugins)."""
+    from dreamlora.methods import METHODS
+
+    return {name: cls.description for name, cls in METHODS.items()}
+
+
+def init_choices() -> list[str]:
+    from dreamlora.methods import METHODS
+
+    return sorted({name for cls in METHODS.values() for name in cls.inits})  # each method checks its own
+
+
+# --- groups both trainers share ----------------------------------------------------------------------------
+@dataclass
+class AdapterArgs:
+    title: ClassVar[str] = "adapter"
+
+    adapter: str = field(default="lora", metadata={"choices": method_choices})
+    """the adapter method"""
+    rank: int = 4
+    """rank r of the adapter factors"""
+    alpha: float | None = None
+    """scale numerator: the update is scaled by alpha/r (alpha/sqrt(r) with --use_rslora); default: --rank"""
+    lora_dropout: float = 0.0
+    """dropout on the adapter's input"""
+    use_rslora: bool = False
+    """scale by alpha/sqrt(r) (rank-stabilised LoRA) instead of alpha/r"""
+    init_lora_weights: str | None = field(default=None, metadata={"choices": init_choices})
+    """init of the adapter factors; default: gaussian for the LoRA family, as diffusers' DreamBooth script; the
+    method's own otherwise (SingLoRA: scaled)"""
+
+    def __post_init__(self):
+        require_positive(self, "rank")
+
+    @classmethod
+    def more_flags(cls, group) -> None:
+        """Each method's options (`--loraplus_ratio`, ...), from the methods' own dataclasses."""
+        from dreamlora.methods import METHODS
+
+        add_option_flags(group, METHODS.values())
+
+
+@dataclass
+class CheckpointArgs:
+    title: ClassVar[str] = "checkpoints"
+
+    checkpointing_steps: int | None = 500
+    """save a resumable checkpoint every N optimizer steps"""
+    checkpoints_total_limit: int | None = None
+    """keep only the newest N checkpoints"""
+    resume_from_checkpoint: str | None = None
+    """a checkpoint folder, or "latest\""""
+
+    def __post_init__(self):
+        require_positive(self, "checkpointing_steps", "checkpoints_total_limit")
+
+
+@dataclass
+class LogArgs:
+    title: ClassVar[str] = "logs"
+
+    report_to: Literal["tensorboard", "none"] | None = "tensorboard"
+    """where the losses and learning rates are logged"""
+    logging_dir: str = "logs"
+    """relative to --output_dir"""
+    progress_file: str = "progress.jsonl"
+    """JSON lines of step/loss/lr/eta, relative to --output_dir (what a live view, such as the app, follows)"""
+
+    def __post_init__(self):
+        if self.report_to == "none":
+            self.report_to = None
+
+
+@dataclass
+class OutputArgs:
+    title: ClassVar[str] = "output"
+
+    output_dir: str | None = None
+    """folder of the adapter files, checkpoints, logs and run.json (required)"""
+
+    def __post_init__(self):
+        require_given(self, "output_dir")
+
+
+# --- train.py's own groups ---------------------------------------------------------------------------------
+@dataclass
+class ModelArgs:
+    title: ClassVar[str] = "model"
+
+    pretrained_model_name_or_path: str | None = None
+    """diffusers SD 1.x/2.x folder or hub id (required)"""
+    revision: str | None = None
+    """hub revision (branch, tag or commit) of the model"""
+    variant: str | None = None
+    """weights variant, e.g. fp16"""
+
+    def __post_init__(self):
+        require_given(self, "pretrained_model_name_or_path")
+
+
+@dataclass
+class DataArgs:
+    title: ClassVar[str] = "data and prompts"
+
+    instance_data_dir: str | None = None
+    """folder of subject photos; captions from <image>.txt or metadata.jsonl override --instance_prompt per image
+    (required)"""
+    instance_prompt: str | None = None
+    """e.g. "a photo of sks dog" (required)"""
+    with_prior_preservation: bool = False
+    """also train on class images (DreamBooth's prior-preservation loss)"""
+    class_data_dir: str | None = None
+    """class images; missing ones are generated by the base model"""
+    class_prompt: str | None = None
+    """e.g. "a photo of dog\""""
+    num_class_images: int = 100
+    """how many class images to use (and generate if missing)"""
+    prior_loss_weight: float = 1.0
+    """weight of the class-image loss"""
+    sample_batch_size: int = 4
+    """batch size of class-image generation"""
+
+    def __post_init__(self):
+        require_given(self, "instance_data_dir", "instance_prompt")
+        require_positive(self, "sample_batch_size")
+        if self.with_prior_preservation:
+            if not self.class_data_dir or not self.class_prompt:
+                raise ArgError("--with_prior_preservation needs --class_data_dir and --class_prompt")
+        elif self.class_data_dir or self.class_prompt:
+            raise ArgError("--class_data_dir/--class_prompt given without --with_prior_preservation")
+
+
+@dataclass
+class UNetAdapterArgs(AdapterArgs):
+    target_modules: list[str] = field(default_factory=lambda: list(SD_ATTENTION))
+    """comma-separated UNet module names"""
+    train_text_encoder: bool = False
+    """also adapt the text encoder"""
+    text_encoder_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"])
+    """comma-separated text-encoder module names"""
+    text_encoder_lr: float = 5e-6
+    """learning rate of the text encoder's adapters"""
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.target_modules = comma_list(self.target_modules)
+        self.text_encoder_target_modules = comma_list(self.text_encoder_target_modules)
+
+
+@dataclass
+class ImageArgs:
+    title: ClassVar[str] = "images"
+
+    resolution: int = 512
+    """side of the square training images, a multiple of 8"""
+    center_crop: bool = False
+    """crop the centre of each image (default: a random crop)"""
+    random_flip: bool = False
+    """flip images left-right at random"""
+
+    def __post_init__(self):
+        require_positive(self, "resolution")
+        if self.resolution % 8:
+            raise ArgError(f"--resolution must be a multiple of 8 (the VAE's factor), got {self.resolution}")
+
+
+@dataclass
+class OptimisationArgs:
+    title: ClassVar[str] = "optimisation"
+
+    train_batch_size: int = 1
+    """images per batch"""
+    gradient_accumulation_steps: int = 1
+    """batches per optimizer step"""
+    max_train_steps: int | None = None
+    """optimizer steps; overrides --num_train_epochs"""
+    num_train_epochs: int = 1
+    """passes over the images (unless --max_train_steps)"""
+    learning_rate: float = 1e-4
+    """learning rate of the UNet's adapters"""
+    lr_scheduler: Scheduler = "constant"
+    """learning-rate schedule"""
+    lr_warmup_steps: int = 0
+    """steps of linear warmup"""
+    lr_num_cycles: int = 1
+    """restarts of cosine_with_restarts"""
+    lr_power: float = 1.0
+    """power of the polynomial schedule"""
+    snr_gamma: float | None = None
+    """min-SNR weighting; 5.0 is the paper's value"""
+    noise_offset: float = 0.0
+    """noise offset (brighter and darker images)"""
+    adam_beta1: float = 0.9
+    """AdamW's beta1"""
+    adam_beta2: float = 0.999
+    """AdamW's beta2"""
+    adam_weight_decay: float = 1e-2
+    """AdamW's weight decay"""
+    adam_epsilon: float = 1e-8
+    """AdamW's epsilon"""
+    max_grad_norm: float = 1.0
+    """gradient clipping norm"""
+    seed: int = 0
+    """seed of the adapter init, the data order and the noise"""
+
+    def __post_init__(self):
+        require_positive(self, "train_batch_size", "gradient_accumulation_steps", "num_train_epochs",
+                         "max_train_steps", "learning_rate")
+
+
+@dataclass
+class MemoryArgs:
+    title: ClassVar[str] = "memory"
+
+    cache_latents: bool = False
+    """encode every image once with the VAE"""
+    mixed_precision: Precision | None = None
+    """frozen weights in this dtype, adapters in fp32 (default: accelerate's config)"""
+    gradient_checkpointing: bool = False
+    """recompute activations in the backward pass (less memory, slower)"""
+    use_8bit_adam: bool = False
+    """needs bitsandbytes"""
+
+
+@dataclass
+class ValidationArgs:
+    title: ClassVar[str] = "validation"
+
+    validation_prompt: str | None = None
+    """prompt of the preview images drawn during training (default: none)"""
+    num_validation_images: int = 2
+    """preview images per validation"""
+    validation_steps: int = 100
+    """draw previews every N steps"""
+    validation_inference_steps: int = 25
+    """sampling steps of a preview image"""
+
+    def __post_init__(self):
+        require_positive(self, "validation_steps", "num_validation_images")
+
+
+@dataclass
+class KohyaOutputArgs(OutputArgs):
+    no_kohya_format: bool = False
+    """skip kohya_lora.safetensors (kohya, LyCORIS, A1111, ComfyUI) and DoRA's comfyui_lora file"""
+    output_kohya_format: bool = False
+    """deprecated, no effect: the kohya file is written by default (--no_kohya_format skips it)"""
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.output_kohya_format:  # accepted so that old configs still run
+            print("warning: --output_kohya_format is deprecated and has no effect: the kohya file is written by "
+                  "default", file=sys.stderr)
+
+
+GROUPS = (ModelArgs, DataArgs, UNetAdapterArgs, ImageArgs, OptimisationArgs, MemoryArgs, CheckpointArgs,
+          ValidationArgs, LogArgs, KohyaOutputArgs)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="accelerate launch dreamlora/train.py",
-                                description="Train a DreamBooth adapter (LoRA, LoRA+, DoRA, SingLoRA) on a few photos.")
-    p.add_argument("--config", help="YAML or JSON file of flag values (keys as the flags, without --)")
-
-    g = p.add_argument_group("model")
-    g.add_argument("--pretrained_model_name_or_path", help="diffusers SD 1.x/2.x folder or hub id", required=False)
-    g.add_argument("--revision", default=None)
-    g.add_argument("--variant", default=None, help="weights variant, e.g. fp16")
-
-    g = p.add_argument_group("data and prompts")
-    g.add_argument("--instance_data_dir", help="folder of subject photos; captions from <image>.txt or "
-                                               "metadata.jsonl override --instance_prompt per image")
-    g.add_argument("--instance_prompt", help='e.g. "a photo of sks dog"')
-    g.add_argument("--with_prior_preservation", action="store_true")
-    g.add_argument("--class_data_dir", help="class images; missing ones are generated by the base model")
-    g.add_argument("--class_prompt", help='e.g. "a photo of dog"')
-    g.add_argument("--num_class_images", type=int, default=100)
-    g.add_argument("--prior_loss_weight", type=float, default=1.0)
-    g.add_argument("--sample_batch_size", type=int, default=4, help="batch size of class-image generation")
-
-    g = add_adapter_flags(p, rank=4, init_help="gaussian for the LoRA family, as diffusers' DreamBooth script; "
-                                               "the method's own otherwise (SingLoRA: scaled)")
-    g.add_argument("--target_modules", default=UNET_TARGETS, help="comma-separated UNet module names")
-    g.add_argument("--train_text_encoder", action="store_true")
-    g.add_argument("--text_encoder_target_modules", default=TEXT_ENCODER_TARGETS)
-    g.add_argument("--text_encoder_lr", type=float, default=5e-6)
-
-    g = p.add_argument_group("images")
-    g.add_argument("--resolution", type=int, default=512)
-    g.add_argument("--center_crop", action="store_true")
-    g.add_argument("--random_flip", action="store_true")
-
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--train_batch_size", type=int, default=1)
-    g.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    g.add_argument("--max_train_steps", type=int, default=None, help="overrides --num_train_epochs")
-    g.add_argument("--num_train_epochs", type=int, default=1)
-    g.add_argument("--learning_rate", type=float, default=1e-4)
-    g.add_argument("--lr_scheduler", choices=SCHEDULERS, default="constant")
-    g.add_argument("--lr_warmup_steps", type=int, default=0)
-    g.add_argument("--lr_num_cycles", type=int, default=1)
-    g.add_argument("--lr_power", type=float, default=1.0)
-    g.add_argument("--snr_gamma", type=float, default=None, help="min-SNR weighting; 5.0 is the paper's value")
-    g.add_argument("--noise_offset", type=float, default=0.0)
-    g.add_argument("--adam_beta1", type=float, default=0.9)
-    g.add_argument("--adam_beta2", type=float, default=0.999)
-    g.add_argument("--adam_weight_decay", type=float, default=1e-2)
-    g.add_argument("--adam_epsilon", type=float, default=1e-8)
-    g.add_argument("--max_grad_norm", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=0)
-
-    g = p.add_argument_group("memory")
-    g.add_argument("--cache_latents", action="store_true", help="encode every image once with the VAE")
-    g.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default=None,
-                   help="frozen weights in this dtype, adapters in fp32 (default: accelerate's config)")
-    g.add_argument("--gradient_checkpointing", action="store_true")
-    g.add_argument("--use_8bit_adam", action="store_true", help="needs bitsandbytes")
-
-    g = p.add_argument_group("checkpoints")
-    g.add_argument("--checkpointing_steps", type=int, default=500)
-    g.add_argument("--checkpoints_total_limit", type=int, default=None)
-    g.add_argument("--resume_from_checkpoint", default=None, help='a checkpoint folder, or "latest"')
-
-    g = p.add_argument_group("validation and logs")
-    g.add_argument("--validation_prompt", default=None)
-    g.add_argument("--num_validation_images", type=int, default=2)
-    g.add_argument("--validation_steps", type=int, default=100)
-    g.add_argument("--validation_inference_steps", type=int, default=25)
-    g.add_argument("--report_to", choices=("tensorboard", "none"), default="tensorboard")
-    g.add_argument("--logging_dir", default="logs", help="relative to --output_dir")
-    g.add_argument("--progress_file", default="progress.jsonl",
-                   help="JSON lines of step/loss/lr/eta, relative to --output_dir (the app follows it)")
-
-    g = p.add_argument_group("output")
-    g.add_argument("--output_dir", default=None)
-    g.add_argument("--no_kohya_format", action="store_true",
-                   help="skip kohya_lora.safetensors (kohya, LyCORIS, A1111, ComfyUI) and DoRA's comfyui_lora file")
-    g.add_argument("--output_kohya_format", action="store_true",
-                   help="deprecated, no effect: the kohya file is written by default (--no_kohya_format skips it)")
-    return p
+    return make_parser("accelerate launch dreamlora/train.py", "Train a DreamBooth adapter (LoRA, LoRA+, "
+                             "DoRA, SingLoRA, ...) on a few photos.", GROUPS)
 
 
-def add_adapter_flags(parser: argparse.ArgumentParser, rank: int, init_help: str):
-    """The adapter flags both trainers share, methods and their options from the registry; returns the group so
-    a trainer can add its targets."""
-    from dreamlora.methods import METHODS
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return parse(build_parser(), GROUPS, argv, validate)
 
-    g = parser.add_argument_group("adapter")
-    g.add_argument("--adapter", choices=list(METHODS), default="lora",
-                   help="; ".join(f"{name}: {cls.description}" for name, cls in METHODS.items()))
-    g.add_argument("--rank", type=int, default=rank)
-    g.add_argument("--alpha", type=float, default=None, help="default: --rank")
-    g.add_argument("--lora_dropout", type=float, default=0.0)
-    g.add_argument("--use_rslora", action="store_true")
-    inits = sorted({name for cls in METHODS.values() for name in cls.inits})  # each method checks its own
-    g.add_argument("--init_lora_weights", choices=inits, default=None,
-                   help=f"init of the adapter factors; default: {init_help}")
-    add_option_flags(g, METHODS.values())
-    return g
+
+def validate(args: argparse.Namespace) -> None:
+    """What spans groups; each group checked its own flags."""
+    if args.cache_latents and not args.center_crop:
+        raise ArgError("--cache_latents fixes each image's crop: add --center_crop (random crops cannot be cached)")
+    method_options(args)
 
 
 def method_options(args: argparse.Namespace) -> dict:
@@ -145,79 +325,3 @@ def resolve_init(method: str, flag: str | None, preferred: str | None = None) ->
     if flag is not None:
         return flag
     return preferred if preferred in METHODS[method].inits else None
-
-
-def read_config_file(path: str) -> dict:
-    file = Path(path)
-    if not file.is_file():
-        raise ArgError(f"--config {path!r} does not exist")
-    text = file.read_text(encoding="utf-8")
-    try:
-        if file.suffix.lower() == ".json":
-            data = json.loads(text)
-        else:
-            import yaml
-
-            data = yaml.safe_load(text)
-    except Exception as e:  # noqa: BLE001 - any parse error is the user's file
-        raise ArgError(f"--config {path!r} could not be parsed: {e}") from None
-    if not isinstance(data, dict):
-        raise ArgError(f"--config {path!r} must hold a mapping of flag names to values")
-    return data
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    return parse_with_config(build_parser(), argv, validate)
-
-
-def parse_with_config(parser: argparse.ArgumentParser, argv: list[str] | None, check) -> argparse.Namespace:
-    """Flags, with `--config FILE` values as defaults (the command line wins), then `check(args)`."""
-    first, _ = parser.parse_known_args(argv)
-    if first.config:
-        values = read_config_file(first.config)
-        known = {a.dest for a in parser._actions}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ArgError(f"--config {first.config!r}: unknown keys {unknown}")
-        parser.set_defaults(**values)  # file values become defaults, so the command line still wins
-    args = parser.parse_args(argv)
-    check(args)
-    return args
-
-
-def _split(value: str | list) -> list[str]:
-    return [v.strip() for v in (value.split(",") if isinstance(value, str) else value) if v.strip()]
-
-
-def validate(args: argparse.Namespace) -> None:
-    for flag in ("pretrained_model_name_or_path", "instance_data_dir", "instance_prompt", "output_dir"):
-        if not getattr(args, flag):
-            raise ArgError(f"--{flag} is required")
-    positive = ("rank", "resolution", "train_batch_size", "gradient_accumulation_steps", "checkpointing_steps",
-                "num_train_epochs", "validation_steps", "num_validation_images", "sample_batch_size")
-    for flag in positive:
-        if getattr(args, flag) is not None and getattr(args, flag) <= 0:
-            raise ArgError(f"--{flag} must be > 0, got {getattr(args, flag)}")
-    if args.max_train_steps is not None and args.max_train_steps <= 0:
-        raise ArgError(f"--max_train_steps must be > 0, got {args.max_train_steps}")
-    if args.learning_rate <= 0:
-        raise ArgError(f"--learning_rate must be > 0, got {args.learning_rate}")
-    if args.resolution % 8:
-        raise ArgError(f"--resolution must be a multiple of 8 (the VAE's factor), got {args.resolution}")
-    args.target_modules = _split(args.target_modules)
-    args.text_encoder_target_modules = _split(args.text_encoder_target_modules)
-    if args.with_prior_preservation:
-        if not args.class_data_dir or not args.class_prompt:
-            raise ArgError("--with_prior_preservation needs --class_data_dir and --class_prompt")
-    elif args.class_data_dir or args.class_prompt:
-        raise ArgError("--class_data_dir/--class_prompt given without --with_prior_preservation")
-    if args.cache_latents and not args.center_crop:
-        raise ArgError("--cache_latents fixes each image's crop: add --center_crop (random crops cannot be cached)")
-    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit <= 0:
-        raise ArgError(f"--checkpoints_total_limit must be > 0, got {args.checkpoints_total_limit}")
-    if args.output_kohya_format:  # accepted so that old configs still run
-        print("warning: --output_kohya_format is deprecated and has no effect: the kohya file is written by default",
-              file=sys.stderr)
-    method_options(args)
-    if args.report_to == "none":
-        args.report_to = None
