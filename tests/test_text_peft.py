@@ -32,12 +32,12 @@ def tiny_text_models(tmp_path_factory):
     return {kind: build_tiny_text_model(kind, root / kind) for kind in KINDS}
 
 
-def trained_run(model_dir, out, method: str, fresh_extra: tuple[str, ...] = ()) -> torch.nn.Module:
+def trained_run(model_dir, out, method: str, fresh_extra: tuple[str, ...] = (), targets=None) -> torch.nn.Module:
     """A classifier as the trainer leaves it, written by `write_outputs`: adapters attached as `build_model`
     attaches them, then adapter, head (and `fresh_extra`) weights moved off their init, as training would."""
     model, fresh = text_models.load_classifier(str(model_dir), LABELS)
     fresh = sorted({*fresh, *fresh_extra})
-    config = AdapterConfig(method=method, rank=4, target_modules=text_models.default_targets(model),
+    config = AdapterConfig(method=method, rank=4, target_modules=targets or text_models.default_targets(model),
                            exclude_modules=text_models.head_exclusions(model),
                            options=options_for(method, singlora_ramp_steps=4))
     dreamlora.attach(model, config)
@@ -96,6 +96,31 @@ def test_peft_and_transformers_load_the_folder_with_load_trained_predictions(tin
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-5, msg=f"{route}: {method} on {kind}")
 
 
+@pytest.mark.parametrize("method", METHOD_NAMES)
+def test_layers_of_other_shapes_keep_their_own_rank(tiny_text_models, tmp_path, method):
+    """GPT-2's square (32×32) and rectangular (32→96, 32→128, 128→32) Conv1D layers: a method whose exact LoRA
+    form has a rank that depends on the layer's shape gets it per layer through `rank_pattern`/`alpha_pattern`,
+    and both loaders read it."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "run"
+    trained_run(tiny_text_models["gpt2"], out, method, targets=["c_attn", "c_proj", "c_fc"])
+    if METHODS[method].unsupported_reason("lora") is not None:
+        return  # its reason is checked above
+    config = json.loads((out / text_peft.CONFIG_FILE).read_text())
+    ranks = {k.removeprefix(text_peft.KEY_PREFIX).removesuffix(".lora_A.weight"): v.shape[0]
+             for k, v in load_file(str(out / text_peft.WEIGHTS_FILE)).items() if k.endswith(".lora_A.weight")}
+    assert len(ranks) == 2 * 4  # per block: attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj
+    assert {p: config["rank_pattern"].get(p, config["r"]) for p in ranks} == ranks
+    assert config["alpha_pattern"] == config["rank_pattern"] and config["lora_alpha"] == config["r"]
+    if method == "lokr":  # rank 16 on the rectangular layers, 32 on the square one: the case this test is for
+        assert config["rank_pattern"]
+    model, tokenizer, _ = text_models.load_trained(out)
+    expected = logits(model, tokenizer)
+    for route, got in peft_logits(tiny_text_models["gpt2"], out, tokenizer).items():
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-5, msg=f"{route}: {method}")
+
+
 class NoPlainLoRA(LoRA):
     """A method that says it cannot be written as plain LoRA, as a future one without an exact LoRA form would."""
 
@@ -143,6 +168,7 @@ def test_the_trainer_writes_the_peft_folder(tiny_text_models, tmp_path):
             "--report_to", "none", "--max_length", "32", "--output_dir", str(out), "--adapter", "dora"]
     assert cli(argv) == 0
     assert json.loads((out / "run.json").read_text())["files_for_tools"]["peft"] == text_peft.WEIGHTS_FILE
+    assert json.loads((out / text_peft.CONFIG_FILE).read_text())["fan_in_fan_out"] is True  # GPT-2's Conv1D
     model, tokenizer, summary = text_models.load_trained(out)
     expected = logits(model, tokenizer)
     from_peft = PeftModel.from_pretrained(bare_classifier(tiny_text_models["gpt2"], tokenizer, summary["labels"]),
