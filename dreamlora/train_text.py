@@ -196,13 +196,18 @@ def write_outputs(args, output_dir: Path, model, what_trains: dict, labels: list
                   metrics: dict, run: dict) -> None:
     import dataclasses
 
+    from pipelines import text_peft
+
     dreamlora.save(model, output_dir / text_models.ADAPTER_FILE)
     training.save_parameters(model, what_trains["head_parameters"], output_dir / text_models.HEAD_FILE)
+    tool_files = text_peft.write_peft_folder(output_dir, model, what_trains["head_parameters"],
+                                             what_trains["resolved_model_path"])
     training.write_json_atomic(output_dir / "run.json", {
         "args": vars(args), "task": "text-classification", "method": args.adapter,
         "model_name_or_path": args.model_name_or_path, "labels": labels, "max_length": max_length,
         "adapter_config": dataclasses.asdict(dreamlora.adapter_config(model, "default")),
         "trainable_params": what_trains["adapter_params"] + what_trains["head_params"], **what_trains, **run,
+        "files_for_tools": tool_files,
         **{f"eval_{k}": v for k, v in metrics.items()},
     })
 
