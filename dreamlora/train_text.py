@@ -196,7 +196,7 @@ def write_outputs(args, output_dir: Path, model, what_trains: dict, labels: list
                   metrics: dict, run: dict) -> None:
     import dataclasses
 
-    from pipelines import text_peft
+    from pipelines.text import peft_folder as text_peft
 
     dreamlora.save(model, output_dir / text_models.ADAPTER_FILE)
     training.save_parameters(model, what_trains["head_parameters"], output_dir / text_models.HEAD_FILE)

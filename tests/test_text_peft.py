@@ -19,7 +19,8 @@ from dreamlora import AdapterConfig
 from dreamlora.methods import METHODS
 from dreamlora.methods.lora import LoRA
 from dreamlora.train_text import cli, write_outputs
-from pipelines import text_models, text_peft
+from pipelines.text import models as text_models
+from pipelines.text import peft_folder as text_peft
 
 KINDS = ("bert", "roberta", "gpt2")
 LABELS = ["negative", "neutral", "positive"]

@@ -10,9 +10,9 @@ import json
 import pytest
 
 from dreamlora import train_args, train_text_args
+from dreamlora.errors import ArgError
 from dreamlora.methods import METHODS
 from dreamlora.options import field_docs, unique_specs
-from dreamlora.train_args import ArgError
 
 TRAINERS = {"train": train_args, "train_text": train_text_args}
 REQUIRED = {

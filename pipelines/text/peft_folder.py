@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 import dreamlora
-from dreamlora.io import atomic_save_file, atomic_write_text
+from dreamlora.atomic import atomic_write_text
+from dreamlora.io import atomic_save_file
 from dreamlora.layer_kinds import Conv1DKind
 from dreamlora.methods import ExportUnsupported
 
