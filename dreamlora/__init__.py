@@ -1,4 +1,4 @@
-"""dreamlora: LoRA, LoRA+, DoRA and SingLoRA adapters on any torch module, behind one small API.
+"""dreamlora: LoRA-family adapters (LoRA, LoRA+, DoRA, SingLoRA, LoHa, LoKr) on any torch module, behind one small API.
 
     from dreamlora import AdapterConfig, attach
     model = attach(model, AdapterConfig(method="dora", rank=8, target_modules=["to_q", "to_v"]))
