@@ -36,7 +36,7 @@ from eval.image_files import FORMAT_SUFFIX
 from pipelines.app_disk import DiskQuota
 from pipelines.app_safety import AppInputError, check_images, check_run_name, inside
 from pipelines.app_settings import SUBJECT, TrainSettings, resolve_base_model
-from pipelines.training import list_checkpoints
+from pipelines.trainer.checkpoints import list_checkpoints
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN_SCRIPT = ROOT / "dreamlora" / "train.py"

@@ -13,7 +13,7 @@ from train_helpers import INSTANCE_DIR, PROMPT, run_train
 from dreamlora.train import cli
 from dreamlora.train_args import ArgError, parse_args
 from pipelines import data
-from pipelines.training import ensure_class_images
+from pipelines.class_images import ensure_class_images
 
 
 def base_args(tmp_path, instance_dir=INSTANCE_DIR, model="unused-model-dir"):
