@@ -1,10 +1,12 @@
 """What a training loop calls. It never needs to know which method it trains:
 
     optimizer = torch.optim.AdamW(dreamlora.param_groups(model, lr=1e-4))
+    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     for batch in loader:
         loss = task_loss(model, batch) + dreamlora.regularization_loss(model)
         loss.backward()
         optimizer.step()
+        lr_scheduler.step()
         dreamlora.on_optimizer_step(model, optimizer, lr_scheduler)   # after step(), before zero_grad()
         optimizer.zero_grad()
 
