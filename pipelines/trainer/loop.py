@@ -130,6 +130,7 @@ def train(task: Task, plan: Plan, args, accelerator, stop_requested, resume_from
                                    f"Last good checkpoint: {last_checkpoint or 'none'}")
         report.step(step, last_loss, lr_scheduler.get_last_lr()[0], parts)
         train_seconds += time.time() - step_started
+        # evaluation before the checkpoint: whatever it draws from the RNG is in the checkpoint's RNG state
         if task.evaluates and (step == max_steps or every(step, task.eval_every)):
             task.evaluate(models, step, train_seconds)
         stop = stop_everywhere(accelerator, stop_requested)  # read once per step, on all processes
