@@ -36,7 +36,7 @@ from app_backend.safety import AppInputError, check_images, check_run_name, insi
 from app_backend.settings import SUBJECT, TrainSettings, resolve_base_model
 from dreamlora.atomic import atomic_write_text
 from eval.image_files import FORMAT_SUFFIX
-from pipelines.training import list_checkpoints
+from pipelines.trainer.checkpoints import list_checkpoints
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN_SCRIPT = ROOT / "dreamlora" / "train.py"

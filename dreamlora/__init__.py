@@ -7,7 +7,13 @@ The core (this package minus the training entry points) imports torch and safete
 """
 
 from dreamlora.config import AdapterConfig
-from dreamlora.hooks import on_optimizer_step, param_groups, regularization_loss, trainable_parameter_count
+from dreamlora.hooks import (
+    StepContext,
+    on_optimizer_step,
+    param_groups,
+    regularization_loss,
+    trainable_parameter_count,
+)
 from dreamlora.inject import (
     LayerWithAdapters,
     adapter_config,
@@ -32,6 +38,7 @@ __all__ = [
     "AdapterConfig",
     "AdapterLayer",
     "MethodOptions",
+    "StepContext",
     "adapter_config",
     "adapter_layers",
     "adapter_names",

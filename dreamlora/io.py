@@ -1,8 +1,9 @@
 """Saving and loading adapters as safetensors, never pickle.
 
 - Native file: one adapter, keys `<module path>.<key>` with PEFT's names for LoRA/LoRA+/DoRA
-  (`lora_A.weight`, `lora_B.weight`, `lora_magnitude_vector`) and `singlora_A` for SingLoRA; the header
-  metadata holds the format, the method, the full config, the step (SingLoRA's ramp state) and the name.
+  (`lora_A.weight`, `lora_B.weight`, `lora_magnitude_vector`) and `singlora_A` for SingLoRA, plus the
+  method's persistent state (`AdapterLayer.state_keys`, fp32) when it keeps any; the header metadata holds
+  the format, the method, the full config, the step (SingLoRA's ramp state) and the name.
 - LoRA export (`export_lora`): any method as plain PEFT LoRA keys, each layer at its factors' own rank with
   alpha = that rank (the scale is folded into B, so a reader that assumes alpha = r, as diffusers does without
   metadata, is still right). The method supplies the factors (`AdapterLayer.lora_factors`): SingLoRA becomes
@@ -53,11 +54,12 @@ def _umask() -> int:
 
 
 def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, torch.Tensor]:
-    """Native tensors of adapter `name`, keyed `<module path>.<file key>`."""
+    """Native tensors of adapter `name` (parameters and the method's `state_keys`), keyed
+    `<module path>.<file key>`."""
     out = {}
     for path, layer in adapter_layers(model, name).items():
-        for attr in layer.present(type(layer).file_keys):
-            out[f"{path}.{layer.file_key(attr)}"] = getattr(layer, attr).detach()
+        for key, tensor in layer.file_tensors().items():
+            out[f"{path}.{key}"] = tensor.detach()
     return out
 
 
@@ -212,8 +214,8 @@ def load_weights(model: nn.Module, path: str | os.PathLike, name: str = "default
 def _assign(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], path: Path) -> None:
     expected = {}
     for module_path, layer in adapter_layers(model, name).items():
-        for attr in layer.present(type(layer).file_keys):
-            expected[f"{module_path}.{layer.file_key(attr)}"] = getattr(layer, attr)
+        for key, tensor in layer.file_tensors().items():  # parameters and persistent method state
+            expected[f"{module_path}.{key}"] = tensor
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:

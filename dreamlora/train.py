@@ -1,8 +1,9 @@
 """DreamBooth adapter training: `accelerate launch dreamlora/train.py --help`.
 
-Reads top to bottom: flags → data → models → adapters → optimizer from the core's groups → loop → save.
-The loop calls the core's hooks (param_groups, regularization_loss, on_optimizer_step) and never asks
-which method it trains. Everything random in the loop (data order, crops, flips, noise, timesteps) is a
+Reads top to bottom: flags → data → models → adapters → optimizer from the core's groups → the one loop
+(`pipelines.trainer.loop`) → save. This file is the DreamBooth task: the loss of a batch, validation images
+and the output files; the loop calls the core's hooks (param_groups, regularization_loss, on_optimizer_step)
+and never asks which method it trains. Everything random in the loop (data order, crops, flips, noise, timesteps) is a
 function of (seed, epoch, sample), so a resumed run retraces an uninterrupted one exactly, and one process
 with batch 2k trains on the draws of k processes with batch 2.
 """
@@ -11,10 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
 import sys
-import time
 from pathlib import Path
 
 if __package__ in (None, ""):  # `accelerate launch dreamlora/train.py` runs this file as a script
@@ -24,14 +23,18 @@ import torch
 
 import dreamlora
 from dreamlora import AdapterConfig
+from dreamlora.atomic import atomic_write_json
 from dreamlora.errors import ArgError
 from dreamlora.train_args import method_options, parse_args, resolve_init
-from pipelines import training
 from pipelines.diffusion import data as dbdata
+from pipelines.diffusion.class_images import ensure_class_images
 from pipelines.diffusion.export import write_tool_files
 from pipelines.diffusion.loss import denoising_loss, draw_noise, prediction_type
 from pipelines.diffusion.models import encode_prompts, load_components
-from pipelines.trainer import order
+from pipelines.trainer import checkpoints, launch, loop, order
+from pipelines.trainer.loop import Plan, RunResult
+from pipelines.trainer.method_options import resolve_method_options
+from pipelines.trainer.state import steps_per_epoch
 
 log = logging.getLogger("dreamlora.train")
 
@@ -106,7 +109,7 @@ def class_examples(args, sd, accelerator) -> list:
     if not args.with_prior_preservation:
         return []
     if accelerator.is_main_process:
-        training.ensure_class_images(args.class_data_dir, args.class_prompt, args.num_class_images,
+        ensure_class_images(args.class_data_dir, args.class_prompt, args.num_class_images,
                                      lambda: inference_pipeline(args, sd, sd.unet, sd.text_encoder),
                                      args.sample_batch_size, args.seed)
     accelerator.wait_for_everyone()
@@ -117,7 +120,7 @@ def class_examples(args, sd, accelerator) -> list:
 def attach_adapters(args, sd) -> tuple[dict, list[dict]]:
     """Adapters on the UNet (and the text encoder): the only trainable weights. Returns them and the core's
     optimizer groups (each method's own grouping, e.g. LoRA+'s λ for B)."""
-    with training.adapter_input():
+    with launch.adapter_input():
         dreamlora.attach(sd.unet, adapter_config(args, args.target_modules))
         if args.train_text_encoder:
             dreamlora.attach(sd.text_encoder, adapter_config(args, args.text_encoder_target_modules))
@@ -149,34 +152,21 @@ class PromptEncoder:
         return torch.stack([self.cache[p] for p in prompts])
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    stop_requested = training.install_stop_signal()  # first: a Stop during loading still ends cleanly
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    output_dir = Path(args.output_dir)
-
-    # --- data first: bad input fails before anything is written -----------------------------------------
-    instances = dbdata.read_examples(args.instance_data_dir, "--instance_data_dir", args.instance_prompt,
-                                     args.resolution, is_class=False)
-    accelerator = training.make_accelerator(args)
-    from accelerate.utils import set_seed
-
-    set_seed(args.seed)
-    resume_from = training.resolve_resume(output_dir, args.resume_from_checkpoint)
-
+def build(args, accelerator, instances: list, resume_from: Path | None) -> tuple[DreamBoothTask, Plan]:
+    """Models, data and adapters for the loop: the frozen SD components, the class images, the seeded data
+    order, the adapters with their run-dependent options (SingLoRA's ramp follows the run's length), and the
+    optimizer and LR schedule built from the core's groups."""
     sd, weight_dtype = load_frozen_models(args, accelerator)
     classes = class_examples(args, sd, accelerator)
-
-    # --- data loader and schedule (its length sets run-dependent method options: SingLoRA's ramp) -----------
     dataset = dbdata.DreamBoothDataset(instances, classes, args.resolution, args.center_crop, args.random_flip,
                                        args.seed)
     sampler = order.EpochShuffle(len(dataset), args.seed)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.train_batch_size, sampler=sampler,
                                          collate_fn=dbdata.collate)
-    batches_per_epoch, steps_per_epoch = training.steps_per_epoch(
+    batches_per_epoch, epoch_steps = steps_per_epoch(
         len(dataset), args.train_batch_size, accelerator.num_processes, args.gradient_accumulation_steps)
-    max_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
-    training.resolve_method_options(args, max_steps, resume_from and training.adapter_file(resume_from, "unet"))
+    max_steps = args.max_train_steps or args.num_train_epochs * epoch_steps
+    resolve_method_options(args, max_steps, resume_from and checkpoints.adapter_file(resume_from, "unet"))
     trained, groups = attach_adapters(args, sd)
     optimizer = make_optimizer(args, groups)
     from diffusers.optimization import get_scheduler
@@ -185,87 +175,64 @@ def main(argv: list[str] | None = None) -> int:
                                  num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=max_steps * accelerator.num_processes,
                                  num_cycles=args.lr_num_cycles, power=args.lr_power)
-    prepared = accelerator.prepare(*trained.values(), optimizer, loader, lr_scheduler)
-    trained_models = dict(zip(trained, prepared[: len(trained)], strict=True))
-    optimizer, loader, lr_scheduler = prepared[len(trained):]
-    training.register_adapter_hooks(accelerator, trained)
-    progress = training.restore_progress(accelerator, resume_from)
 
-    encoder = LatentEncoder(sd.vae, weight_dtype, args.cache_latents)
-    if args.cache_latents:
-        encoder.fill_cache(dataset)
-    prompt_embeddings = PromptEncoder(sd.tokenizer, trained_models.get("text_encoder"), sd.text_encoder)
-
-    # --- the loop ----------------------------------------------------------------------------------------
-    if accelerator.is_main_process:
-        accelerator.init_trackers("dreamlora", config={k: v for k, v in vars(args).items()
-                                                       if isinstance(v, (int, float, str, bool))})
-    plog = training.ProgressLog(output_dir / args.progress_file if accelerator.is_main_process else None,
-                                max_steps, progress.global_step)
-    plog.write(event="started", step=progress.global_step, total=max_steps, resumed_from=str(resume_from or ""))
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=max_steps, initial=progress.global_step, desc="training", unit="step",
-               disable=not accelerator.is_main_process)
-    started, last_loss, last_checkpoint = time.time(), float("nan"), resume_from
-    params = [p for g in groups for p in g["params"]]
-    for model in trained_models.values():
-        model.train()
     def select_epoch(epoch: int) -> None:
         dataset.select_epoch(epoch)
         sampler.select_epoch(epoch)
 
-    batches = training.resumable_batches(accelerator, loader, progress, batches_per_epoch, select_epoch)
-    while progress.global_step < max_steps:
-        epoch, index, batch = next(batches)
-        with accelerator.accumulate(*trained_models.values()):
-            generators = sample_generators(args.seed, epoch, batch["rows"])
-            latents = encoder(batch, generators)
-            parts = denoising_loss(trained_models["unet"], sd.noise_scheduler, latents,
-                                   prompt_embeddings(batch["prompts"]).to(weight_dtype), batch["is_class"], generators,
-                                   prior_loss_weight=args.prior_loss_weight, snr_gamma=args.snr_gamma,
-                                   noise_offset=args.noise_offset)
-            loss = parts["loss"] + sum(dreamlora.regularization_loss(m) for m in trained.values())
-            accelerator.backward(loss)
-            training.optimizer_step(accelerator, optimizer, lr_scheduler, params, args.max_grad_norm,
-                                    trained.values())
-        if not accelerator.sync_gradients:
-            continue
-        progress.global_step += 1
-        last_loss = accelerator.gather(loss.detach()[None]).mean().item()
-        if not math.isfinite(last_loss):
-            bar.close()  # so the error is the last line the user sees
-            raise training.TrainingDiverged(f"loss became {last_loss} at step {progress.global_step}; stopped without "
-                                   f"saving. Last good checkpoint: {last_checkpoint or 'none'}")
-        lr = lr_scheduler.get_last_lr()[0]
-        bar.update(1)
-        bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}")
-        accelerator.log({"train/loss": last_loss, "train/lr": lr,
-                         **{f"train/{k}": v.item() for k, v in parts.items() if k != "loss"}},
-                        step=progress.global_step)
-        plog.step(progress.global_step, last_loss, lr)
-        step = progress.global_step
-        stop = training.stop_everywhere(accelerator, stop_requested)  # read once per step, on all processes
-        if step % args.checkpointing_steps == 0 or step == max_steps or stop:
-            last_checkpoint = training.save_checkpoint(accelerator, output_dir, step, args.checkpoints_total_limit,
-                                                       progress)
-            plog.write(event="checkpoint", step=step, path=str(last_checkpoint))
-        if args.validation_prompt and accelerator.is_main_process and (step % args.validation_steps == 0
-                                                                       or step == max_steps):
-            run_validation(args, sd, accelerator, trained, weight_dtype, step)
-        if stop:  # checked after a full optimizer step, which has just been checkpointed
-            break
-    bar.close()
+    task = DreamBoothTask(args, accelerator, sd, weight_dtype, dataset, trained)
+    return task, Plan(trained, optimizer, lr_scheduler, loader, select_epoch, batches_per_epoch, max_steps)
 
-    # --- save ----------------------------------------------------------------------------------------------
-    accelerator.wait_for_everyone()
-    finished = progress.global_step >= max_steps
-    if accelerator.is_main_process:
-        write_outputs(args, output_dir, trained, sd, accelerator, progress, started, last_loss, resume_from,
-                      finished)
-        plog.write(event="done" if finished else "stopped", step=progress.global_step)
-    accelerator.end_training()
-    return 0
+
+class DreamBoothTask:
+    """DreamBooth for the one loop (`pipelines.trainer.loop`): the denoising loss with prior preservation,
+    validation images, and the adapter, tool and run.json files."""
+
+    tracker_project = "dreamlora"
+    checkpoint_at_end = True
+
+    def __init__(self, args, accelerator, sd, weight_dtype, dataset, trained: dict):
+        self.args, self.accelerator, self.sd, self.weight_dtype = args, accelerator, sd, weight_dtype
+        self.dataset, self.trained = dataset, trained
+        self.evaluates, self.eval_every = bool(args.validation_prompt), args.validation_steps
+
+    def start(self, models: dict) -> None:
+        self.latents = LatentEncoder(self.sd.vae, self.weight_dtype, self.args.cache_latents)
+        if self.args.cache_latents:
+            self.latents.fill_cache(self.dataset)
+        self.prompts = PromptEncoder(self.sd.tokenizer, models.get("text_encoder"), self.sd.text_encoder)
+
+    def loss(self, models: dict, batch, epoch: int, index: int):
+        args = self.args
+        generators = sample_generators(args.seed, epoch, batch["rows"])
+        parts = denoising_loss(models["unet"], self.sd.noise_scheduler, self.latents(batch, generators),
+                               self.prompts(batch["prompts"]).to(self.weight_dtype), batch["is_class"], generators,
+                               prior_loss_weight=args.prior_loss_weight, snr_gamma=args.snr_gamma,
+                               noise_offset=args.noise_offset)
+        return parts["loss"], {k: v for k, v in parts.items() if k != "loss"}
+
+    def evaluate(self, models: dict, step: int, train_time_s: float) -> None:
+        if self.accelerator.is_main_process:  # the others go on to the next step and wait for it there
+            run_validation(self.args, self.sd, self.accelerator, self.trained, self.weight_dtype, step)
+
+    def write_outputs(self, result: RunResult) -> None:
+        write_outputs(self.args, Path(self.args.output_dir), self.trained, result)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    stop_requested = launch.install_stop_signal()  # first: a Stop during loading still ends cleanly
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # data first: bad input fails before anything is written
+    instances = dbdata.read_examples(args.instance_data_dir, "--instance_data_dir", args.instance_prompt,
+                                     args.resolution, is_class=False)
+    accelerator = launch.make_accelerator(args)
+    from accelerate.utils import set_seed
+
+    set_seed(args.seed)
+    resume_from = checkpoints.resolve_resume(Path(args.output_dir), args.resume_from_checkpoint)
+    task, plan = build(args, accelerator, instances, resume_from)
+    return loop.train(task, plan, args, accelerator, stop_requested, resume_from)
 
 
 def inference_pipeline(args, sd, unet, text_encoder):
@@ -305,23 +272,22 @@ def run_validation(args, sd, accelerator, trained, dtype, step: int) -> None:
         writer.add_images("validation", np.stack([np.asarray(im) for im in images]), step, dataformats="NHWC")
 
 
-def write_outputs(args, output_dir: Path, trained, sd, accelerator, progress, started, last_loss, resume_from,
-                  finished) -> None:
+def write_outputs(args, output_dir: Path, trained: dict, result: RunResult) -> None:
     unet, text_encoder = trained["unet"], trained.get("text_encoder")
     for component, model in trained.items():
-        dreamlora.save(model, training.adapter_file(output_dir, component))
+        dreamlora.save(model, checkpoints.adapter_file(output_dir, component))
     tool_files = write_tool_files(output_dir, unet, text_encoder, kohya=not args.no_kohya_format)
     config = dataclasses.asdict(dreamlora.adapter_config(unet, "default"))
-    training.write_json_atomic(output_dir / "run.json", {
+    atomic_write_json(output_dir / "run.json", {
         "args": vars(args), "method": args.adapter, "adapter_config": config,
         "trainable_params": sum(dreamlora.trainable_parameter_count(m) for m in trained.values()),
-        "steps": progress.global_step, "finished": finished, "wall_time_s": round(time.time() - started, 2),
-        "final_loss": last_loss, "files_for_tools": tool_files, **training.run_environment(accelerator, resume_from),
+        "steps": result.steps, "finished": result.finished, "wall_time_s": result.wall_time_s,
+        "final_loss": result.final_loss, "files_for_tools": tool_files, **result.environment,
     })
 
 
 def cli(argv: list[str] | None = None) -> int:
-    return training.run_cli(main, argv)
+    return launch.run_cli(main, argv)
 
 
 if __name__ == "__main__":

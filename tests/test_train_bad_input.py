@@ -14,7 +14,7 @@ from dreamlora.errors import ArgError
 from dreamlora.train import cli
 from dreamlora.train_args import parse_args
 from pipelines.diffusion import data
-from pipelines.training import ensure_class_images
+from pipelines.diffusion.class_images import ensure_class_images
 
 
 def base_args(tmp_path, instance_dir=INSTANCE_DIR, model="unused-model-dir"):

@@ -16,9 +16,10 @@ from train_helpers import INSTANCE_DIR, PROMPT, train_cmd
 
 import dreamlora
 from dreamlora import train
-from pipelines import training
 from pipelines.diffusion import data as dbdata
 from pipelines.diffusion.models import load_components
+from pipelines.trainer import launch
+from pipelines.trainer.method_options import resolve_method_options
 
 COMMON = ("--max_train_steps", 2, "--learning_rate", 1e-3, "--checkpointing_steps", 100)
 
@@ -217,7 +218,7 @@ def stored_config(file) -> dict:
 def test_singlora_ramp_is_one_percent_of_the_run_and_survives_a_resume(tiny_model_dir, tmp_path, monkeypatch):
     """No --singlora_ramp_steps: T = 1 % of the optimizer steps, rounded half up (150 steps → 2). A resume
     with --max_train_steps 250 (which alone would give 3) keeps the checkpoint's T."""
-    monkeypatch.setattr(training, "install_stop_signal", lambda: lambda: True)  # stop after one step
+    monkeypatch.setattr(launch, "install_stop_signal", lambda: lambda: True)  # stop after one step
     out = tmp_path / "ramp"
     flags = ("--adapter", "singlora", "--checkpointing_steps", 1000, "--learning_rate", 1e-3)
     run(tiny_model_dir, out, *flags, "--max_train_steps", 150)
@@ -238,14 +239,14 @@ def test_singlora_ramp_is_one_percent_of_the_run_and_survives_a_resume(tiny_mode
 def test_resolve_ramp_steps_rule(tmp_path):
     def resolved(given, steps):
         args = argparse.Namespace(adapter="singlora", singlora_ramp_steps=given, loraplus_ratio=None)
-        options = training.resolve_method_options(args, steps, None)
+        options = resolve_method_options(args, steps, None)
         assert args.singlora_ramp_steps == options["ramp_steps"]  # run.json's args show the value used
         return options["ramp_steps"]
 
     assert [resolved(None, n) for n in (1, 49, 50, 150, 1000, 20000)] == [1, 1, 1, 2, 10, 200]
     assert resolved(0, 1000) == 0  # an explicit value, even "no ramp", wins
     lora = argparse.Namespace(adapter="lora", singlora_ramp_steps=None, loraplus_ratio=None)
-    assert training.resolve_method_options(lora, 1000, None) == {} and lora.singlora_ramp_steps is None
+    assert resolve_method_options(lora, 1000, None) == {} and lora.singlora_ramp_steps is None
 
 
 # --- class images ------------------------------------------------------------------------------------------------

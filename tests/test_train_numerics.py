@@ -16,9 +16,9 @@ from torch import nn
 import dreamlora
 from dreamlora import AdapterConfig, attach
 from dreamlora.errors import ArgError, DataError
-from pipelines import training
 from pipelines.diffusion.loss import denoising_loss, snr_weights
-from pipelines.trainer import order
+from pipelines.trainer import checkpoints, launch, loop, order
+from pipelines.trainer.state import batch_seed
 
 
 # --- seeds ---------------------------------------------------------------------------------------------
@@ -32,7 +32,7 @@ def blake2b_seed(*values: int) -> int:
 def test_resume_seeds_are_a_version_stable_hash():
     # the value the formula above gives, written down once: Python's hash() may change between versions
     assert blake2b_seed(1, 2, 3, 4) == 5971943691875951595
-    assert training.batch_seed(1, 2, 3, 4) == order.stable_seed(1, 2, 3, 4) == 5971943691875951595
+    assert batch_seed(1, 2, 3, 4) == order.stable_seed(1, 2, 3, 4) == 5971943691875951595
     assert order.stable_seed(0, 0, 0, 1) != order.stable_seed(0, 0, 1, 0)  # positions are not interchangeable
     assert order.stable_seed(-1, 7) == blake2b_seed(-1, 7)
 
@@ -177,7 +177,7 @@ def test_a_step_the_fp16_scaler_skips_advances_neither_the_ramp_nor_the_lr(fresh
     for poisoned in (False, True, False):
         loss = model(x).square().mean() * (float("inf") if poisoned else 1.0)
         accelerator.backward(loss)
-        training.optimizer_step(accelerator, optimizer, schedule, params, 1.0, [model])
+        loop.optimizer_step(accelerator, optimizer, schedule, params, 1.0, [model])
         skipped.append(accelerator.optimizer_step_was_skipped)
     assert skipped == [False, True, False]
     assert layer.step == 2  # two real updates
@@ -214,7 +214,7 @@ def small_run(accelerator, output_dir):
     optimizer = torch.optim.AdamW(dreamlora.param_groups(model, lr=1e-2))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     model, optimizer, schedule = accelerator.prepare(model, optimizer, schedule)
-    training.register_adapter_hooks(accelerator, {"unet": accelerator.unwrap_model(model)})
+    checkpoints.register_adapter_hooks(accelerator, {"unet": accelerator.unwrap_model(model)})
     return model
 
 
@@ -233,9 +233,9 @@ def test_progress_is_checkpointed_as_json_and_an_old_pickle_is_refused_unread(tm
 
     accelerator = Accelerator(cpu=True)
     small_run(accelerator, tmp_path)
-    progress = training.restore_progress(accelerator, None)
+    progress = checkpoints.restore_train_state(accelerator, None)
     progress.global_step, progress.epoch, progress.batch_in_epoch = 7, 1, 3
-    checkpoint = training.save_checkpoint(accelerator, tmp_path, 7, None, progress)
+    checkpoint = checkpoints.save_checkpoint(accelerator, tmp_path, 7, None, progress)
     assert json.loads((checkpoint / "progress.json").read_text()) == {"global_step": 7, "epoch": 1,
                                                                         "batch_in_epoch": 3}
     assert not list(checkpoint.glob("custom_checkpoint_*"))  # nothing of ours is pickled
@@ -247,7 +247,7 @@ def test_progress_is_checkpointed_as_json_and_an_old_pickle_is_refused_unread(tm
         GradientState._reset_state()
         again = Accelerator(cpu=True)
         small_run(again, tmp_path)
-        return training.restore_progress(again, training.resolve_resume(tmp_path, "latest"))
+        return checkpoints.restore_train_state(again, checkpoints.resolve_resume(tmp_path, "latest"))
 
     assert resume().state_dict() == progress.state_dict()
 
@@ -277,15 +277,15 @@ def test_device_choice_is_cuda_then_mps_then_cpu(monkeypatch):
                               mixed_precision="no", report_to=None)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
-    assert training.device_type() == "mps"
-    training.make_accelerator(args)
+    assert launch.device_type() == "mps"
+    launch.make_accelerator(args)
     assert seen["cpu"] is False  # Apple GPUs are used, not ignored
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
-    assert training.device_type() == "cpu"
-    training.make_accelerator(args)
+    assert launch.device_type() == "cpu"
+    launch.make_accelerator(args)
     assert seen["cpu"] is True
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert training.device_type() == "cuda"
+    assert launch.device_type() == "cuda"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
@@ -293,7 +293,7 @@ def test_fp16_without_a_gpu_is_refused_by_name(tmp_path, fresh_accelerate):
     args = argparse.Namespace(output_dir=str(tmp_path), logging_dir="logs", gradient_accumulation_steps=1,
                               mixed_precision="fp16", report_to=None)
     with pytest.raises(ArgError, match="--mixed_precision fp16 needs a CUDA or Apple MPS device"):
-        training.make_accelerator(args)
+        launch.make_accelerator(args)
 
 
 def raising(error: Exception):
@@ -304,18 +304,18 @@ def raising(error: Exception):
 
 
 def test_exit_codes_follow_exception_types_not_message_text(capsys):
-    assert training.run_cli(raising(ArgError("--rank must be > 0")), []) == 2
-    assert training.run_cli(raising(DataError("--train_file x: no such file")), []) == 2
-    assert training.run_cli(raising(training.TrainingDiverged("loss became nan")), []) == 1
+    assert launch.run_cli(raising(ArgError("--rank must be > 0")), []) == 2
+    assert launch.run_cli(raising(DataError("--train_file x: no such file")), []) == 2
+    assert launch.run_cli(raising(launch.TrainingDiverged("loss became nan")), []) == 1
     assert capsys.readouterr().err.splitlines() == ["error: --rank must be > 0", "error: --train_file x: no such file",
                                                     "error: loss became nan"]
     # a bug whose message happens to mention an adapter word is a bug: it keeps its traceback
     with pytest.raises(ValueError, match="target_modules"):
-        training.run_cli(raising(ValueError("internal: target_modules got lost")), [])
+        launch.run_cli(raising(ValueError("internal: target_modules got lost")), [])
     with pytest.raises(TypeError):
-        training.run_cli(raising(TypeError("AdapterConfig.__init__() got an unexpected keyword")), [])
+        launch.run_cli(raising(TypeError("AdapterConfig.__init__() got an unexpected keyword")), [])
 
 
 def test_adapter_errors_become_input_errors_that_name_the_field():
-    with pytest.raises(ArgError, match="AdapterConfig.rank=40 exceeds what"), training.adapter_input():
+    with pytest.raises(ArgError, match="AdapterConfig.rank=40 exceeds what"), launch.adapter_input():
         attach(nn.Sequential(nn.Linear(32, 8)), AdapterConfig(rank=40, target_modules=["0"]))

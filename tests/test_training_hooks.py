@@ -68,9 +68,9 @@ class MergeAndRestart(LoRA):
     method = "test-merge-and-restart"
 
     @classmethod
-    def after_optimizer_step(cls, layers, step, optimizer=None):
-        super().after_optimizer_step(layers, step, optimizer)
-        if step % 3:
+    def after_optimizer_step(cls, layers, ctx):
+        super().after_optimizer_step(layers, ctx)
+        if ctx.step % 3:
             return
         with torch.no_grad():
             for layer in layers:
@@ -78,7 +78,7 @@ class MergeAndRestart(LoRA):
                 nn.init.kaiming_uniform_(layer.lora_A, a=5**0.5)
                 layer.lora_B.zero_()
                 for p in (layer.lora_A, layer.lora_B):
-                    optimizer.state.pop(p, None)
+                    ctx.optimizer.state.pop(p, None)
 
     @classmethod
     def regularization(cls, layers):

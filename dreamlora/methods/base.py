@@ -10,7 +10,10 @@ A method says what it is through:
 - `delta_weight()` / `merge_into(w)`: the merge rule, for export, inference and tests;
 - its export (see "Export" below): `lora_factors()`, `kohya_tensors()`, `unsupported_formats`;
 - class-level hooks over all layers of one adapter: `param_groups` (optimizer), `after_optimizer_step`
-  (SingLoRA's ramp; ReLoRA's merge-and-reinit), `regularization` (AdaLoRA's orthogonality loss).
+  (SingLoRA's ramp; ReLoRA's merge-and-reinit: it receives a `dreamlora.hooks.StepContext` with the step, the
+  run's length, the optimizer and the LR scheduler), `regularization` (AdaLoRA's orthogonality loss);
+- `state_keys`: state that is not a parameter but must survive a checkpoint and reach the saved file
+  (ReLoRA's merged base delta, AdaLoRA's importance averages and masks), kept in persistent buffers.
 The training loop calls those hooks through `dreamlora.hooks` and never asks which method it runs.
 It also says `description` (one line for the app, `--help` and the README) and `Options`, its own options
 dataclass (`dreamlora.options`): the trainers' flags and the app's fields are generated from it.
@@ -34,6 +37,9 @@ not change them: they keep their own dtype (fp32) while the base layers take the
 half-precision base is fp32 whether it was attached before or after the cast, training keeps fp32 weights
 and optimizer states, and DoRA's cached fp32 ‖W0‖² keeps the layer an exact identity at init. State cached
 from the base weight lives in non-persistent buffers, so it moves with the module and never enters a file.
+State a method accumulates while training lives in persistent fp32 buffers named in `state_keys`: they move
+and keep their dtype by the same rule, and `dreamlora.save`/`load` (so every checkpoint) write and read them
+next to the parameters, so a resumed run continues from exactly the state the interrupted one had.
 Code that writes tensors without `nn.Module._apply` (accelerate's `set_module_tensor_to_device` with a dtype)
 can still hand an adapter half-precision tensors: the forward casts its input to the adapter's own dtype.
 """
@@ -43,7 +49,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Iterable, Iterator, MutableMapping, Sequence
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import nn
@@ -51,6 +57,9 @@ from torch import nn
 from dreamlora.config import AdapterConfig
 from dreamlora.layer_kinds import LayerKind
 from dreamlora.options import MethodOptions
+
+if TYPE_CHECKING:  # hooks imports this module: the type only, no import cycle at run time
+    from dreamlora.hooks import StepContext
 
 PLUGIN_GROUP = "dreamlora.methods"
 # the formats a method is written in for other tools (see "Export" in the module docstring)
@@ -133,6 +142,9 @@ class AdapterLayer(nn.Module):
     # whose form differs per layer (LoKr: W2 full or low-rank) lists every attribute and registers the ones a
     # layer lacks as None (`register_parameter(name, None)`); files, roles and optimizers skip them.
     file_keys: ClassVar[dict[str, str]]
+    # persistent buffer attribute -> key suffix in saved files: state beyond the parameters that a checkpoint and
+    # the adapter file carry (the buffers are registered by the method's __init__, fp32). Empty for most methods.
+    state_keys: ClassVar[dict[str, str]] = {}
     # parameter attribute -> role used by optimizer grouping: "down", "up", "magnitude" or "shared".
     roles: ClassVar[dict[str, str]]
     # the values `AdapterConfig.init` may take for this method; the first is its default (init=None).
@@ -182,6 +194,13 @@ class AdapterLayer(nn.Module):
     def file_key(self, attr: str) -> str:
         """The key suffix of parameter `attr` in saved files (PEFT names, per layer type)."""
         return self.kind.file_key(type(self).file_keys[attr])
+
+    def file_tensors(self) -> dict[str, torch.Tensor]:
+        """Everything this layer writes to a native file, by key suffix: its parameters (`file_keys`) and its
+        persistent state (`state_keys`). Loading fills exactly these tensors back."""
+        out = {self.file_key(attr): getattr(self, attr) for attr in self.present(type(self).file_keys)}
+        out.update({key: getattr(self, attr) for attr, key in type(self).state_keys.items()})
+        return out
 
     # --- what a method defines ----------------------------------------------------------------------
     def forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
@@ -263,10 +282,12 @@ class AdapterLayer(nn.Module):
         return groups
 
     @classmethod
-    def after_optimizer_step(cls, layers: Iterable[AdapterLayer], step: int, optimizer=None) -> None:
-        """Run once per optimizer step, after `optimizer.step()` and before `zero_grad()`."""
+    def after_optimizer_step(cls, layers: Iterable[AdapterLayer], ctx: StepContext) -> None:
+        """Run once per optimizer step, after `optimizer.step()` and before `zero_grad()` (gradients are still
+        there). `ctx` carries the new step, the run's length, the optimizer and the LR scheduler; the base
+        records the step (SingLoRA's ramp reads it), so an override calls `super()` first."""
         for layer in layers:
-            layer.step = step
+            layer.step = ctx.step
 
     @classmethod
     def regularization(cls, layers: Iterable[AdapterLayer]) -> torch.Tensor | None:

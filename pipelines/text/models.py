@@ -123,7 +123,7 @@ def load_trained(output_dir: str | os.PathLike):
     import json
 
     import dreamlora
-    from pipelines.training import load_parameters
+    from pipelines.trainer.checkpoints import load_parameters
 
     folder = Path(output_dir)
     summary = json.loads((folder / "run.json").read_text(encoding="utf-8"))
