@@ -5,8 +5,12 @@ attention targets, AdamW, CPU unless --device says otherwise. Each configuration
 (fresh allocator, honest peak memory); rounds interleave the configurations so drift on a noisy machine
 hits all of them alike. The floor is the frozen base with the gradient flowing to the input only.
 
+Beside the same-rank rows, `dreamlora-<method>@eq` runs each method at the rank whose trainable parameter
+count is closest to dreamlora-lora's at the bench rank (issue #11; counted by `equal_params.py` on a meta-device
+UNet). A method whose equal-parameter rank is the bench rank itself gets no extra row: its same-rank row is it.
+
     python bench/adapter_step.py                     # ranks 4 and 64, writes bench/results/adapter_step.{json,md}
-    python bench/adapter_step.py --quick             # rank 4, fewer steps (what `make demo` runs)
+    python bench/adapter_step.py --quick             # rank 4, 3 steps, 1 round (`make bench` runs the full one)
 
 Not a timed test: compare ratios within one run.
 """
@@ -29,7 +33,11 @@ from step_clock import HeapPeak, heap_in_use_mib, reset_peak
 
 from dreamlora.methods import METHODS  # noqa: E402
 
-CONFIGS = ["floor", *(f"dreamlora-{m}" for m in METHODS), "peft-lora", "peft-dora", "peft-singlora"]
+REFERENCE = "dreamlora-lora"  # the parameter budget the @eq rows match, and the "× our lora" column
+EQUAL = "@eq"  # suffix of a configuration run at its equal-parameter rank
+CONFIGS = ["floor", *(f"dreamlora-{m}" for m in METHODS), *(f"dreamlora-{m}{EQUAL}" for m in METHODS
+                                                             if f"dreamlora-{m}" != REFERENCE),
+           "peft-lora", "peft-dora", "peft-singlora"]
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 RESULTS = Path(__file__).parent / "results"
 
@@ -139,12 +147,47 @@ def worker(config: str, rank: int, latent: int, steps: int, warmup: int, device:
     return result
 
 
-def run_one(config: str, rank: int, args) -> dict:
-    cmd = [sys.executable, __file__, "--worker", config, "--ranks", str(rank), "--latent", str(args.latent),
-           "--steps", str(args.steps), "--warmup", str(args.warmup), "--device", args.device, "--dtype", args.dtype]
+def method_of(config: str) -> str:
+    """The registry name in a `dreamlora-<method>[@eq]` configuration."""
+    return config.split("-", 1)[1].removesuffix(EQUAL)
+
+
+def equal_param_ranks(configs: list[str], ranks: list[int]) -> dict[int, dict[str, int]]:
+    """bench rank -> {`@eq` configuration: the rank at which its parameter count is closest to the reference's}.
+    Counted on a meta-device UNet: no weights, one layer built per distinct target shape and probed rank."""
+    equal = [c for c in configs if c.endswith(EQUAL)]
+    if not equal:
+        return {}
+    from equal_params import equal_param_rank, param_counter
+
+    from pipelines.diffusion.sd_configs import build_sd15_unet
+
+    unet = build_sd15_unet("meta")
+    reference, _ = param_counter(unet, method_of(REFERENCE), TARGETS)
+    counters = {c: param_counter(unet, method_of(c), TARGETS) for c in equal}
+    return {rank: {c: equal_param_rank(count, reference(rank), cap) for c, (count, cap) in counters.items()}
+            for rank in ranks}
+
+
+def plan(configs: list[str], ranks: list[int], eq_ranks: dict[int, dict[str, int]]) -> list[tuple[str, int, int]]:
+    """One round of (configuration, bench rank, rank it runs at). An `@eq` configuration whose rank is the bench
+    rank is left out: its same-rank row already is the equal-parameter one."""
+    jobs = []
+    for rank in ranks:
+        for config in configs:
+            used = eq_ranks[rank][config] if config.endswith(EQUAL) else rank
+            if not (config.endswith(EQUAL) and used == rank):
+                jobs.append((config, rank, used))
+    return jobs
+
+
+def run_one(config: str, rank: int, rank_used: int, args) -> dict:
+    cmd = [sys.executable, __file__, "--worker", config.removesuffix(EQUAL), "--ranks", str(rank_used),
+           "--latent", str(args.latent), "--steps", str(args.steps), "--warmup", str(args.warmup),
+           "--device", args.device, "--dtype", args.dtype]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    return {**json.loads(out.strip().splitlines()[-1]), "config": config, "rank": rank, "rank_used": rank_used}
 
 
 def train_memory(run: dict) -> float:
@@ -164,31 +207,40 @@ def summarise(runs: list[dict], ranks: list[int]) -> list[dict]:
             if mine:
                 # Interference from other work only ever adds time, so the fastest step over all rounds is
                 # the steadiest estimate of each configuration's cost; the median is kept beside it.
-                best[config] = {"min_s": min(r["min_s"] for r in mine),
+                best[config] = {"min_s": min(r["min_s"] for r in mine), "rank_used": mine[0]["rank_used"],
                                 "median_s": statistics.median(t for r in mine for t in r["step_s"]),
                                 "trainable_params": mine[0]["trainable_params"],
                                 "train_mem_mib": max(train_memory(r) for r in mine)}
         for config, r in best.items():
-            row = {"rank": rank, "config": config, "trainable_params": r["trainable_params"],
-                   "step_s": r["min_s"], "median_s": r["median_s"], "x_floor": r["min_s"] / best["floor"]["min_s"],
-                   "train_mem_mib": r["train_mem_mib"]}
-            if "dreamlora-lora" in best:
-                row["x_our_lora"] = r["min_s"] / best["dreamlora-lora"]["min_s"]
+            row = {"rank": rank, "config": config, "rank_used": r["rank_used"],
+                   "trainable_params": r["trainable_params"], "step_s": r["min_s"], "median_s": r["median_s"],
+                   "x_floor": r["min_s"] / best["floor"]["min_s"], "train_mem_mib": r["train_mem_mib"]}
+            if REFERENCE in best:
+                row["x_our_lora"] = r["min_s"] / best[REFERENCE]["min_s"]
+                row["params_x_lora"] = r["trainable_params"] / best[REFERENCE]["trainable_params"]
             rows.append(row)
     return rows
 
 
-def markdown(rows: list[dict], args) -> str:
+def markdown(rows: list[dict], args, same_rank_equal: dict[int, list[str]]) -> str:
     head = (f"SD 1.5 UNet, {args.latent}×{args.latent} latents, batch 1, attention targets, AdamW, "
             f"{args.device} {args.dtype}, {args.threads} CPU thread(s); fastest of {args.steps} steps × {args.rounds} "
             "interleaved rounds (median beside); train mem = largest heap in use above the heap after set-up (CPU, "
-            "glibc mallinfo2) or CUDA max_memory_allocated above the allocated memory after set-up\n\n"
-            "| rank | config | trainable params | step (s) | median (s) | × floor | × our lora | train mem (MiB) |\n"
-            "|---:|---|---:|---:|---:|---:|---:|---:|\n")
-    return head + "".join(
-        f"| {r['rank']} | {r['config']} | {r['trainable_params']:,} | {r['step_s']:.3f} | {r['median_s']:.3f} | "
-        f"{r['x_floor']:.3f} | "
-        f"{r.get('x_our_lora', float('nan')):.3f} | {r['train_mem_mib']:.0f} |\n" for r in rows)
+            "glibc mallinfo2) or CUDA max_memory_allocated above the allocated memory after set-up. "
+            f"`{EQUAL}` rows: the method at the rank whose trainable parameter count is closest to {REFERENCE}'s "
+            "at the row's rank (ties to the lower count, then the lower rank)\n\n"
+            "| rank | config | rank used | trainable params | params / lora params | step (s) | median (s) | "
+            "× floor | × our lora | train mem (MiB) |\n"
+            "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+    nan = float("nan")
+    table = "".join(
+        f"| {r['rank']} | {r['config']} | {r['rank_used']} | {r['trainable_params']:,} | "
+        f"{r.get('params_x_lora', nan):.3f} | {r['step_s']:.3f} | {r['median_s']:.3f} | {r['x_floor']:.3f} | "
+        f"{r.get('x_our_lora', nan):.3f} | {r['train_mem_mib']:.0f} |\n" for r in rows)
+    notes = "".join(f"\nAt rank {rank}, the equal-parameter rank of {', '.join(c.removesuffix(EQUAL) for c in cs)} "
+                    "is the bench rank itself: its same-rank row is its equal-parameter row.\n"
+                    for rank, cs in same_rank_equal.items() if cs)
+    return head + table + notes
 
 
 def main() -> None:
@@ -219,12 +271,15 @@ def main() -> None:
         sys.exit(f"--configs: unknown {unknown} (known: {CONFIGS}); 'floor' is required for the ratios")
     from tqdm import tqdm
 
-    jobs = [(c, r) for _ in range(args.rounds) for r in ranks for c in configs]
-    runs = [run_one(c, r, args) for c, r in tqdm(jobs, desc="adapter step bench", unit="process")]
+    eq_ranks = equal_param_ranks(configs, ranks)
+    one_round = plan(configs, ranks, eq_ranks)
+    same_rank_equal = {r: [c for c, used in eq.items() if used == r] for r, eq in eq_ranks.items()}
+    jobs = one_round * args.rounds
+    runs = [run_one(c, r, used, args) for c, r, used in tqdm(jobs, desc="adapter step bench", unit="process")]
     rows = summarise(runs, ranks)
-    table = markdown(rows, args)
+    table = markdown(rows, args, same_rank_equal)
     meta = {"torch": torch.__version__, "threads": args.threads, "machine": platform.machine(),
-            "cpu_count": os.cpu_count(), "args": vars(args)}
+            "cpu_count": os.cpu_count(), "args": vars(args), "equal_param_ranks": eq_ranks}
     write_report(args.output, {"meta": meta, "rows": rows, "runs": runs}, table)
 
 

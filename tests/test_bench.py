@@ -10,6 +10,9 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
+
+from dreamlora.methods import METHODS
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
@@ -68,3 +71,73 @@ def test_gpu_check_tiny_cpu_mode_runs_every_part(tmp_path):
     assert {r["method"] for r in checks if r["check"].startswith("sample")} == {"lora", "dora", "peft-lora"}
     assert proc.returncode == (0 if all(r["ok"] for r in train + checks) else 1), proc.stderr[-2000:]
     assert "CPU SMOKE" in stem.with_suffix(".md").read_text()
+
+
+class _Targets(torch.nn.Module):
+    """Target layers of every shape class the equal-parameter count must handle: square, wide, tall, conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.sq1, self.sq2 = torch.nn.Linear(24, 24), torch.nn.Linear(24, 24)  # identical: counted as one twice
+        self.wide = torch.nn.Linear(12, 36, bias=False)
+        self.tall = torch.nn.Linear(36, 16)
+        self.conv = torch.nn.Conv2d(8, 16, 3, padding=1)
+
+
+TARGETS = ["sq1", "sq2", "wide", "tall", "conv"]
+
+
+def _bench_module(name):
+    sys.path.insert(0, str(BENCH))
+    return __import__(name)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_param_counter_counts_what_attach_trains(method):
+    import dreamlora
+
+    param_counter = _bench_module("equal_params").param_counter
+    with torch.device("meta"):
+        count, cap = param_counter(_Targets(), method, TARGETS)
+    assert cap == 12  # the wide layer's d_in: the smallest side of any target (the conv's is C_out = 16)
+    for rank in (1, 3, cap):
+        model = dreamlora.attach(_Targets(), dreamlora.AdapterConfig(method=method, rank=rank, target_modules=TARGETS))
+        assert count(rank) == sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("lora_rank", [1, 2, 5])
+def test_equal_param_rank_is_the_closest_count_lowest_rank_first(method, lora_rank):
+    eq = _bench_module("equal_params")
+    with torch.device("meta"):
+        model = _Targets()
+    count, cap = eq.param_counter(model, method, TARGETS)
+    goal = eq.param_counter(model, "lora", TARGETS)[0](lora_rank)
+    brute = min(range(1, cap + 1), key=lambda r: (abs(count(r) - goal), count(r), r))
+    assert eq.equal_param_rank(count, goal, cap) == brute
+
+
+def test_equal_param_rank_by_hand():
+    """LoHa holds two rank-r LoRAs: equal to LoRA at half the rank. A count with a plateau below the goal (as LoKr
+    once its second factor is full) takes the lowest rank of the plateau."""
+    eq = _bench_module("equal_params")
+    with torch.device("meta"):
+        model = _Targets()
+    lora, cap = eq.param_counter(model, "lora", TARGETS)
+    loha, _ = eq.param_counter(model, "loha", TARGETS)
+    assert eq.equal_param_rank(loha, lora(4), cap) == 2 and loha(2) == lora(4)
+    assert eq.equal_param_rank(lambda r: 10 * min(r, 5), 1000, 40) == 5
+    assert eq.equal_param_rank(lambda r: 10 * r, 25, 40) == 2  # 20 and 30 equally close: the lower count
+
+
+def test_adapter_bench_plans_equal_param_rows_only_where_the_rank_differs():
+    bench = _bench_module("adapter_step")
+    eq_ranks = {4: {"dreamlora-a@eq": 2, "dreamlora-b@eq": 4}, 16: {"dreamlora-a@eq": 8, "dreamlora-b@eq": 15}}
+    configs = ["floor", "dreamlora-a", "dreamlora-a@eq", "dreamlora-b@eq"]
+    assert bench.plan(configs, [4, 16], eq_ranks) == [
+        ("floor", 4, 4), ("dreamlora-a", 4, 4), ("dreamlora-a@eq", 4, 2),
+        ("floor", 16, 16), ("dreamlora-a", 16, 16), ("dreamlora-a@eq", 16, 8), ("dreamlora-b@eq", 16, 15)]
+    assert bench.method_of("dreamlora-a@eq") == bench.method_of("dreamlora-a") == "a"
+    assert all(f"dreamlora-{m}" in bench.CONFIGS for m in METHODS)
+    assert {c for c in bench.CONFIGS if c.endswith("@eq")} == {f"dreamlora-{m}@eq" for m in METHODS} - {
+        "dreamlora-lora@eq"}
