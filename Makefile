@@ -29,7 +29,7 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
-# The main job on the embedded tiny model: build it, train the four methods on 4 real photos, sample, compare.
+# The main job on the embedded tiny model: build it, train every registered method on 4 real photos, sample, compare.
 demo: $(STAMP)
 	$(BIN)/python -m pipelines.demo
 

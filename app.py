@@ -10,10 +10,11 @@ Shared (`--share`) or listening beyond this machine, the app asks for a login (`
 serves only what the page shows (copies in RUNS/_served/), never the uploaded photos, logs or checkpoints, and
 caps the disk each run and all runs may use (`--max_run_gb`, `--max_total_gb`).
 
-UI only. The work is done by plain modules without gradio, which call the same commands and functions a
-user would: `pipelines/app_jobs.py` (training subprocesses: start, follow, stop, resume, list),
-`pipelines/app_settings.py` (the Train form as trainer flags; the base model), `pipelines/app_safety.py`
-(run names, uploads, paths), `pipelines/app_sample.py` and `pipelines/app_eval.py`.
+UI only. The work is done by the `app_backend` package, without gradio, which calls the same commands and
+functions a user would: `app_backend/jobs.py` (training subprocesses: start, follow, stop, resume, list),
+`app_backend/settings.py` (the Train form as trainer flags; the base model), `app_backend/safety.py` (run
+names, uploads, paths, what is served), `app_backend/disk.py` (disk limits), `app_backend/sampling.py` and
+`app_backend/scoring.py`.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ All state lives on disk, so a reloaded page (or a restarted server) finds every 
 Stop sends SIGUSR1 (the trainer checkpoints at the next step and exits cleanly), then SIGTERM and SIGKILL to
 the process group if it has not exited within the timeouts. Resume relaunches the saved argv with
 `--resume_from_checkpoint latest`. A run whose folder grows past its disk cap (or fills the runs folder) is
-stopped the same way, and says why (`DiskQuota`, pipelines/app_disk.py). No gradio here: the UI in app.py is
+stopped the same way, and says why (`DiskQuota`, app_backend/disk.py). No gradio here: the UI in app.py is
 a thin layer over this module.
 """
 

@@ -1,5 +1,6 @@
-"""The Evaluate and Compare tabs: DreamBench generation (`pipelines.dreambench.main`, the CLI's own entry point),
-scoring (`eval.score`, encoders loaded once per server) and the method table (`eval.compare`).
+"""The Evaluate and Compare tabs: DreamBench generation (`pipelines.diffusion.dreambench.main`, the entry point of
+`python -m pipelines.dreambench`), scoring (`eval.score`, encoders loaded once per server) and the method table
+(`eval.compare`).
 
 A run's DreamBench images go to RUNS/<run>/eval/<settings>-a<adapter digest>/ and are reused by later
 evaluations and comparisons with the same settings and the same adapter (the generator skips images that

@@ -16,7 +16,8 @@ SD_ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
 @dataclass
 class AdapterConfig:
     method: str = "lora"
-    """Registered method name (`dreamlora.METHODS`): `lora`, `loraplus`, `dora`, `singlora`, or a plugin's."""
+    """Registered method name (`dreamlora.METHODS`): `lora`, `loraplus`, `dora`, `singlora`, `loha`, `lokr`, or a
+    plugin's."""
 
     rank: int = 4
     """Rank r of the update. Must not exceed min(d_in, d_out) of any matched layer."""
@@ -41,7 +42,8 @@ class AdapterConfig:
     """Init of the trainable factors; None means the method's own default, the first of its class's `inits`
     (each method's docstring says what they draw). E.g. LoRA, LoRA+, DoRA: `kaiming` (Kaiming-uniform of A,
     a=sqrt(5), as PEFT; the default) or `gaussian` (N(0, 1/r^2), as diffusers' DreamBooth script); SingLoRA:
-    `scaled` (the default: entries of order (d_in·d_out)^-1/4) or `kaiming` (the third-party reference init)."""
+    `scaled` (the default: entries of order (d_in·d_out)^-1/4) or `kaiming` (the third-party reference init);
+    LoHa: `lycoris`; LoKr: `kaiming` (LyCORIS's inits)."""
 
     options: Any = None
     """The method's own options: an instance of its `Options` dataclass (e.g. `SingLoRAOptions(ramp_steps=10)`),

@@ -1,6 +1,6 @@
 """Attaching adapters to any torch module: finding targets, wrapping them, and managing named adapters.
 
-A matched layer is replaced by an `LayerWithAdapters` host that keeps the original as `base_layer` (PEFT's
+A matched layer is replaced by a `LayerWithAdapters` host that keeps the original as `base_layer` (PEFT's
 layout, so module paths in files read the same) and runs its active adapters after it.
 """
 

@@ -1,4 +1,4 @@
-"""The text classifier's output folder is also a PEFT adapter folder (`pipelines/text_peft.py`): PEFT's
+"""The text classifier's output folder is also a PEFT adapter folder (`pipelines/text/peft_folder.py`): PEFT's
 `PeftModel.from_pretrained` and transformers' `load_adapter` read it and predict as `load_trained` does, for
 every registered method; a method without an exact plain-LoRA form gets no PEFT files and run.json says why."""
 
