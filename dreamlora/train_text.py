@@ -3,8 +3,9 @@
 Reads top to bottom: flags → data (checked before any model loads) → classifier → adapters on the
 backbone, head trained in full → optimizer from the core's groups → the one loop (`pipelines.trainer.loop`)
 with periodic evaluation → save. This file is the classifier task: the loss of a batch, evaluation and the
-output files; the loop, checkpoints and progress file are DreamBooth training's; nothing here asks which
-method it trains. Data order is a function of (seed, epoch), so a resumed run retraces an uninterrupted one.
+output files; the loop, checkpoints and progress file are the ones DreamBooth training uses too
+(`pipelines.trainer`); nothing here asks which method it trains. Data order is a function of (seed, epoch), so
+a resumed run retraces an uninterrupted one.
 """
 
 from __future__ import annotations

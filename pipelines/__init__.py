@@ -1,1 +1,3 @@
-"""The parts that know diffusers and transformers: model configs and loading, data, losses, sampling."""
+"""The parts that know the model libraries: `diffusion` (diffusers), `text` (transformers) and `trainer` (the one
+training loop, on accelerate), under the thin commands `python -m pipelines.sample | dreambench | text_sweep | demo`.
+"""

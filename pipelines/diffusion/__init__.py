@@ -1,1 +1,2 @@
-"""The diffusers side: SD loading, DreamBooth data and loss, sampling, export for other tools, DreamBench."""
+"""The diffusers side: SD loading, the tiny model, DreamBooth data and loss, class images, sampling, export for
+other tools, DreamBench."""
