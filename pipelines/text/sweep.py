@@ -22,7 +22,7 @@ from pathlib import Path
 
 from dreamlora.methods import METHODS
 
-TRAINER = Path(__file__).resolve().parent.parent / "dreamlora" / "train_text.py"
+TRAINER = Path(__file__).resolve().parents[2] / "dreamlora" / "train_text.py"
 OWNED_FLAGS = ("--adapter", "--learning_rate", "--seed", "--output_dir")
 
 
@@ -96,8 +96,11 @@ def main(argv: list[str] | None = None) -> int:
                     if code != 0:
                         failed.append(run_name(*cell))
                         bar.write(f"{run_name(*cell)} failed (exit {code}); see {out / run_name(*cell) / 'train.log'}")
-    table = write_report(out)
-    print(table)
+    try:
+        print(write_report(out))
+    except FileNotFoundError as e:  # no run finished: say which runs failed, not only that none finished
+        print(e, file=sys.stderr)
+        failed = failed or ["(none finished)"]
     if failed:
         print(f"{len(failed)} runs failed: {', '.join(failed)}", file=sys.stderr)
         return 1
