@@ -33,6 +33,9 @@ def page(tmp_path_factory, tiny_model_dir):
         page = browser.new_page(viewport={"width": 1400, "height": 1300})
         page.set_default_timeout(60_000)
         page.goto(url)
+        # the page's load event fills the form (a free run name) when it returns, so typing before that is lost:
+        # wait for its headline (words, not the "0.0s" timer gradio shows while the event is pending)
+        page.wait_for_function("/[A-Za-z]{3}/.test(document.querySelector('#run-status')?.innerText || '')")
         page.runs_dir, page.app_url = runs, url
         try:
             yield page
