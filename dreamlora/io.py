@@ -118,7 +118,10 @@ def export_lora(model: nn.Module, path: str | os.PathLike, name: str = "default"
     tensors, peft_config = peft_lora_state_dict(model, name)
     first = next(iter(adapter_layers(model, name).values()))
     config = lora_export_config(first.config, peft_config["r"], peft_config["use_dora"])
-    meta = _metadata(config, name, first.step, exported_from=first.config.method, peft_config=json.dumps(peft_config))
+    # `lora_adapter_metadata` is where diffusers (0.34+) reads a file's LoraConfig: with it, a layer whose rank
+    # differs from the file's most common one keeps its own alpha (diffusers 0.34 guesses one alpha without it)
+    meta = _metadata(config, name, first.step, exported_from=first.config.method, peft_config=json.dumps(peft_config),
+                     lora_adapter_metadata=json.dumps(peft_config))
     atomic_save_file(tensors, path, meta)
     return Path(path)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -30,13 +31,20 @@ def test_exported_lora_loads_in_diffusers_with_the_same_output(method, tmp_path)
     assert all(k.endswith((".lora_A.weight", ".lora_B.weight", ".lora_magnitude_vector")) for k in tensors)
     assert any(k.endswith("lora_magnitude_vector") for k in tensors) == (method == "dora")
 
+    # the file's LoraConfig (per-layer rank_pattern/alpha_pattern) goes with the tensors, as diffusers' own files
+    # carry it: diffusers 0.34 infers one alpha for a bare dict, wrong for a layer of another rank (LoKr)
+    peft_config = json.loads(dreamlora.io.read_metadata(path)["peft_config"])
     reference = copy.deepcopy(base)
-    reference.load_lora_adapter(tensors, prefix=None, adapter_name="dreamlora")
+    reference.load_lora_adapter(tensors, prefix=None, adapter_name="dreamlora", metadata=peft_config)
+    from_file = copy.deepcopy(base)  # and the file alone, as a user loads it: its header carries the config
+    from_file.load_lora_adapter(str(tmp_path), weight_name=path.name, prefix=None, adapter_name="dreamlora")
     inputs = unet_inputs()
     with torch.no_grad():
         ours, theirs, plain = model(*inputs).sample, reference(*inputs).sample, base(*inputs).sample
+        theirs_from_file = from_file(*inputs).sample
     assert (ours - plain).abs().max() > 1e-2  # the adapter does something visible
     torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(theirs_from_file, ours, rtol=1e-5, atol=1e-5)
 
 
 def test_singlora_export_is_lossless_as_a_dreamlora_lora(tmp_path):
