@@ -48,6 +48,18 @@ def current_step(page) -> int:
     return int(match.group(1)) if match else -1
 
 
+def fill_until_kept(field, value: str, tries: int = 5) -> None:
+    """Type `value` and make sure it stays: on a loaded machine a field that is still mounting (the "More settings"
+    accordion) or a late page event can put its old value back right after a fill."""
+    for _ in range(tries):
+        field.fill(value)
+        field.press("Tab")  # commit the value to gradio's state
+        field.page.wait_for_timeout(700)
+        if field.input_value() == value:
+            return
+    raise AssertionError(f"the field kept reverting; last value {field.input_value()!r}, wanted {value!r}")
+
+
 def wait_step_above(page, step: int, timeout_ms: int = 120_000) -> int:
     page.wait_for_function(
         """(n) => { const m = (document.querySelector('#run-status')?.innerText || '').match(/step (\\d+)\\//);
@@ -67,10 +79,10 @@ def test_train_progress_stop_then_sample(page):
     photos = sorted(str(p) for p in (ASSETS / "dog").iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
     page.locator("input[type=file]").first.set_input_files(photos)
     page.get_by_text(re.compile(r"^\w.*\.(jpe?g|png)$", re.I)).first.wait_for()  # the upload list shows them
-    page.get_by_label("Run name").fill("browser-run")
-    page.get_by_label("Steps", exact=True).fill("2000")
+    fill_until_kept(page.get_by_label("Run name"), "browser-run")
+    fill_until_kept(page.get_by_label("Steps", exact=True), "2000")
     page.get_by_text("More settings").click()
-    page.get_by_label("Preview every (steps)").fill("15")
+    fill_until_kept(page.get_by_label("Preview every (steps)"), "15")
     page.get_by_role("button", name="Start training").click()
 
     page.wait_for_function("(document.querySelector('#run-status')?.innerText || '').includes('browser-run')")
