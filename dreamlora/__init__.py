@@ -26,7 +26,15 @@ from dreamlora.inject import (
     merge,
     set_scale,
 )
-from dreamlora.io import export_lora, load, load_weights, peft_lora_state_dict, save
+from dreamlora.io import (
+    export_errors,
+    export_lora,
+    load,
+    load_weights,
+    peft_lora_state_dict,
+    save,
+    set_export_rank,
+)
 from dreamlora.methods import METHODS, AdapterLayer, register
 from dreamlora.options import MethodOptions
 
@@ -46,7 +54,9 @@ __all__ = [
     "detach",
     "disable",
     "enable",
+    "export_errors",
     "export_lora",
+    "set_export_rank",
     "load",
     "load_weights",
     "merge",

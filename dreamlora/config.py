@@ -79,6 +79,7 @@ class AdapterConfig:
                 f"AdapterConfig.init: {self.init!r} is not an init of {self.method}; choose from {', '.join(inits)}"
             )
         self.options = _method_options(METHODS[self.method], self.options)
+        self.options.check(self, None)
 
     @property
     def scaling(self) -> float:

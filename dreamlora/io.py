@@ -99,16 +99,35 @@ def peft_lora_state_dict(model: nn.Module, name: str = "default") -> tuple[dict[
     layers = adapter_layers(model, name)
     method = type(next(iter(layers.values())))
     method.check_format("lora")
-    factors = {path: layer.lora_factors() for path, layer in layers.items()}
+    # each layer at its export rank (`AdapterLayer.export_factors`); a layer pruned to rank 0 is left out
+    factors = {path: f for path, layer in layers.items() if (f := layer.export_factors()[0])}
+    if not factors:
+        raise ValueError(f"adapter {name!r} has no layer of rank above 0 left to write")
     tensors = {f"{path}.{layers[path].kind.file_key(key)}": t for path, f in factors.items() for key, t in f.items()}
     ranks = {path: f["lora_A.weight"].shape[0] for path, f in factors.items()}
     r = Counter(ranks.values()).most_common(1)[0][0]
     pattern = {path: rank for path, rank in sorted(ranks.items()) if rank != r}
     peft_config = {"r": r, "lora_alpha": r, "rank_pattern": pattern, "alpha_pattern": dict(pattern),
-                   "target_modules": sorted(layers),
+                   "target_modules": sorted(factors),
                    "use_dora": any("lora_magnitude_vector" in f for f in factors.values()),
                    "use_rslora": False, "lora_dropout": 0.0, "bias": "none"}
     return tensors, peft_config
+
+
+def set_export_rank(model: nn.Module, rank: str | int | None, name: str = "default") -> None:
+    """The rank of adapter `name` in the plain-LoRA files written after this (diffusers, PEFT, kohya): "exact",
+    "auto" or an integer (`AdapterLayer.default_export_rank`); None restores the method's default."""
+    from dreamlora.compress import parse_export_rank
+
+    value = None if rank is None else parse_export_rank(rank)
+    for layer in adapter_layers(model, name).values():
+        layer.export_rank = value
+
+
+def export_errors(model: nn.Module, name: str = "default") -> dict[str, float]:
+    """The relative Frobenius error ‖ΔW − ΔW_file‖/‖ΔW‖ of each layer as the plain-LoRA files write it (0.0 where
+    the file is exact), by module path."""
+    return {path: layer.export_factors()[1] for path, layer in adapter_layers(model, name).items()}
 
 
 def export_lora(model: nn.Module, path: str | os.PathLike, name: str = "default") -> Path:
@@ -226,11 +245,18 @@ def _assign(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], path:
             f"{str(path)!r} does not fit this model (wrong base?): "
             f"{len(missing)} missing keys {_few(missing)}, {len(unexpected)} unexpected keys {_few(unexpected)}"
         )
+    growing = {}  # key -> (layer, state attr): state that may take the file's shape (`AdapterLayer.resize_state`)
+    for module_path, layer in adapter_layers(model, name).items():
+        for attr, key in type(layer).state_keys.items():
+            growing[f"{module_path}.{key}"] = (layer, attr)
     for key, param in expected.items():
-        if tensors[key].shape != param.shape:
+        if tensors[key].shape != param.shape and not (key in growing and growing[key][0].resize_state(
+                growing[key][1], tuple(tensors[key].shape))):
             raise ValueError(f"{str(path)!r}: {key} has shape {tuple(tensors[key].shape)} but this model's "
                              f"layer needs {tuple(param.shape)} (wrong base?)")
     for key, param in expected.items():
+        if key in growing:  # a resized buffer is a new tensor: read it back from its layer
+            param = getattr(growing[key][0], growing[key][1])
         param.copy_(tensors[key])
 
 

@@ -31,6 +31,12 @@ class MethodOptions:
         trainer uses them where the user gave no flag, and a resume keeps the checkpoint's value instead."""
         return {}
 
+    def check(self, config, total_steps: int | None) -> None:
+        """Checks that need more than one field: the adapter's `config` (its rank) and, from a trainer, the run's
+        number of optimizer steps (None outside one). Raise ValueError whose message starts with the flag, e.g.
+        `--relora_steps 500 is more than the run's 300 optimizer steps`. Called by `AdapterConfig` and by the
+        trainers (which show it as the one error of the run)."""
+
 
 @dataclass(frozen=True)
 class FlagSpec:

@@ -31,9 +31,9 @@ from pipelines.diffusion.class_images import ensure_class_images
 from pipelines.diffusion.export import write_tool_files
 from pipelines.diffusion.loss import denoising_loss, draw_noise, prediction_type
 from pipelines.diffusion.models import encode_prompts, load_components
-from pipelines.trainer import checkpoints, launch, loop, order
+from pipelines.trainer import checkpoints, launch, loop, order, outputs
 from pipelines.trainer.loop import Plan, RunResult
-from pipelines.trainer.method_options import resolve_method_options
+from pipelines.trainer.method_options import check_optimizer, resolve_method_options
 from pipelines.trainer.state import steps_per_epoch
 
 log = logging.getLogger("dreamlora.train")
@@ -169,6 +169,7 @@ def build(args, accelerator, instances: list, resume_from: Path | None) -> tuple
     resolve_method_options(args, max_steps, resume_from and checkpoints.adapter_file(resume_from, "unet"))
     trained, groups = attach_adapters(args, sd)
     optimizer = make_optimizer(args, groups)
+    check_optimizer(args, optimizer)
     from diffusers.optimization import get_scheduler
 
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer,
@@ -216,7 +217,7 @@ class DreamBoothTask:
             run_validation(self.args, self.sd, self.accelerator, self.trained, self.weight_dtype, step)
 
     def write_outputs(self, result: RunResult) -> None:
-        write_outputs(self.args, Path(self.args.output_dir), self.trained, result)
+        write_outputs(self.args, Path(self.args.output_dir), self.trained, result, self.sd)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -272,18 +273,26 @@ def run_validation(args, sd, accelerator, trained, dtype, step: int) -> None:
         writer.add_images("validation", np.stack([np.asarray(im) for im in images]), step, dataformats="NHWC")
 
 
-def write_outputs(args, output_dir: Path, trained: dict, result: RunResult) -> None:
+def write_outputs(args, output_dir: Path, trained: dict, result: RunResult, sd=None) -> None:
+    """The adapter files, the files for other tools, run.json, and with --save_merged (last: it folds the adapters
+    into the loaded weights) the merged pipeline under merged/ (`sd`: the loaded components)."""
     unet, text_encoder = trained["unet"], trained.get("text_encoder")
     for component, model in trained.items():
         dreamlora.save(model, checkpoints.adapter_file(output_dir, component))
+    outputs.prepare_exports(args, trained)
     tool_files = write_tool_files(output_dir, unet, text_encoder, kohya=not args.no_kohya_format)
     config = dataclasses.asdict(dreamlora.adapter_config(unet, "default"))
-    atomic_write_json(output_dir / "run.json", {
+    run = {
         "args": vars(args), "method": args.adapter, "adapter_config": config,
         "trainable_params": sum(dreamlora.trainable_parameter_count(m) for m in trained.values()),
         "steps": result.steps, "finished": result.finished, "wall_time_s": result.wall_time_s,
         "final_loss": result.final_loss, "files_for_tools": tool_files, **result.environment,
-    })
+        **outputs.method_figures(args, output_dir, trained),
+    }
+    if args.save_merged and sd is not None:
+        pipe = lambda: inference_pipeline(args, sd, unet, text_encoder or sd.text_encoder)  # noqa: E731
+        run["merged"] = str(outputs.save_merged(output_dir, trained, lambda folder: pipe().save_pretrained(folder)))
+    atomic_write_json(output_dir / "run.json", run)
 
 
 def cli(argv: list[str] | None = None) -> int:

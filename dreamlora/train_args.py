@@ -107,9 +107,22 @@ class OutputArgs:
 
     output_dir: str | None = None
     """folder of the adapter files, checkpoints, logs and run.json (required)"""
+    export_rank: str | None = None
+    """rank of the plain-LoRA files for other tools: exact, auto (the truncated SVD keeping 99% of the update's
+    energy, at most 4x --rank) or a number; default: the method's own (exact; auto for relora, whose update has a
+    rank above --rank). The relative error is in run.json"""
+    save_merged: bool = False
+    """also write the base model with the adapter merged in, in its library's format, under merged/"""
 
     def __post_init__(self):
         require_given(self, "output_dir")
+        if self.export_rank is not None:
+            from dreamlora.compress import parse_export_rank
+
+            try:
+                self.export_rank = parse_export_rank(self.export_rank)
+            except ValueError as e:
+                raise ArgError(str(e)) from None
 
 
 # --- train.py's own groups ---------------------------------------------------------------------------------

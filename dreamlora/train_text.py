@@ -28,9 +28,9 @@ from dreamlora.train_text_args import parse_args
 from eval.classification import classification_metrics
 from pipelines.text import models as text_models
 from pipelines.text.data import Columns, PadCollator, read_examples, tokenize
-from pipelines.trainer import checkpoints, launch, loop
+from pipelines.trainer import checkpoints, launch, loop, outputs
 from pipelines.trainer.loop import Plan, RunResult
-from pipelines.trainer.method_options import resolve_method_options
+from pipelines.trainer.method_options import check_optimizer, resolve_method_options
 from pipelines.trainer.order import EpochShuffle
 from pipelines.trainer.progress import ProgressLog
 from pipelines.trainer.state import batch_seed, steps_per_epoch
@@ -102,6 +102,7 @@ def build(args, accelerator, train, validation, labels, resume_from: Path | None
     eval_features = tokenize(tokenizer, validation, max_length) if validation is not None else None
     collator = PadCollator(tokenizer.pad_token_id, tokenizer.padding_side)
     optimizer = torch.optim.AdamW(groups)
+    check_optimizer(args, optimizer)
     sampler = EpochShuffle(len(train_features), args.seed)
     loader = torch.utils.data.DataLoader(train_features, batch_size=args.per_device_train_batch_size,
                                          sampler=sampler, collate_fn=collator)
@@ -180,16 +181,24 @@ def write_outputs(args, output_dir: Path, model, what_trains: dict, labels: list
 
     dreamlora.save(model, output_dir / text_models.ADAPTER_FILE)
     checkpoints.save_parameters(model, what_trains["head_parameters"], output_dir / text_models.HEAD_FILE)
+    outputs.prepare_exports(args, {"model": model})
     tool_files = peft_folder.write_peft_folder(output_dir, model, what_trains["head_parameters"],
                                                what_trains["resolved_model_path"])
-    atomic_write_json(output_dir / "run.json", {
+    record = {
         "args": vars(args), "task": "text-classification", "method": args.adapter,
         "model_name_or_path": args.model_name_or_path, "labels": labels, "max_length": max_length,
         "adapter_config": dataclasses.asdict(dreamlora.adapter_config(model, "default")),
         "trainable_params": what_trains["adapter_params"] + what_trains["head_params"], **what_trains, **run,
-        "files_for_tools": tool_files,
+        "files_for_tools": tool_files, **outputs.method_figures(args, output_dir, {"model": model}),
         **{f"eval_{k}": v for k, v in metrics.items()},
-    })
+    }
+    if args.save_merged:  # last: it folds the adapter into the model's weights
+        def write(folder: Path) -> None:
+            model.save_pretrained(folder)
+            text_models.load_tokenizer(what_trains["resolved_model_path"]).save_pretrained(folder)
+
+        record["merged"] = str(outputs.save_merged(output_dir, {"model": model}, write))
+    atomic_write_json(output_dir / "run.json", record)
 
 
 def cli(argv: list[str] | None = None) -> int:

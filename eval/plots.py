@@ -45,3 +45,29 @@ def save_figure(fig, path: Path, dpi: int = 110) -> Path:
     plt.close(fig)
     os.replace(tmp, path)
     return path
+
+
+def rank_per_layer(ranks: dict[str, int], path: Path, title: str, reference: int | None = None) -> Path:
+    """A horizontal bar per adapted layer (its rank: AdaLoRA's final rank, ReLoRA's effective rank), with the
+    configured rank as a dashed line, so a user sees where the rank went."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(ranks)
+    fig, ax = plt.subplots(figsize=(7, max(2.5, 0.18 * len(names) + 1)), constrained_layout=True)
+    ax.barh(range(len(names)), [ranks[n] for n in names], color="#8fb3d9", edgecolor="#2b5d8c")
+    ax.set_yticks(range(len(names)), [_short(n) for n in names], fontsize=6 if len(names) > 24 else 8)
+    ax.invert_yaxis()
+    if reference is not None:
+        ax.axvline(reference, color="#c0392b", linestyle="--", label=f"--rank {reference}")
+        ax.legend(loc="lower right", fontsize=8)
+    ax.set_xlabel("rank")
+    ax.set_title(title)
+    ax.grid(axis="x", alpha=0.3)
+    return save_figure(fig, path)
+
+
+def _short(path: str, keep: int = 48) -> str:
+    return path if len(path) <= keep else "…" + path[-keep + 1:]

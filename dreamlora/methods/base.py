@@ -156,6 +156,10 @@ class AdapterLayer(nn.Module):
     unsupported_formats: ClassVar[dict[str, str]] = {}
     # the kohya file's `ss_network_module`: what kohya/A1111 build to read this method's keys.
     kohya_network_module: ClassVar[str] = "networks.lora"
+    # the rank of this method's plain-LoRA files (diffusers, PEFT, kohya) unless the user says (`export_rank`):
+    # "exact" writes `lora_factors()` as they are; "auto" (ReLoRA, whose exact update has rank (merges + 1)·r) the
+    # truncated SVD keeping 99 % of ‖ΔW‖²_F, at most 4×rank; an integer, that rank (see `dreamlora.compress`).
+    default_export_rank: ClassVar[str | int] = "exact"
 
     def __init__(self, kind: LayerKind, config: AdapterConfig):
         super().__init__()
@@ -167,6 +171,7 @@ class AdapterLayer(nn.Module):
         self.enabled = True
         self.step = 0  # optimizer steps taken; persisted through get/set_extra_state
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else None
+        self.export_rank: str | int | None = None  # None: the method's `default_export_rank` (`set_export_rank`)
 
     def _apply(self, fn, recurse: bool = True):
         """Every `Module.to/.half/.cuda/...` comes through here: keep device moves, drop dtype casts (see the
@@ -232,7 +237,9 @@ class AdapterLayer(nn.Module):
         every layer and `lora_up` carries factor rank / rank option, so the product is the exact update while
         the file has one alpha: diffusers' kohya converter loses per-module alphas of the text encoder under
         transformers 5 (its alpha_pattern keeps the `text_model.` level). For LoRA itself the factor is 1."""
-        factors = self.lora_factors()
+        factors, _ = self.export_factors()
+        if not factors:
+            return {}
         down = factors["lora_A.weight"]
         ratio = down.shape[0] / self.rank
         up = factors["lora_B.weight"] if ratio == 1 else factors["lora_B.weight"] * ratio
@@ -241,6 +248,23 @@ class AdapterLayer(nn.Module):
         if "lora_magnitude_vector" in factors:
             out["dora_scale"] = per_row(factors["lora_magnitude_vector"], self.kind)
         return out
+
+    def export_factors(self) -> tuple[dict[str, torch.Tensor], float]:
+        """What the plain-LoRA files hold for this layer: `lora_factors()` at this layer's export rank (see
+        `default_export_rank`), and the relative Frobenius error of that rank (0.0 when exact). Empty factors (a
+        layer pruned to rank 0 by AdaLoRA) stay empty: the writers leave such a layer out."""
+        from dreamlora import compress  # here: compress reads layers, and base must not import it at load time
+
+        factors = self.lora_factors()
+        wanted = type(self).default_export_rank if self.export_rank is None else self.export_rank
+        if not factors or wanted == "exact":
+            return factors, 0.0
+        spec = compress.layer_spectrum(self)
+        rank = min(spec.energy_rank(), 4 * self.rank) if wanted == "auto" else int(wanted)
+        if rank >= factors["lora_A.weight"].shape[0]:
+            return factors, 0.0  # the exact factors already have at most this rank
+        truncated, error = compress.truncate(self, rank)
+        return {**factors, **truncated}, error
 
     @classmethod
     def unsupported_reason(cls, fmt: str) -> str | None:
@@ -263,6 +287,12 @@ class AdapterLayer(nn.Module):
         if reason is not None:
             raise ExportUnsupported(f"a {cls.method} adapter cannot be written as {EXPORT_FORMATS[fmt]} "
                                     f"(format {fmt!r}): {reason}")
+
+    def resize_state(self, attr: str, shape: tuple[int, ...]) -> bool:
+        """Give the persistent state buffer `attr` (one of `state_keys`) the shape a file holds, before loading it;
+        False refuses (the default: a state whose shape differs belongs to another base). A method whose state
+        grows while it trains (ReLoRA's stacked merges) re-registers the buffer with `shape` and returns True."""
+        return False
 
     def base_weight_changed(self) -> None:
         """Called after something (a merge) rewrote the base weight; refresh anything cached from it."""
@@ -288,6 +318,17 @@ class AdapterLayer(nn.Module):
         records the step (SingLoRA's ramp reads it), so an override calls `super()` first."""
         for layer in layers:
             layer.step = ctx.step
+
+    @classmethod
+    def check_optimizer(cls, optimizer: torch.optim.Optimizer) -> None:
+        """Raise ValueError when this method cannot train with `optimizer` (ReLoRA resets AdamW's moments). The
+        trainers call it once the optimizer is built and name the flag that chose it."""
+
+    @classmethod
+    def report(cls, layers: dict[str, AdapterLayer]) -> dict:
+        """Figures about the trained adapter (layers by module path) for run.json's `method_report`, JSON-able.
+        A `rank_per_layer` entry ({path: rank}) is also drawn as `ranks.png` by the trainers."""
+        return {}
 
     @classmethod
     def regularization(cls, layers: Iterable[AdapterLayer]) -> torch.Tensor | None:

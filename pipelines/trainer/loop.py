@@ -128,7 +128,8 @@ def train(task: Task, plan: Plan, args, accelerator, stop_requested, resume_from
             report.close()  # so the error is the last line the user sees
             raise TrainingDiverged(f"loss became {last_loss} at step {step}; stopped without saving. "
                                    f"Last good checkpoint: {last_checkpoint or 'none'}")
-        report.step(step, last_loss, lr_scheduler.get_last_lr()[0], parts)
+        # the lr the next step uses, as the method's hook left it (ReLoRA's jagged schedule rewrites it)
+        report.step(step, last_loss, optimizer.param_groups[0]["lr"], parts)
         train_seconds += time.time() - step_started
         # evaluation before the checkpoint: whatever it draws from the RNG is in the checkpoint's RNG state
         if task.evaluates and (step == max_steps or every(step, task.eval_every)):

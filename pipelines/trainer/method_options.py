@@ -34,7 +34,29 @@ def resolve_method_options(args, total_steps: int, checkpoint_adapter: Path | No
     options = {**run_dependent, **given}
     for name, value in options.items():
         setattr(args, specs[name].flag, value)
+    _check_for_run(cls, args, options, total_steps)
     return options
+
+
+def _check_for_run(cls, args, options: dict, total_steps: int) -> None:
+    """The method's own checks against this run (`MethodOptions.check`): one ArgError naming the flag."""
+    try:
+        instance = cls.Options(**options)
+        config = AdapterConfig(method=args.adapter, rank=args.rank, alpha=args.alpha, options=instance)
+        instance.check(config, total_steps)
+    except ValueError as e:
+        raise ArgError(str(e)) from None
+
+
+def check_optimizer(args, optimizer) -> None:
+    """The trained method's word on the optimizer (`AdapterLayer.check_optimizer`), naming the flag that chose it."""
+    from dreamlora.methods import METHODS
+
+    try:
+        METHODS[args.adapter].check_optimizer(optimizer)
+    except ValueError as e:
+        chosen_by = "--use_8bit_adam: " if getattr(args, "use_8bit_adam", False) else ""
+        raise ArgError(f"{chosen_by}{e}") from None
 
 
 def _stored_options(checkpoint_adapter: Path | None):
