@@ -32,9 +32,18 @@ def read_runs(sweep_dir: Path) -> list[dict]:
                      "seed": run["args"]["seed"], "accuracy": run.get("eval_accuracy"),
                      "macro_f1": run.get("eval_macro_f1"), "mcc": run.get("eval_mcc"),
                      "adapter_params": run.get("adapter_params"), "head_params": run.get("head_params"),
-                     "train_time_s": run.get("train_time_s"), "steps": run.get("steps"),
+                     "train_time_s": run.get("train_time_s"), "steps": run.get("steps"), **_ranks(run),
                      "curve": [(r["step"], r["accuracy"]) for r in curve if r.get("event") == "eval"]})
     return runs
+
+
+def _ranks(run: dict) -> dict:
+    """The rank per adapted layer, mean over layers: the method's own (`method_report`'s rank_per_layer: ReLoRA's
+    effective rank, AdaLoRA's final rank) or --rank; and the adapter's final parameters (AdaLoRA's kept triplets)."""
+    report = (run.get("method_report") or {}).get("model", {})
+    ranks = list((report.get("rank_per_layer") or {}).values())
+    return {"rank": float(np.mean(ranks)) if ranks else float(run["args"].get("rank") or 0),
+            "final_params": report.get("final_params", run.get("adapter_params"))}
 
 
 def mean_curve(runs: list[dict]) -> list[tuple[int, float]]:
@@ -70,6 +79,8 @@ def summarise(runs: list[dict]) -> dict:
             "macro_f1_mean": float(np.mean([r["macro_f1"] for r in group])),
             "mcc_mean": float(np.mean([r["mcc"] for r in group])),
             "adapter_params": group[0]["adapter_params"], "head_params": group[0]["head_params"],
+            "final_params_mean": float(np.mean([r["final_params"] for r in group])),
+            "rank_mean": float(np.mean([r["rank"] for r in group])),
             "train_time_s_mean": float(np.mean([r["train_time_s"] for r in group])),
             "steps": group[0]["steps"],
             "steps_to_lora_final": None if reference is None else first_step_reaching(curve, reference),
@@ -77,24 +88,31 @@ def summarise(runs: list[dict]) -> dict:
             "learning_rates": sorted(lrs), "curve": curve,
             "per_lr": {lr: {k: v for k, v in s.items() if k != "runs"} for lr, s in sorted(lrs.items())},
         })
-    order = ["lora", "loraplus", "dora", "singlora"]
+    order = ["lora", "loraplus", "dora", "singlora", "loha", "lokr", "relora", "adalora"]
     rows.sort(key=lambda r: order.index(r["method"]) if r["method"] in order else len(order))
     return {"lora_final_accuracy": reference, "methods": rows}
+
+
+def _params(row: dict) -> str:
+    """Trained parameters, and the final ones where pruning left fewer (AdaLoRA)."""
+    trained, final = row["adapter_params"], round(row["final_params_mean"])
+    return f"{trained:,}" if final == trained else f"{trained:,} ({final:,})"
 
 
 def table(summary: dict) -> str:
     def pts(value):
         return "–" if value is None else f"{100 * value:.2f}"
 
-    lines = ["| method | best lr | dev accuracy (%) | macro-F1 | MCC | adapter params | head params | train time (s) "
-             "| steps to LoRA's final acc. | acc. spread over lrs (pts) | accuracy per lr (%) |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    lines = ["| method | best lr | dev accuracy (%) | macro-F1 | MCC | adapter params (final) | rank per layer "
+             "| head params | train time (s) | steps to LoRA's final acc. | acc. spread over lrs (pts) "
+             "| accuracy per lr (%) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in summary["methods"]:
         reach = "not reached" if r["steps_to_lora_final"] is None else f"{r['steps_to_lora_final']} / {r['steps']}"
         per_lr = ", ".join(f"{lr:g}: {100 * s['accuracy_mean']:.1f}±{100 * s['accuracy_std']:.1f}"
                            for lr, s in r["per_lr"].items())
         lines.append(f"| {r['method']} | {r['best_lr']:g} | {pts(r['accuracy_mean'])} ± {pts(r['accuracy_std'])} "
-                     f"| {r['macro_f1_mean']:.4f} | {r['mcc_mean']:.4f} | {r['adapter_params']:,} "
+                     f"| {r['macro_f1_mean']:.4f} | {r['mcc_mean']:.4f} | {_params(r)} | {r['rank_mean']:.1f} "
                      f"| {r['head_params']:,} | {r['train_time_s_mean']:.0f} | {reach} "
                      f"| {r['lr_spread_points']:.2f} | {per_lr} |")
     seeds = max((r["seeds"] for r in summary["methods"]), default=0)

@@ -81,12 +81,14 @@ def test_collator_pads_to_the_longest_and_masks():
     assert left["input_ids"].tolist() == [[1, 2], [9, 4]]
 
 
-def fake_run(folder, method, lr, seed, curve, params=100):
+def fake_run(folder, method, lr, seed, curve, params=100, report=None):
     folder.mkdir(parents=True)
     (folder / "run.json").write_text(json.dumps({
-        "task": "text-classification", "finished": True, "method": method, "args": {"learning_rate": lr, "seed": seed},
+        "task": "text-classification", "finished": True, "method": method,
+        "args": {"learning_rate": lr, "seed": seed, "rank": 8},
         "eval_accuracy": curve[-1][1], "eval_macro_f1": 0.5, "eval_mcc": 0.1, "adapter_params": params,
-        "head_params": 10, "train_time_s": 2.0, "steps": curve[-1][0]}))
+        "head_params": 10, "train_time_s": 2.0, "steps": curve[-1][0],
+        **({"method_report": {"model": report}} if report else {})}))
     (folder / "eval.jsonl").write_text("".join(json.dumps({"event": "eval", "step": s, "accuracy": a}) + "\n"
                                                for s, a in curve))
 
@@ -109,6 +111,18 @@ def test_report_picks_best_lr_measures_spread_and_steps_to_reach_lora(tmp_path):
     assert (tmp_path / "accuracy_vs_step.png").stat().st_size > 0 and (tmp_path / "accuracy_vs_lr.png").is_file()
 
 
+def test_report_shows_each_methods_rank_and_final_parameters(tmp_path):
+    """AdaLoRA's final ranks and kept parameters, ReLoRA's effective rank, --rank otherwise."""
+    fake_run(tmp_path / "l", "lora", 1e-3, 0, [(10, 0.7)])
+    fake_run(tmp_path / "a", "adalora", 1e-3, 0, [(10, 0.7)], params=150,
+             report={"rank_per_layer": {"q": 6, "v": 10}, "final_params": 90})
+    fake_run(tmp_path / "r", "relora", 1e-3, 0, [(10, 0.7)], report={"rank_per_layer": {"q": 21, "v": 23}})
+    text = write_report(tmp_path)
+    assert "| lora | 0.001 | 70.00 ± 0.00 | 0.5000 | 0.1000 | 100 | 8.0 |" in text
+    assert "| adalora | 0.001 | 70.00 ± 0.00 | 0.5000 | 0.1000 | 150 (90) | 8.0 |" in text
+    assert "| relora | 0.001 | 70.00 ± 0.00 | 0.5000 | 0.1000 | 100 | 22.0 |" in text
+
+
 def test_curve_helpers():
     runs = [{"curve": [(1, 0.2), (2, 0.4), (3, 0.9)]}, {"curve": [(1, 0.4), (3, 0.7)]}]
     assert mean_curve(runs) == [(1, pytest.approx(0.3)), (3, pytest.approx(0.8))]
@@ -118,13 +132,17 @@ def test_curve_helpers():
 def test_sweep_runs_the_grid_skips_finished_runs_and_reports(tmp_path):
     model = build_tiny_text_model("bert", tmp_path / "bert")
     command = [sys.executable, "-m", "pipelines.text_sweep", "--output_dir", str(tmp_path / "sweep"), "--methods",
-               "lora,singlora", "--learning_rates", "5e-3", "--seeds", "0", "--", "--model_name_or_path", str(model),
+               "lora,singlora", "--learning_rates", "5e-3", "--seeds", "0", "--method_flags", "singlora=--rank 2",
+               "--", "--model_name_or_path", str(model),
                "--train_file", str(SST2_TRAIN), "--validation_file", str(SST2_DEV), "--max_train_steps", "2",
                "--eval_steps", "1", "--per_device_train_batch_size", "4", "--max_length", "32", "--report_to", "none"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     report = (tmp_path / "sweep" / "report.md").read_text()
     assert "| lora | 0.005 |" in report and "| singlora | 0.005 |" in report
+    ranks = {m: json.loads((tmp_path / "sweep" / f"{m}_lr0.005_s0" / "run.json").read_text())["args"]["rank"]
+             for m in ("lora", "singlora")}
+    assert ranks == {"lora": 8, "singlora": 2}  # --method_flags reach that method's runs only
     first = (tmp_path / "sweep" / "lora_lr0.005_s0" / "run.json").stat().st_mtime_ns
     again = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and (tmp_path / "sweep" / "lora_lr0.005_s0" / "run.json").stat().st_mtime_ns == first

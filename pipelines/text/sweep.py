@@ -5,7 +5,9 @@
         --model_name_or_path minilm --train_file sst2/train.txt --validation_file sst2/dev.txt \\
         --max_train_steps 200 --eval_steps 25
 
-Flags after `--` go to every `dreamlora/train_text.py` run unchanged. Each run is its own process in
+Flags after `--` go to every `dreamlora/train_text.py` run unchanged; `--method_flags "adalora=--rank 12
+--adalora_target_r 8"` adds flags for one method's runs only (after the shared ones, so they win), e.g. to
+compare AdaLoRA at LoRA's final parameter budget. Each run is its own process in
 `OUTPUT_DIR/<method>_lr<lr>_s<seed>` with its log; finished runs are skipped, so an interrupted sweep
 continues where it stopped. A failed run is reported and the others go on.
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -55,6 +58,9 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--seeds", default="0,1")
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel; CPU threads are shared between them")
     p.add_argument("--report_only", action="store_true", help="only rebuild the table and plots")
+    p.add_argument("--method_flags", action="append", default=[], metavar="METHOD=FLAGS",
+                   help="trainer flags for one method's runs only, e.g. 'adalora=--rank 12 --adalora_target_r 8' "
+                        "(repeatable)")
     args = p.parse_args(own)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     bad = sorted(set(args.methods) - set(METHODS))
@@ -65,12 +71,25 @@ def parse_args(argv: list[str] | None):
         args.seeds = [int(v) for v in args.seeds.split(",")]
     except ValueError as e:
         p.error(f"--learning_rates/--seeds must be comma-separated numbers ({e})")
-    clash = [f for f in trainer_flags if f.split("=")[0] in OWNED_FLAGS]
+    args.method_flags = _method_flags(p, args.method_flags, args.methods)
+    clash = [f for f in trainer_flags + [f for fs in args.method_flags.values() for f in fs]
+             if f.split("=")[0] in OWNED_FLAGS]
     if clash:
         p.error(f"{clash} are set by the sweep itself; remove them after --")
     if not args.report_only and "--validation_file" not in " ".join(trainer_flags):
         p.error("the trainer flags after -- need --validation_file (the sweep compares dev accuracy)")
     return args, trainer_flags
+
+
+def _method_flags(parser, values: list[str], methods: list[str]) -> dict[str, list[str]]:
+    """`--method_flags METHOD=FLAGS` (repeatable) as {method: [flags]}."""
+    out: dict[str, list[str]] = {}
+    for value in values:
+        method, sep, flags = value.partition("=")
+        if not sep or method.strip() not in methods:
+            parser.error(f"--method_flags {value!r}: METHOD=FLAGS with METHOD one of --methods ({', '.join(methods)})")
+        out.setdefault(method.strip(), []).extend(shlex.split(flags))
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         threads = max(1, (os.cpu_count() or 1) // args.jobs)
         with tqdm(total=len(grid), initial=len(grid) - len(todo), desc="sweep", unit="run") as bar:
             def one(cell):
-                code = train_one(out / run_name(*cell), *cell, trainer_flags, threads)
+                flags = trainer_flags + args.method_flags.get(cell[0], [])
+                code = train_one(out / run_name(*cell), *cell, flags, threads)
                 bar.update(1)
                 return cell, code
 
