@@ -152,7 +152,7 @@ class App:
         if not name:
             hint = "Pick a run above to follow it." if self.jobs.names() else \
                 "No run yet: set one up on the left and press *Start training*."
-            return hint, loss_frame([]), [], ""
+            return hint, loss_frame([]), [], "", gr.update(value=None, visible=False)
         p = self.jobs.progress(name)
         eta = f" · ETA {format_seconds(p.eta_s)}" if p.status == "running" and p.eta_s is not None else ""
         loss = f" · loss {p.losses[-1][1]:.4f}" if p.losses else ""
@@ -160,7 +160,10 @@ class App:
         why = f" · {p.stop_reason}" if p.stop_reason else ""
         headline = f"**{name}** · {p.status} · step {p.step}/{p.total or '?'}{eta}{loss}{ckpt}{why}"
         gallery = [(str(self.served(f)), f.stem.replace("step-", "step ")) for f in p.validation[-8:]]
-        return headline, loss_frame(p.losses), gallery, p.log_tail
+        # the rank per layer of a finished run whose method reports one (AdaLoRA's final ranks, ReLoRA's effective)
+        ranks = gr.update(value=str(self.served(p.ranks_plot)), visible=True) if p.ranks_plot else \
+            gr.update(value=None, visible=False)
+        return headline, loss_frame(p.losses), gallery, p.log_tail, ranks
 
     def served(self, path: Path) -> Path:
         """The copy of a file the page shows, in the one folder the server serves."""
@@ -186,16 +189,15 @@ class App:
             name = self.jobs.active() or None
         signature = self.signature(name)
         if signature == seen:
-            return (gr.skip(),) * 7
-        headline, frame, gallery, log = self.progress(name)
-        return (headline, frame, gallery, log, self.runs(), gr.update(choices=names, value=name), signature)
+            return (gr.skip(),) * 8
+        return (*self.progress(name), self.runs(), gr.update(choices=names, value=name), signature)
 
     def signature(self, name) -> tuple:
         if not name:
             return (None, tuple(self.jobs.names()))
         run_dir = self.jobs.runs_dir / name
         stats = [(run_dir / f).stat().st_mtime_ns if (run_dir / f).exists() else 0
-                 for f in ("progress.jsonl", "job.json", "exit.json", "train.log")]
+                 for f in ("progress.jsonl", "job.json", "exit.json", "train.log", "ranks.png")]
         return (name, self.jobs.is_running(name), *stats, tuple(self.jobs.names()))
 
     def on_load(self):
@@ -396,6 +398,8 @@ def train_panel(c: dict) -> None:
     c["headline"] = gr.Markdown(elem_id="run-status")
     c["loss"] = gr.LinePlot(loss_frame([]), x="step", y="loss", title="Training loss", height=240)
     c["validation"] = gr.Gallery(label="Preview images (validation prompt)", columns=4, height=220)
+    c["ranks"] = gr.Image(label="Rank per layer (AdaLoRA: final rank; ReLoRA: effective rank of the merged update)",
+                          type="filepath", height=320, visible=False)
     c["adapter_files"] = gr.File(label="Adapter files (load with --adapter, or dreamlora.load)",
                                  file_count="multiple", visible=True, height=90)
     c["log"] = gr.Textbox(label="Trainer log (last lines; all of it in RUNS/<run>/train.log)", lines=8,
@@ -420,7 +424,7 @@ def wire_train(app: App, base, c: dict) -> None:
                       concurrency_limit=1)
     c["download"].click(refused(app.download), c["run"], c["adapter_files"], api_name="download",
                         concurrency_limit=4)
-    panel = [c["headline"], c["loss"], c["validation"], c["log"]]
+    panel = [c["headline"], c["loss"], c["validation"], c["log"], c["ranks"]]
     c["run"].input(refused(app.progress), c["run"], panel, api_name="progress", concurrency_limit=None)
     gr.Button("Refresh runs", size="sm").click(app.runs, None, c["runs"], api_name="runs", concurrency_limit=None)
     timer = gr.Timer(1.0)
@@ -508,8 +512,9 @@ def wire_load(app: App, demo: gr.Blocks) -> None:
     t = app.train_components
     choice_outputs = [*app.sample_components["slots"][0::2], app.eval_components["runs"],
                       app.eval_components["folders"], app.compare_components["runs"]]
-    demo.load(app.on_load, None, [t["run"], t["headline"], t["loss"], t["validation"], t["log"], t["runs"],
-                                  *choice_outputs, t["name"]], api_visibility="private", show_progress="hidden")
+    demo.load(app.on_load, None, [t["run"], t["headline"], t["loss"], t["validation"], t["log"], t["ranks"],
+                                  t["runs"], *choice_outputs, t["name"]], api_visibility="private",
+              show_progress="hidden")
     # new adapters appear in the pickers when a run ends; cheap, so on every status change
     t["headline"].change(app.refresh_choices, None, choice_outputs, api_visibility="private", show_progress="hidden")
 

@@ -56,6 +56,7 @@ class Progress:
     checkpoints: list[int] = field(default_factory=list)
     log_tail: str = ""
     stop_reason: str | None = None  # set when the app, not the user, stopped it (a disk limit)
+    ranks_plot: Path | None = None  # ranks.png of a finished run whose method reports ranks per layer
 
     @property
     def resumable(self) -> bool:
@@ -269,6 +270,7 @@ class JobManager:
         p.total = p.total or read_json(run_dir / "job.json").get("settings", {}).get("steps")
         p.losses = sorted(losses.items())
         p.validation = sorted((run_dir / "validation").glob("step-*.png"))
+        p.ranks_plot = run_dir / "ranks.png" if (run_dir / "ranks.png").is_file() else None
         p.checkpoints = [step for step, _ in list_checkpoints(run_dir)]
         p.log_tail = tail(run_dir / "train.log", log_lines)
         p.stop_reason = read_json(run_dir / "job.json").get("stop_reason") if p.status == "stopped" else None

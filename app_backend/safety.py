@@ -106,7 +106,8 @@ SERVED = "_served"
 # finished adapter files (its top level; checkpoints are in checkpoint-*/ folders)
 SERVABLE = [re.compile(r"[A-Za-z0-9][^/]*/validation/step-[^/]+\.png"),
             re.compile(r"_samples/[^/]+/[^/]+\.png"), re.compile(r"_eval/[^/]+/[^/]+\.png"),
-            re.compile(r"[A-Za-z0-9][^/]*/[A-Za-z0-9][A-Za-z0-9_.-]*\.safetensors")]
+            re.compile(r"[A-Za-z0-9][^/]*/[A-Za-z0-9][A-Za-z0-9_.-]*\.safetensors"),
+            re.compile(r"[A-Za-z0-9][^/]*/ranks\.png")]
 
 
 def publish(runs_dir: Path, path: Path) -> Path:

@@ -110,7 +110,7 @@ def test_train_stop_resume(server, client):
     assert not runs_table(client)["dog-dora"]["resumable"]
     with pytest.raises(Exception, match="finished all its steps"):
         client.predict("dog-dora", api_name="/resume")
-    _, _, validation, log = client.predict("dog-dora", api_name="/progress")
+    _, _, validation, log, _ = client.predict("dog-dora", api_name="/progress")
     assert len(validation) == 4 and "training" in log  # previews at steps 10 and 12, two images each
 
 
@@ -221,7 +221,8 @@ def test_photos_logs_and_checkpoints_are_never_served(server, client):
     for path in private:
         assert path.is_file() and status(url, str(path)) == 403, path
     # what the page shows still reaches it: the previews, and the adapter when asked for
-    _, _, validation, _ = client.predict("dog-dora", api_name="/progress")
+    _, _, validation, _, ranks = client.predict("dog-dora", api_name="/progress")
+    assert ranks is None  # DoRA reports no rank per layer: no rank plot
     assert len(validation) == 4 and all(Path(v["image"]).stat().st_size > 0 for v in validation)
     served = next((runs / "_served" / "dog-dora" / "validation").glob("*.png"))
     assert status(url, str(served)) == 200
@@ -244,6 +245,21 @@ def test_shared_app_fixes_the_base_model_and_refuses_server_folders(tmp_path):
     assert len(local.photos([], str(ASSETS / "dog"))[0]) == len(DOG)
     assert app.is_loopback("127.0.0.1") and app.is_loopback("localhost") and not app.is_loopback("0.0.0.0")
     assert app.parse_args([]).host == "127.0.0.1" and app.parse_args([]).port == 7860
+
+
+def test_a_finished_runs_rank_plot_is_shown_and_served(tmp_path):
+    """AdaLoRA/ReLoRA runs write ranks.png: the run view shows it (a served copy), other runs show none."""
+    import app
+
+    page = app.App(tmp_path / "runs", "tiny", allow_server_folders=False)
+    run = tmp_path / "runs" / "dog-adalora"
+    run.mkdir(parents=True)
+    (run / "job.json").write_text(json.dumps({"settings": {"steps": 10, "method": "adalora"}}))
+    assert page.progress("dog-adalora")[4]["visible"] is False
+    (run / "ranks.png").write_bytes(b"\x89PNG fake")
+    shown = page.progress("dog-adalora")[4]
+    assert shown["visible"] is True and Path(shown["value"]).read_bytes() == b"\x89PNG fake"
+    assert "_served" in shown["value"]
 
 
 def test_a_long_loss_curve_is_binned_for_the_page():
