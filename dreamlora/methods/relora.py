@@ -151,6 +151,8 @@ class ReLoRA(LoRA):
         return base_out.add((merged + self.scaling * self.lora_term(x)).to(base_out.dtype), alpha=self.multiplier)
 
     def delta_weight(self) -> torch.Tensor:
+        if self.merged_A.shape[0] == 0:
+            return super().delta_weight()  # (the matrix views cannot reshape an empty stack)
         k = self.kind
         merged = k.up_matrix(self.merged_B) @ k.down_matrix(self.merged_A)  # (d_out, d_in), s already in merged_B
         return self.multiplier * merged + super().delta_weight()
