@@ -18,10 +18,11 @@
   masking steps a pruned E_i may move off zero again, as in PEFT and the authors' code.
   Step convention: t is the number of optimizer steps taken (1 after the first, `StepContext.step`), passed as
   PEFT's `update_and_allocate(global_step)`; PEFT's example scripts count global_step from 0, one behind.
-  Where PEFT and the authors' code (QingruZhang/AdaLoRA, loralib/adalora.py) differ this follows PEFT 0.21.2:
-  the threshold ranks the triplet scores only (the authors' `mask_to_target_rank` also feeds the E-only
-  scores into the k-th value), and a target equal to the initial rank masks nothing (PEFT's kthvalue fails on
-  k = 0).
+  PEFT 0.21.2 and the authors' code (QingruZhang/AdaLoRA, loralib/adalora.py) agree on the scores, the
+  threshold (the k-th value over the triplet sums only; the E-only scores enter just through those sums) and
+  the schedule; this follows PEFT where they differ: PEFT forces the mask at t = T − tfinal (the authors mask
+  there only if t % ΔT == 0, then re-rank every step with the frozen scores: the same pattern) and drops
+  its averages there. A target equal to the initial rank masks nothing (k = 0; PEFT's kthvalue fails).
 - Orthogonality (§3.1, Eq. 4): R = w·(1/2n)·Σ over the 2n matrices of ‖AAᵀ − I‖_F and ‖BᵀB − I‖_F, PEFT's
   form (the norm, not its square), w = `orth_reg_weight` (default 0.1 as the authors; PEFT's default is 0.5).
 - State: the six EMAs and the pruning mask (fp32 0/1, PEFT's rank_pattern) are persistent buffers, so a
