@@ -175,6 +175,9 @@ def test_training_end_to_end_in_float64_matches_peft():
                 for f in "AEB":
                     diff = (getattr(layer, f"lora_{f}") - peft_param(peft, path, f)).abs().max().item()
                     assert diff <= 1e-10, (step, path, f, diff)
+                    ema = peft.base_model.rankallocator.exp_avg_unc.get(f"{path}.lora_{f}.default")
+                    if ema is not None:  # the importance too (PEFT drops it at T - tfinal)
+                        torch.testing.assert_close(getattr(layer, f"unc_{f}"), ema, rtol=1e-8, atol=1e-18)
                 if peft_mask(peft, path) is not None:
                     assert layer.mask.bool().tolist() == peft_mask(peft, path), (step, path)
     finally:
