@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import fields
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -11,16 +12,35 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+from dreamlora import AdapterConfig, attach  # noqa: E402
 from dreamlora.methods import METHODS  # noqa: E402
 from dreamlora.options import given_options  # noqa: E402
 
 METHOD_NAMES = list(METHODS)  # the registry is the only method list
+RUN_STEPS = 120  # the longest loop a core-level test runs (test_training_hooks)
 
 
 def options_for(method: str, **flags) -> dict:
     """`method`'s options among values named as their flags (`singlora_ramp_steps=10`), by field, as a trainer
-    reads them: one set of values serves a test over every method, and a method without them gets none."""
-    return given_options(METHODS[method], flags)
+    reads them: one set of values serves a test over every method, and a method without them gets none. An
+    option a core user must give (no default, set by a trainer from the run: AdaLoRA's total_step) takes its
+    value for a run of RUN_STEPS steps unless given."""
+    cls = METHODS[method]
+    given = given_options(cls, flags)
+    defaults = {f.name: f.default for f in fields(cls.Options)}
+    run = {k: v for k, v in cls.Options.run_defaults(RUN_STEPS).items() if defaults[k] is None}
+    return {**run, **given}
+
+
+def supports(method: str, kind: str) -> bool:
+    """Whether `method` adapts the layer kind `kind` of LAYER_KINDS (AdaLoRA refuses embeddings, as PEFT's
+    does; its own test checks the refusal)."""
+    try:
+        attach(OneLayer(LAYER_KINDS[kind][0]()), AdapterConfig(method=method, rank=1, target_modules=["proj"],
+                                                                options=options_for(method)))
+    except ValueError:
+        return False
+    return True
 
 
 class OneLayer(nn.Module):

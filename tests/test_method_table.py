@@ -8,13 +8,13 @@ import importlib
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import LAYER_KINDS, METHOD_NAMES, OneLayer, options_for
+from conftest import LAYER_KINDS, METHOD_NAMES, OneLayer, options_for, supports
 
 import dreamlora
 from dreamlora import AdapterConfig, attach
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-CASES = [(m, k, d) for m in METHOD_NAMES for k in LAYER_KINDS for d in DTYPES]
+CASES = [(m, k, d) for m in METHOD_NAMES for k in LAYER_KINDS if supports(m, k) for d in DTYPES]
 IDS = [f"{m}-{k}-{d}" for m, k, d in CASES]
 
 

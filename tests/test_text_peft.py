@@ -52,7 +52,8 @@ def trained_run(model_dir, out, method: str, fresh_extra: tuple[str, ...] = (), 
             params[name].add_(torch.randn_like(params[name]) * 0.5)
     what_trains = {"head_parameters": head, "resolved_model_path": str(model_dir), "adapter_params": 1,
                    "head_params": 1}
-    args = SimpleNamespace(adapter=method, model_name_or_path=str(model_dir))
+    args = SimpleNamespace(adapter=method, model_name_or_path=str(model_dir), export_rank=None, save_merged=False,
+                           rank=config.rank)
     write_outputs(args, out, model, what_trains, LABELS, 32, {}, {})
     return model.eval()
 
