@@ -80,9 +80,14 @@ def save(model: nn.Module, path: str | os.PathLike, name: str = "default") -> Pa
     atomic_save_file(adapter_state_dict(model, name), path, _metadata(first.config, name, first.step))
     method = type(first)
     if set(method.file_keys.values()) - {"lora_A.weight", "lora_B.weight", "lora_magnitude_vector"} and (
-            method.unsupported_reason("lora") is None):
+            method.unsupported_reason("lora") is None) and _has_update(model, name):
         export_lora(model, path.with_suffix(".lora.safetensors"), name)
     return path
+
+
+def _has_update(model: nn.Module, name: str) -> bool:
+    """Whether some layer has a LoRA form of rank above 0 (an untrained AdaLoRA, E = 0, has none: nothing to export)."""
+    return any(layer.export_factors()[0] for layer in adapter_layers(model, name).values())
 
 
 def lora_export_config(config: AdapterConfig, rank: int, dora: bool) -> AdapterConfig:

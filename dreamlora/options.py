@@ -49,6 +49,7 @@ class FlagSpec:
     help: str  # the field's docstring
     choices: Any = None  # from a `Literal[...]` annotation, or `metadata={"choices": ...}`: values, a mapping of
     # value to description (listed in --help), or a function giving either when the parser is built (a registry)
+    default_words: str | None = None  # a None default that the method resolves, in words: `metadata={"default":...}`
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,9 @@ class OptionSpec(FlagSpec):
     @property
     def trainer_default(self) -> str:
         """The default as a trainer applies it, in words (for --help, the app and the README)."""
-        return "set by the run" if self.run_dependent else str(self.default)
+        if self.run_dependent:
+            return "set by the run"
+        return self.default_words if self.default_words is not None else str(self.default)
 
 
 def flag_specs(cls, prefix: str = "") -> list[FlagSpec]:
@@ -72,7 +75,7 @@ def flag_specs(cls, prefix: str = "") -> list[FlagSpec]:
     for f in dataclasses.fields(cls):
         kind, choices = _flag_type(hints[f.name])
         specs.append(FlagSpec(f.name, prefix + f.name, kind, _default(f), docs.get(f.name, ""),
-                              f.metadata.get("choices", choices)))
+                              f.metadata.get("choices", choices), f.metadata.get("default")))
     return specs
 
 

@@ -218,6 +218,17 @@ def test_export_leaves_pruned_triplets_and_rank_0_layers_out_and_stays_exact():
     assert config["rank_pattern"] and config["alpha_pattern"] == config["rank_pattern"]
 
 
+def test_an_untrained_adapter_saves_and_loads_without_a_lora_file(tmp_path):
+    """E = 0 at attach: no layer has a LoRA form, so `save` writes the native file alone (it raised before)."""
+    model = attach(nn.Sequential(nn.Linear(6, 5), nn.Linear(5, 7)),
+                   AdapterConfig(method="adalora", rank=3, target_modules=["0", "1"]))
+    path = dreamlora.save(model, tmp_path / "a.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors"]
+    fresh = dreamlora.load(nn.Sequential(nn.Linear(6, 5), nn.Linear(5, 7)), path)
+    assert {k: v.shape for k, v in dreamlora.io.adapter_state_dict(fresh).items()} == {
+        k: v.shape for k, v in dreamlora.io.adapter_state_dict(model).items()}
+
+
 def test_embeddings_are_refused_with_a_clear_error():
     with pytest.raises(ValueError, match="adalora adapts Linear, Conv1D and Conv2d layers .* not Embedding"):
         attach(OneLayer(nn.Embedding(10, 4)), AdapterConfig(method="adalora", rank=2, target_modules=["proj"]))

@@ -70,7 +70,7 @@ def test_diffusers_load_lora_weights_gives_the_same_image(method, trained_runs, 
 
     run_json = json.loads((run / "run.json").read_text())
     assert run_json["method"] == method and run_json["steps"] == 6 and run_json["world_size"] == 1
-    state = set(dreamlora.METHODS[method].state_keys.values())  # state (ReLoRA's merges, AdaLoRA's masks): in the file, not trained
+    state = set(dreamlora.METHODS[method].state_keys.values())  # in the file, not trained
     assert run_json["trainable_params"] == sum(
         v.numel() for f in ("unet_adapter", "text_encoder_adapter")
         for k, v in load_file(run / f"{f}.safetensors").items() if k.rsplit(".", 1)[-1] not in state)

@@ -238,14 +238,15 @@ def test_singlora_ramp_is_one_percent_of_the_run_and_survives_a_resume(tiny_mode
 
 def test_resolve_ramp_steps_rule(tmp_path):
     def resolved(given, steps):
-        args = argparse.Namespace(adapter="singlora", singlora_ramp_steps=given, loraplus_ratio=None)
+        args = argparse.Namespace(adapter="singlora", singlora_ramp_steps=given, loraplus_ratio=None,
+                                  rank=4, alpha=4.0)
         options = resolve_method_options(args, steps, None)
         assert args.singlora_ramp_steps == options["ramp_steps"]  # run.json's args show the value used
         return options["ramp_steps"]
 
     assert [resolved(None, n) for n in (1, 49, 50, 150, 1000, 20000)] == [1, 1, 1, 2, 10, 200]
     assert resolved(0, 1000) == 0  # an explicit value, even "no ramp", wins
-    lora = argparse.Namespace(adapter="lora", singlora_ramp_steps=None, loraplus_ratio=None)
+    lora = argparse.Namespace(adapter="lora", singlora_ramp_steps=None, loraplus_ratio=None, rank=4, alpha=4.0)
     assert resolve_method_options(lora, 1000, None) == {} and lora.singlora_ramp_steps is None
 
 

@@ -34,7 +34,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -53,7 +53,7 @@ RANKNUM_EPS = 1e-5  # PEFT divides by ranknum + 1e-5
 
 @dataclass
 class AdaLoRAOptions(MethodOptions):
-    target_r: int | None = None
+    target_r: int | None = field(default=None, metadata={"default": "2/3 of --rank"})
     """Average rank per adapted matrix at the end of the budget schedule (total budget target_r × matrices);
     default: round(2/3 × --rank), at least 1 (PEFT's init_r 12 → target_r 8)."""
     tinit: int = 0

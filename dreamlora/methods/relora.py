@@ -1,5 +1,6 @@
-"""ReLoRA (Lialin et al., ICLR 2024, §3; Guitaricet/relora): LoRA merged and restarted every N optimizer steps, so
-the accumulated update Σ_k s·B_k·A_k has a rank above r.
+"""ReLoRA (Lialin et al., ICLR 2024, §3): LoRA merged and restarted every N steps, so the update's rank grows.
+
+Reference: Guitaricet/relora. The accumulated update Σ_k s·B_k·A_k has a rank above r.
 
 - Layer: LoRA's (A (r, d_in) Kaiming-uniform, B (d_out, r) zero; embeddings A zero, B ~ N(0, 1)), the same
   trainable factors and file keys. The reference also zeroes A when it wraps a layer (relora#18), so its first
@@ -37,9 +38,8 @@ from __future__ import annotations
 
 import hashlib
 import math
-import statistics
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -63,7 +63,7 @@ class ReLoRAOptions(MethodOptions):
     """merge the update and restart every N optimizer steps (axolotl's relora_steps); the trainers' default is a
     quarter of the run, at least 1. Outside a trainer None means a quarter of the run when the step hook is told
     the run's length, else no merge"""
-    warmup_steps: int | None = None
+    warmup_steps: int | None = field(default=None, metadata={"default": "--relora_steps/10, at most 50"})
     """after each restart the lr re-warms linearly over N steps, the i-th step after a merge at i/N of the
     schedule (axolotl's relora_warmup_steps); default a tenth of --relora_steps, at most 50; 0: no re-warm"""
     anneal_steps: int = 0
@@ -223,10 +223,10 @@ class ReLoRA(LoRA):
         of the largest, from the factors: `dreamlora.compress`), next to r: what ReLoRA bought over LoRA."""
         ranks = {path: compress.layer_spectrum(layer).effective_rank() for path, layer in layers.items()}
         first = next(iter(layers.values()))
-        values = list(ranks.values()) or [0]
+        values = torch.tensor(list(ranks.values()) or [0], dtype=torch.float64)
         return {"merges": first.merges, "rank": first.rank,
-                "effective_rank": {"mean": statistics.fmean(values), "median": statistics.median(values),
-                                   "max": max(values)},
+                "effective_rank": {"mean": values.mean().item(), "median": values.quantile(0.5).item(),
+                                   "max": int(values.max().item())},
                 "layers_above_rank": sum(v > first.rank for v in values), "rank_per_layer": ranks}
 
 
