@@ -40,6 +40,8 @@ CONFIGS = ["floor", *(f"dreamlora-{m}" for m in METHODS), *(f"dreamlora-{m}{EQUA
            "peft-lora", "peft-dora", "peft-singlora"]
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 RESULTS = Path(__file__).parent / "results"
+RUN_STEPS = 1000  # the run length the step hooks are told: AdaLoRA scores importance every step of the first 70 %,
+# ReLoRA merges every quarter (never inside the timed steps; its merge cost is bench/relora_merge.py's)
 
 
 def attach_adapter(unet, config: str, rank: int) -> None:
@@ -118,6 +120,9 @@ def worker(config: str, rank: int, latent: int, steps: int, warmup: int, device:
         torch.cuda.reset_peak_memory_stats()
         baseline_cuda = torch.cuda.memory_allocated()
 
+    uses_core = config.startswith("dreamlora-")
+    import dreamlora
+
     def step() -> float:
         if device == "cuda":
             torch.cuda.synchronize()
@@ -125,9 +130,13 @@ def worker(config: str, rank: int, latent: int, steps: int, warmup: int, device:
         x = latents.detach().requires_grad_(config == "floor")
         pred = unet(x, timestep, context).sample
         loss = torch.nn.functional.mse_loss(pred.float(), target)
+        if uses_core:  # the method's own terms and step hook, as the trainers' loop runs them (AdaLoRA's
+            loss = loss + dreamlora.regularization_loss(unet)  # orthogonality term and importance scores)
         loss.backward()
         if optimizer is not None:
             optimizer.step()
+            if uses_core:
+                dreamlora.on_optimizer_step(unet, optimizer, None, RUN_STEPS)
             optimizer.zero_grad(set_to_none=True)
         if device == "cuda":
             torch.cuda.synchronize()

@@ -26,6 +26,7 @@ from pipelines.text.data import Columns, PadCollator, read_examples, tokenize
 RESULTS = Path(__file__).parent / "results"
 SST2 = Path(__file__).parent.parent / "tests" / "assets" / "text" / "sst2_train_400.txt"
 CONFIGS = ["head only", *dreamlora.METHODS, "peft-lora", "peft-dora"]
+RUN_STEPS = 1000  # the run length the step hooks are told (AdaLoRA scores importance over its first 70 %)
 
 
 def build(config: str, base, rank: int):
@@ -50,9 +51,12 @@ def build(config: str, base, rank: int):
 
 
 def step_time(model, optimizer, batch) -> float:
+    """One optimizer step as train_text.py's loop takes it: the methods' extra loss term and step hook included
+    (AdaLoRA's orthogonality term and importance scores; a no-op for the others and for PEFT's models)."""
     start = time.perf_counter()
-    model(**batch).loss.backward()
+    (model(**batch).loss + dreamlora.regularization_loss(model)).backward()
     optimizer.step()
+    dreamlora.on_optimizer_step(model, optimizer, None, RUN_STEPS)
     optimizer.zero_grad(set_to_none=True)
     return time.perf_counter() - start
 

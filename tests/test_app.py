@@ -222,7 +222,7 @@ def test_photos_logs_and_checkpoints_are_never_served(server, client):
         assert path.is_file() and status(url, str(path)) == 403, path
     # what the page shows still reaches it: the previews, and the adapter when asked for
     _, _, validation, _, ranks = client.predict("dog-dora", api_name="/progress")
-    assert ranks is None  # DoRA reports no rank per layer: no rank plot
+    assert ranks["value"] is None and ranks["visible"] is False  # DoRA reports no rank per layer: no rank plot
     assert len(validation) == 4 and all(Path(v["image"]).stat().st_size > 0 for v in validation)
     served = next((runs / "_served" / "dog-dora" / "validation").glob("*.png"))
     assert status(url, str(served)) == 200
