@@ -100,10 +100,11 @@ def test_generation_shards_over_two_processes(tiny_model_dir, tmp_path):
     import json
     import os
     import subprocess
-    import sys
+
+    from train_helpers import launch_two
 
     out = tmp_path / "sharded"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+    cmd = [*launch_two(),
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "pipelines.dreambench",
            "--pretrained_model_name_or_path", str(tiny_model_dir), "--subject", "dog", "--max_prompts", "3",
            "--num_images_per_prompt", "2", "--num_inference_steps", "2", "--height", "64", "--width", "64",

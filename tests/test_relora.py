@@ -280,12 +280,11 @@ def test_two_processes_merge_as_one_process_with_their_global_batch(tiny_model_d
     where one process with batch 2 does, merges included."""
     import os
     import subprocess
-    import sys
 
-    from train_helpers import ROOT, train_cmd
+    from train_helpers import ROOT, launch_two, train_cmd
 
     flags = ("--adapter", "relora", "--relora_steps", 2, "--max_train_steps", 5, "--checkpointing_steps", 100)
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+    cmd = [*launch_two(),
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            *train_cmd(tiny_model_dir, tmp_path / "ddp", *flags)[1:]]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}

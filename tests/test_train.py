@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
@@ -15,7 +14,7 @@ import torch
 from conftest import METHOD_NAMES
 from PIL import Image
 from safetensors.torch import load_file
-from train_helpers import PROMPT, ROOT, instance_latents, prompt_states, run_train, train_cmd
+from train_helpers import PROMPT, ROOT, instance_latents, launch_two, prompt_states, run_train, train_cmd
 
 import dreamlora
 from pipelines.diffusion.loss import fixed_pairs_loss
@@ -208,7 +207,7 @@ def test_two_processes_over_gloo_train_what_one_process_with_their_global_batch_
     DoRA tensor after 4 steps at lr 1e-4, where the adapters move ~4e-4 from their init."""
     flags = ("--adapter", "dora", "--max_train_steps", 4, "--checkpointing_steps", 2)
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+    cmd = [*launch_two(),
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            *train_cmd(tiny_model_dir, out, *flags)[1:]]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}

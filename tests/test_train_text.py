@@ -13,6 +13,7 @@ import torch
 from conftest import METHOD_NAMES
 from safetensors.torch import load_file
 from text_helpers import SST2_DEV, SST2_TRAIN, build_tiny_text_model, sst2_lines, write_pair_tsv
+from train_helpers import launch_two
 
 import dreamlora
 from dreamlora.train_text import cli
@@ -123,12 +124,11 @@ def test_resume_from_a_checkpoint_retraces_the_uninterrupted_run(tiny_text_model
 def test_two_processes_with_accelerate_launch(tiny_text_models, tmp_path):
     """`accelerate launch --multi_gpu --num_processes 2` on CPU: two gloo processes, one result."""
     import subprocess
-    import sys
     from pathlib import Path
 
     trainer = Path(dreamlora.__file__).parent / "train_text.py"
     out = tmp_path / "run"
-    done = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+    done = subprocess.run([*launch_two(),
                            str(trainer), "--model_name_or_path", str(tiny_text_models["bert"]), "--train_file",
                            str(SST2_TRAIN), "--validation_file", str(SST2_DEV), "--max_train_steps", "4",
                            "--eval_steps", "2", "--per_device_train_batch_size", "8", "--adapter", "dora",
@@ -161,14 +161,13 @@ def test_a_stop_seen_by_one_process_stops_both_with_a_checkpoint(tiny_text_model
     """SIGUSR1 to the non-main process only: both must agree to stop at the same step and checkpoint it."""
     import signal
     import subprocess
-    import sys
     import time
     from pathlib import Path
 
     out = tmp_path / "stopped"
     trainer = Path(dreamlora.__file__).parent / "train_text.py"
-    proc = subprocess.Popen([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
-                             "2", str(trainer), "--model_name_or_path", str(tiny_text_models["bert"]), "--train_file",
+    proc = subprocess.Popen([*launch_two(),
+                             str(trainer), "--model_name_or_path", str(tiny_text_models["bert"]), "--train_file",
                              str(SST2_TRAIN), "--max_train_steps", "100000", "--per_device_train_batch_size", "4",
                              "--report_to", "none", "--output_dir", str(out)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,16 @@ ROOT = Path(__file__).resolve().parent.parent
 INSTANCE_DIR = Path(__file__).resolve().parent / "assets" / "dog"
 PROMPT = "a photo of sks dog"
 TRAIN = [sys.executable, str(ROOT / "dreamlora" / "train.py")]
+
+
+def launch_two() -> list[str]:
+    """`accelerate launch` of two CPU processes over gloo, on a free port of their own: test files run side by side
+    (`make test` runs two workers), and two launches on accelerate's default port would meet."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+            "--main_process_port", str(port)]
 
 
 def train_cmd(model_dir, output_dir, *extra, instance_dir=INSTANCE_DIR) -> list[str]:
