@@ -303,6 +303,8 @@ def test_dreambooth_resume_across_masking_steps_is_exact_and_reports_the_ranks(t
     run = json.loads((reference / "run.json").read_text())
     report = run["method_report"]["unet"]
     assert report["budget"]["final"] == report["budget"]["target"] == sum(report["rank_per_layer"].values())
+    exported = load_file(reference / "pytorch_lora_weights.safetensors")  # the pruned plain-LoRA form
+    assert report["final_params"] == sum(t.numel() for k, t in exported.items() if k.startswith("unet."))
     assert (reference / run["ranks_plot"]).is_file()
 
 

@@ -247,7 +247,11 @@ class AdaLoRA(AdapterLayer):
         budget = {"initial": rank * len(layers), "target": options.final_rank(rank) * len(layers),
                   "final": sum(ranks.values()), "total_step": options.total_step, "tinit": options.tinit,
                   "tfinal": options.tfinal, "delta_t": options.delta_t}
-        return {"budget": budget, "rank_per_layer": ranks,
+        # what the pruned adapter holds as plain LoRA (E folded into A): one row of A and one column of B per kept
+        # triplet, comparable with a LoRA's parameter count at the same budget
+        final_params = sum(ranks[path] * (layer.lora_A[0].numel() + layer.lora_B.numel() // layer.rank)
+                           for path, layer in layers.items())
+        return {"budget": budget, "rank_per_layer": ranks, "final_params": final_params,
                 "masks": {path: [bool(v) for v in layer.mask.tolist()] for path, layer in layers.items()}}
 
 
