@@ -154,3 +154,22 @@ def test_sweep_refuses_flags_it_owns(tmp_path):
     done = subprocess.run([sys.executable, "-m", "pipelines.text_sweep", "--output_dir", str(tmp_path), "--",
                            "--learning_rate", "1e-3", "--validation_file", "x"], capture_output=True, text=True)
     assert done.returncode == 2 and "set by the sweep itself" in done.stderr
+
+
+def test_a_line_that_is_not_utf8_is_read_as_windows_1252_with_one_warning(tmp_path, caplog):
+    """TREC-6's training file has one Latin-1 byte (line 66: 'sister\\xf0city'); reading it crashed with a
+    UnicodeDecodeError traceback. Each other line keeps its UTF-8; the captions of the image trainer alike."""
+    from pipelines.diffusion.data import read_captions
+    from pipelines.text.data import read_rows
+
+    data = tmp_path / "train.txt"
+    data.write_bytes("0 café au lait\n".encode() + b"1 a sister\xf0city\n" + "0 naïve\n".encode())
+    with caplog.at_level(logging.WARNING):
+        rows = read_rows(data, "label_text", "--train_file")
+    assert [r["text"] for _, r in rows] == ["café au lait", "a sisterðcity", "naïve"]
+    warnings = [r.getMessage() for r in caplog.records if "not UTF-8" in r.getMessage()]
+    assert warnings == [f"{data}: 1 lines are not UTF-8 (the first: line 2); they were read as Windows-1252"]
+
+    (tmp_path / "a.png").write_bytes(b"")
+    (tmp_path / "a.txt").write_bytes(b"a photo of sks d\xe9cor")
+    assert read_captions(tmp_path)["a.png"] == "a photo of sks décor"

@@ -22,6 +22,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from dreamlora.errors import DataError
 from eval.image_files import IMAGE_SUFFIXES  # one list for the trainer, the scorer and the app
 from pipelines.trainer.order import stable_seed
+from pipelines.trainer.text_files import read_text
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ def read_captions(folder: Path) -> dict[str, str]:
     captions: dict[str, str] = {}
     meta = folder / "metadata.jsonl"
     if meta.is_file():
-        for n, line in enumerate(meta.read_text(encoding="utf-8").splitlines(), 1):
+        for n, line in enumerate(read_text(meta).splitlines(), 1):
             if not line.strip():
                 continue
             try:
@@ -77,7 +78,7 @@ def read_captions(folder: Path) -> dict[str, str]:
         for suffix in IMAGE_SUFFIXES:
             for name in (txt.stem + suffix, txt.stem + suffix.upper()):
                 if (folder / name).is_file():
-                    captions[name] = txt.read_text(encoding="utf-8").strip()
+                    captions[name] = read_text(txt).strip()
     return captions
 
 

@@ -9,6 +9,7 @@ says how many examples were cut, because silently dropping the end of a premise 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from pathlib import Path
 import torch
 
 from dreamlora.errors import DataError
+from pipelines.trainer.text_files import read_text
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +61,7 @@ def read_rows(path: str | Path, fmt: str, flag: str) -> list[tuple[int, dict]]:
     file = Path(path)
     if not file.is_file():
         raise DataError(f"{flag} {path}: no such file")
-    with open(file, encoding="utf-8", newline="") as f:
+    with io.StringIO(read_text(file, path), newline="") as f:
         if fmt in ("csv", "tsv"):
             # GLUE TSVs contain unbalanced quotes inside sentences, so TSV is read without quoting.
             reader = (csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE) if fmt == "tsv"
