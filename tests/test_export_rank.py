@@ -91,7 +91,7 @@ def test_save_merged_writes_a_classifier_that_predicts_as_the_adapter_does(tmp_p
                 "5e-2", "--report_to", "none", "--max_length", "32", "--output_dir", str(out), "--save_merged",
                 "--export_rank", "2"]) == 0
     run = json.loads((out / "run.json").read_text())
-    assert run["merged"].endswith("merged") and run["export"]["rank"] == 2
+    assert run["merged"].endswith("merged") and run["export"]["rank"] == 2 and run["export"]["file_rank_max"] == 2
     assert 0 < run["export"]["relative_error_max"] < 1
     adapted, _, _ = text_models.load_trained(out)
     merged = AutoModelForSequenceClassification.from_pretrained(out / "merged").eval()

@@ -22,11 +22,17 @@ def prepare_exports(args, models: dict) -> None:
 
 def method_figures(args, output_dir: Path, models: dict) -> dict:
     """run.json's `method_report` (per component, when the method reports anything) and `export` (the files'
-    rank rule and their relative error, ‖ΔW − ΔW_file‖/‖ΔW‖ per layer: max and mean); draws `ranks.png`."""
+    rank rule, the rank the files hold per layer and their relative error ‖ΔW − ΔW_file‖/‖ΔW‖ per layer: mean
+    and max); draws `ranks.png`."""
     method = METHODS[args.adapter]
     reports = {name: method.report(dreamlora.adapter_layers(model, "default")) for name, model in models.items()}
-    errors = [e for model in models.values() for e in dreamlora.export_errors(model).values()]
+    exported = [layer.export_factors() for model in models.values()
+                for layer in dreamlora.adapter_layers(model, "default").values()]
+    errors = [error for _, error in exported]
+    file_ranks = [factors["lora_A.weight"].shape[0] for factors, _ in exported if factors]
     out: dict = {"export": {"rank": args.export_rank or method.default_export_rank,
+                            "file_rank_mean": statistics.fmean(file_ranks) if file_ranks else 0.0,
+                            "file_rank_max": max(file_ranks, default=0),
                             "relative_error_max": max(errors, default=0.0),
                             "relative_error_mean": statistics.fmean(errors) if errors else 0.0}}
     if any(reports.values()):
