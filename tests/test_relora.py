@@ -315,4 +315,5 @@ def test_the_text_trainer_trains_relora_and_reports_its_rank(tmp_path):
     run = json.loads((out / "run.json").read_text())
     report = run["method_report"]["model"]
     assert report["merges"] == 3 and report["effective_rank"]["max"] > 2 and (out / "ranks.png").is_file()
+    assert report["layers_above_rank"] == sum(v > 2 for v in report["rank_per_layer"].values()) > 0  # a number
     assert run["args"]["relora_steps"] == 2 and run["export"]["relative_error_max"] < 0.2

@@ -227,7 +227,7 @@ class ReLoRA(LoRA):
         return {"merges": first.merges, "rank": first.rank,
                 "effective_rank": {"mean": values.mean().item(), "median": values.quantile(0.5).item(),
                                    "max": int(values.max().item())},
-                "layers_above_rank": sum(v > first.rank for v in values), "rank_per_layer": ranks}
+                "layers_above_rank": sum(v > first.rank for v in ranks.values()), "rank_per_layer": ranks}
 
 
 def restart_factor(t: int, n: int, warmup: int, anneal: int) -> float:
