@@ -37,7 +37,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile  # one file per worker: its module fixtures are built once
+	$(BIN)/python -m pytest -q
 
 # Debian's chromium for the app's browser test (tests/test_app_browser.py drives it with Python Playwright;
 # never `playwright install`, which downloads its own browser). Needs root or sudo; .ci/run calls it.

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from conftest import OneLayer
 from safetensors.torch import load_file
 from torch import nn
-from train_helpers import run_train, train_cmd
+from train_helpers import train_cmd, train_in_process
 
 import dreamlora
 from dreamlora import AdapterConfig, attach
@@ -281,7 +281,7 @@ RESUME = ["--adapter", "adalora", "--rank", 4, "--max_train_steps", 12, "--check
 def test_dreambooth_resume_across_masking_steps_is_exact_and_reports_the_ranks(tiny_model_dir, tmp_path):
     """Masks at steps 4, 6 and (forced) 8, frozen after; killed after checkpoint-4, resumed: the same files."""
     reference = tmp_path / "straight"
-    run_train(tiny_model_dir, reference, *RESUME)
+    assert train_in_process(tiny_model_dir, reference, *RESUME) == 0
     killed = tmp_path / "killed"
     proc = subprocess.Popen(train_cmd(tiny_model_dir, killed, *RESUME), env={**os.environ, "HF_HUB_OFFLINE": "1"},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -292,7 +292,7 @@ def test_dreambooth_resume_across_masking_steps_is_exact_and_reports_the_ranks(t
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (killed / "unet_adapter.safetensors").exists()
-    run_train(tiny_model_dir, killed, *RESUME, "--resume_from_checkpoint", "latest")
+    assert train_in_process(tiny_model_dir, killed, *RESUME, "--resume_from_checkpoint", "latest") == 0
     for component in ("unet", "text_encoder"):
         a = load_file(reference / f"{component}_adapter.safetensors")
         b = load_file(killed / f"{component}_adapter.safetensors")
@@ -334,8 +334,8 @@ def test_the_schedule_checked_against_the_run():
     (["--adalora_target_r", 6], "error: --adalora_target_r 6 is more than --rank 4"),
     (["--adalora_tinit", 2, "--adalora_tfinal", 1], "error: --adalora_tinit 2 and --adalora_tfinal 1 leave no steps"),
 ])
-def test_the_trainer_names_the_flag(tiny_model_dir, tmp_path, extra, message):
-    proc = run_train(tiny_model_dir, tmp_path / "out", "--adapter", "adalora", "--rank", 4, "--max_train_steps", 3,
-                     *extra, check=False)
-    assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1].startswith(message)
+def test_the_trainer_names_the_flag(tiny_model_dir, tmp_path, extra, message, capsys):
+    code = train_in_process(tiny_model_dir, tmp_path / "out", "--adapter", "adalora", "--rank", 4,
+                            "--max_train_steps", 3, *extra)
+    assert code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(message)

@@ -13,7 +13,7 @@ import torch
 from conftest import LAYER_KINDS, OneLayer
 from safetensors.torch import load_file
 from torch import nn
-from train_helpers import run_train
+from train_helpers import train_in_process
 
 import dreamlora
 from dreamlora import AdapterConfig, attach
@@ -239,11 +239,11 @@ def test_only_adamw_trains_relora():
     (["--relora_prune_ratio", "1.5"], "relora_prune_ratio must be in [0, 1)"),
     (["--use_8bit_adam"], "error: --use_8bit_adam: relora resets AdamW's moments"),
 ])
-def test_trainer_refuses_bad_relora_input_naming_the_flag(tiny_model_dir, tmp_path, extra, message):
-    proc = run_train(tiny_model_dir, tmp_path / "out", "--adapter", "relora", "--max_train_steps", 4, *extra,
-                     check=False)
-    last = proc.stderr.strip().splitlines()[-1]
-    assert proc.returncode == 2 and last.startswith("error: ") and message in last, proc.stderr[-2000:]
+def test_trainer_refuses_bad_relora_input_naming_the_flag(tiny_model_dir, tmp_path, extra, message, capsys):
+    code = train_in_process(tiny_model_dir, tmp_path / "out", "--adapter", "relora", "--max_train_steps", 4, *extra)
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert code == 2 and last.startswith("error: ") and message in last, err[-2000:]
 
 
 RESUME_FLAGS = ("--adapter", "relora", "--rank", 2, "--relora_steps", 4, "--relora_warmup_steps", 2,
@@ -254,7 +254,7 @@ RESUME_FLAGS = ("--adapter", "relora", "--rank", 2, "--relora_steps", 4, "--relo
 
 def test_resume_before_and_after_a_merge_ends_as_an_uninterrupted_run(tiny_model_dir, tmp_path):
     straight = tmp_path / "straight"
-    run_train(tiny_model_dir, straight, *RESUME_FLAGS)
+    assert train_in_process(tiny_model_dir, straight, *RESUME_FLAGS) == 0
     run = json.loads((straight / "run.json").read_text())
     assert run["method_report"]["unet"]["merges"] == 2 and run["export"]["rank"] == "auto"
     final = {c: load_file(straight / f"{c}_adapter.safetensors") for c in ("unet", "text_encoder")}
@@ -262,7 +262,7 @@ def test_resume_before_and_after_a_merge_ends_as_an_uninterrupted_run(tiny_model
     for checkpoint in ("checkpoint-3", "checkpoint-4"):  # just before the merge at step 4, and just after it
         resumed = tmp_path / checkpoint
         shutil.copytree(straight / checkpoint, resumed / checkpoint)
-        run_train(tiny_model_dir, resumed, *RESUME_FLAGS, "--resume_from_checkpoint", "latest")
+        assert train_in_process(tiny_model_dir, resumed, *RESUME_FLAGS, "--resume_from_checkpoint", "latest") == 0
         for component, tensors in final.items():
             again = load_file(resumed / f"{component}_adapter.safetensors")
             assert again.keys() == tensors.keys()
@@ -290,7 +290,7 @@ def test_two_processes_merge_as_one_process_with_their_global_batch(tiny_model_d
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    run_train(tiny_model_dir, tmp_path / "one", *flags, "--train_batch_size", 2)
+    assert train_in_process(tiny_model_dir, tmp_path / "one", *flags, "--train_batch_size", 2) == 0
     two, one = (load_file(tmp_path / d / "unet_adapter.safetensors") for d in ("ddp", "one"))
     assert two.keys() == one.keys() and any(k.endswith("relora_merged_A") and v.numel() for k, v in two.items())
     diffs = {k: (two[k] - one[k]).abs().max().item() for k in two if two[k].numel()}

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
-from train_helpers import INSTANCE_DIR, PROMPT, train_cmd
+from train_helpers import INSTANCE_DIR, PROMPT, train_in_process
 
 import dreamlora
 from dreamlora import train
@@ -24,20 +24,8 @@ from pipelines.trainer.method_options import resolve_method_options
 COMMON = ("--max_train_steps", 2, "--learning_rate", 1e-3, "--checkpointing_steps", 100)
 
 
-def reset_accelerate() -> None:
-    """Each run builds its own Accelerator; accelerate keeps process-wide state between them."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-
-
 def run(model_dir, out, *extra, expect: int = 0):
-    reset_accelerate()
-    try:
-        assert train.cli([str(a) for a in train_cmd(model_dir, out, *extra)[2:]]) == expect
-    finally:
-        reset_accelerate()
+    assert train_in_process(model_dir, out, *extra) == expect
     return out
 
 

@@ -41,6 +41,26 @@ def run_train(model_dir, output_dir, *extra, check: bool = True, **kw) -> subpro
     return proc
 
 
+def reset_accelerate() -> None:
+    """Each run builds its own Accelerator; accelerate keeps process-wide state between them."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def train_in_process(model_dir, output_dir, *extra, **kw) -> int:
+    """`train.py`'s exit code, run in this process (`dreamlora.train.cli`): the same flags and files as
+    `run_train` without a new interpreter's imports (seconds per run), for short runs and bad-input checks."""
+    from dreamlora import train
+
+    reset_accelerate()
+    try:
+        return train.cli(train_cmd(model_dir, output_dir, *extra, **kw)[2:])
+    finally:
+        reset_accelerate()
+
+
 def instance_latents(pipe, resolution: int = 64) -> torch.Tensor:
     """VAE means of the instance photos, center-cropped as training sees them."""
     import random
