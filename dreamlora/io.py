@@ -86,8 +86,9 @@ def save(model: nn.Module, path: str | os.PathLike, name: str = "default") -> Pa
 
 
 def _has_update(model: nn.Module, name: str) -> bool:
-    """Whether some layer has a LoRA form of rank above 0 (an untrained AdaLoRA, E = 0, has none: nothing to export)."""
-    return any(layer.export_factors()[0] for layer in adapter_layers(model, name).values())
+    """Whether some layer has a LoRA form of rank above 0 (an untrained AdaLoRA, E = 0, has none: nothing to export).
+    The exact factors answer it: a truncation to the export rank never empties them, and needs no SVD here."""
+    return any(layer.lora_factors() for layer in adapter_layers(model, name).values())
 
 
 def lora_export_config(config: AdapterConfig, rank: int, dora: bool) -> AdapterConfig:
