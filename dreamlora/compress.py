@@ -63,16 +63,21 @@ def layer_spectrum(layer) -> Spectrum:
 
 def truncate(layer, rank: int) -> tuple[dict[str, torch.Tensor], float]:
     """The layer's LoRA factors (`lora_A.weight`, `lora_B.weight`, scale folded into B) truncated to `rank` by SVD,
-    and the relative Frobenius error. √σ goes to each side, so neither factor dwarfs the other."""
-    spec = layer_spectrum(layer)
+    and the relative Frobenius error."""
+    factors = layer.lora_factors()
+    down, up, error = refactor(layer.kind, factors["lora_A.weight"], factors["lora_B.weight"], rank)
+    return {"lora_A.weight": down, "lora_B.weight": up}, error
+
+
+def refactor(kind, down: torch.Tensor, up: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Factors (down, up) of the layer kind `kind` re-factored by SVD at `rank` (exact when the product's rank is at
+    most `rank`), and the relative Frobenius error. √σ goes to each side, so neither factor dwarfs the other."""
+    spec = spectrum(kind.up_matrix(up), kind.down_matrix(down))
     rank = min(rank, spec.values.numel())
     root = spec.values[:rank].sqrt()
-    up = (spec.left[:, :rank] * root).float()
-    down = (spec.right[:, :rank] * root).T.float()
-    kind = layer.kind
-    factors = {"lora_A.weight": kind.down_from_matrix(down).contiguous(),
-               "lora_B.weight": kind.up_from_matrix(up).contiguous()}
-    return factors, spec.relative_error(rank)
+    new_up = kind.up_from_matrix((spec.left[:, :rank] * root).float()).contiguous()
+    new_down = kind.down_from_matrix((spec.right[:, :rank] * root).T.float()).contiguous()
+    return new_down, new_up, spec.relative_error(rank)
 
 
 def parse_export_rank(value: str | int) -> str | int:

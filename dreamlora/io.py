@@ -3,7 +3,8 @@
 - Native file: one adapter, keys `<module path>.<key>` with PEFT's names for LoRA/LoRA+/DoRA
   (`lora_A.weight`, `lora_B.weight`, `lora_magnitude_vector`) and `singlora_A` for SingLoRA, plus the
   method's persistent state (`AdapterLayer.state_keys`, fp32) when it keeps any; the header metadata holds
-  the format, the method, the full config, the step (SingLoRA's ramp state) and the name.
+  the format, the method, the full config, the step (SingLoRA's ramp state), the name and the base's
+  fingerprint (`dreamlora.fingerprint`, from 0.1 on: older files have none).
 - LoRA export (`export_lora`): any method as plain PEFT LoRA keys, each layer at its factors' own rank with
   alpha = that rank (the scale is folded into B, so a reader that assumes alpha = r, as diffusers does without
   metadata, is still right). The method supplies the factors (`AdapterLayer.lora_factors`): SingLoRA becomes
@@ -24,6 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from dreamlora import fingerprint
 from dreamlora.config import AdapterConfig
 from dreamlora.inject import adapter_layers, attach, attach_at, detach
 from dreamlora.layer_kinds import file_key_spellings
@@ -68,6 +70,23 @@ def _metadata(config: AdapterConfig, name: str, step: int, **extra: str) -> dict
             "config": config.to_json(), "name": name, "step": str(step), **extra}
 
 
+def base_fingerprint(model: nn.Module, name: str = "default") -> dict[str, str]:
+    """`{"base_fingerprint": ...}` for a file's metadata: what the adapted base layers hold (`dreamlora.fingerprint`),
+    so tools that combine adapters can tell whether they share a base. Empty for a model without weights in memory."""
+    text = fingerprint.to_text(fingerprint.fingerprint(
+        {path: layer.kind.base for path, layer in adapter_layers(model, name).items()}))
+    return {} if text is None else {"base_fingerprint": text}
+
+
+def base_mismatch(model: nn.Module, name: str, metadata: dict[str, str]) -> str | None:
+    """Why the layers adapter `name` is attached to are not the base its file (`metadata`) was trained on; None when
+    they are. A file without a fingerprint (written before it was recorded) passes: `load` checked its shapes."""
+    recorded = fingerprint.from_text(metadata.get("base_fingerprint"))
+    if recorded is None:
+        return None
+    return fingerprint.mismatch(recorded, {path: layer.kind.base for path, layer in adapter_layers(model, name).items()})
+
+
 def save(model: nn.Module, path: str | os.PathLike, name: str = "default") -> Path:
     """Write adapter `name` to `path` (.safetensors). A method whose native keys are not LoRA's (SingLoRA)
     also gets its lossless LoRA export beside it, `<stem>.lora.safetensors`, unless the method cannot be written
@@ -77,7 +96,8 @@ def save(model: nn.Module, path: str | os.PathLike, name: str = "default") -> Pa
         raise ValueError(f"adapter files are .safetensors; got {str(path)!r}")
     layers = adapter_layers(model, name)
     first = next(iter(layers.values()))
-    atomic_save_file(adapter_state_dict(model, name), path, _metadata(first.config, name, first.step))
+    atomic_save_file(adapter_state_dict(model, name), path,
+                     _metadata(first.config, name, first.step, **base_fingerprint(model, name)))
     method = type(first)
     if set(method.file_keys.values()) - {"lora_A.weight", "lora_B.weight", "lora_magnitude_vector"} and (
             method.unsupported_reason("lora") is None) and _has_update(model, name):
@@ -146,7 +166,7 @@ def export_lora(model: nn.Module, path: str | os.PathLike, name: str = "default"
     # `lora_adapter_metadata` is where diffusers (0.34+) reads a file's LoraConfig: with it, a layer whose rank
     # differs from the file's most common one keeps its own alpha (diffusers 0.34 guesses one alpha without it)
     meta = _metadata(config, name, first.step, exported_from=first.config.method, peft_config=json.dumps(peft_config),
-                     lora_adapter_metadata=json.dumps(peft_config))
+                     lora_adapter_metadata=json.dumps(peft_config), **base_fingerprint(model, name))
     atomic_save_file(tensors, path, meta)
     return Path(path)
 

@@ -160,6 +160,12 @@ class AdapterLayer(nn.Module):
     # "exact" writes `lora_factors()` as they are; "auto" (ReLoRA, whose exact update has rank (merges + 1)·r) the
     # truncated SVD keeping 99 % of ‖ΔW‖²_F, at most 4×rank; an integer, that rank (see `dreamlora.compress`).
     default_export_rank: ClassVar[str | int] = "exact"
+    # how `dreamlora.compose` may mix adapters of this method (see `RULES` there): "factors" (either rule: the update
+    # is one low-rank product B·A, linear in the scale), "updates" (only as a weighted sum of whole updates, taken
+    # from the exact `lora_factors()`: ReLoRA's stacked merges are no single trained B·A pair), or None (refused,
+    # `composition_note` says why: DoRA's magnitude rescale is not additive).
+    composition: ClassVar[str | None] = "factors"
+    composition_note: ClassVar[str] = ""
 
     def __init__(self, kind: LayerKind, config: AdapterConfig):
         super().__init__()

@@ -28,6 +28,9 @@ class DoRA(LoRA):
     file_keys = {**LoRA.file_keys, "lora_magnitude_vector": "lora_magnitude_vector"}
     roles = {**LoRA.roles, "lora_magnitude_vector": "magnitude"}
     reads_base_weight = True
+    composition = None
+    composition_note = ("DoRA's update m·(W0 + BA)/‖W0 + BA‖ − W0 is neither a low-rank product nor linear in its "
+                        "scale, so weighted sums of DoRA adapters are not sums of their updates")
 
     def __init__(self, kind: LayerKind, config: AdapterConfig):
         super().__init__(kind, config)

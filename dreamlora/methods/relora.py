@@ -124,6 +124,9 @@ class ReLoRA(LoRA):
     Options = ReLoRAOptions
     state_keys = {"merged_A": "relora_merged_A", "merged_B": "relora_merged_B", "seed": "relora_seed"}
     default_export_rank = "auto"
+    composition = "updates"
+    composition_note = ("ReLoRA's update is its stacked merges plus the last B·A (factor rank (merges + 1)·r), no "
+                        "single trained pair of factors: it is composed from that exact accumulated update")
 
     def __init__(self, kind: LayerKind, config: AdapterConfig):
         super().__init__(kind, config)
