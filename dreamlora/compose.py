@@ -84,7 +84,7 @@ def check_factors_rule(library: Mapping[str, Factors]) -> None:
                     f"but {first[path][0].shape[0]} in {labels[0]}; compose them with the 'updates' rule")
 
 
-def mix(library: Sequence[Factors], weights: Sequence[float], rule: str, path: str) -> tuple[torch.Tensor, torch.Tensor]:
+def mix(library: Sequence[Factors], weights: Sequence[float], rule: str, path: str) -> tuple[torch.Tensor, ...]:
     """The composed (A, B) of layer `path` under `rule`."""
     parts = [(float(w), f[path]) for w, f in zip(weights, library, strict=True) if path in f]
     if rule == "factors":

@@ -84,7 +84,8 @@ def base_mismatch(model: nn.Module, name: str, metadata: dict[str, str]) -> str 
     recorded = fingerprint.from_text(metadata.get("base_fingerprint"))
     if recorded is None:
         return None
-    return fingerprint.mismatch(recorded, {path: layer.kind.base for path, layer in adapter_layers(model, name).items()})
+    bases = {path: layer.kind.base for path, layer in adapter_layers(model, name).items()}
+    return fingerprint.mismatch(recorded, bases)
 
 
 def save(model: nn.Module, path: str | os.PathLike, name: str = "default") -> Path:
