@@ -71,3 +71,39 @@ def rank_per_layer(ranks: dict[str, int], path: Path, title: str, reference: int
 
 def _short(path: str, keep: int = 48) -> str:
     return path if len(path) <= keep else "…" + path[-keep + 1:]
+
+
+def search_history(objectives: list[float], sources: list[str], weights: dict[str, float], path: Path,
+                   title: str) -> Path:
+    """A composition search: the objective of each evaluation (seeded candidates apart) with the running best, and
+    the weights it found per adapter."""
+    import math
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8), gridspec_kw={"width_ratios": [3, 2]})
+    steps = range(1, len(objectives) + 1)
+    seeded = [i for i, s in enumerate(sources) if s in ("base", "uniform", "restart") or s.startswith("single:")]
+    finite = [v if math.isfinite(v) else float("nan") for v in objectives]
+    left.plot(steps, finite, ".", color="#999999", label="evaluation")
+    left.plot([i + 1 for i in seeded], [finite[i] for i in seeded], "o", mfc="none", color="#d62728",
+              label="seeded (base, uniform, each adapter)")
+    running, best = [], float("inf")
+    for v in objectives:
+        best = min(best, v)
+        running.append(best)
+    left.plot(steps, running, "-", color="#1f77b4", label="best so far")
+    left.set_xlabel("evaluation")
+    left.set_ylabel("objective (loss + L1)")
+    left.set_title(title)
+    left.legend(fontsize=8)
+    names = [_short(n, 28) for n in weights]
+    right.barh(names, list(weights.values()), color="#1f77b4")
+    right.axvline(0, color="black", lw=0.8)
+    right.set_xlabel("weight")
+    right.set_title("weights found")
+    fig.tight_layout()
+    return save_figure(fig, path)

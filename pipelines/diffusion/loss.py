@@ -88,17 +88,25 @@ def denoising_loss(unet, noise_scheduler, latents: torch.Tensor, encoder_hidden_
     return parts
 
 
+def fixed_pairs(latents_shape: tuple[int, ...], num_train_timesteps: int, pairs: int = 8,
+                seed: int = 1234) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`pairs` draws of (timesteps (N,), noise (N, C, h, w)) for N latents: the same for every call with the same
+    seed, so losses before and after training (or of two candidate adapters) compare like with like."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(pairs):
+        timesteps = torch.randint(0, num_train_timesteps, (latents_shape[0],), generator=gen)
+        out.append((timesteps, torch.randn(latents_shape, generator=gen)))
+    return out
+
+
 @torch.no_grad()
 def fixed_pairs_loss(unet, noise_scheduler, latents: torch.Tensor, encoder_hidden_states: torch.Tensor,
                      pairs: int = 8, seed: int = 1234) -> float:
-    """Mean denoising loss of `latents` over a fixed set of (timestep, noise) pairs: the same pairs for every
-    call with the same seed, so before/after numbers of a run compare like with like."""
-    gen = torch.Generator().manual_seed(seed)
+    """Mean denoising loss of `latents` over a fixed set of (timestep, noise) pairs (`fixed_pairs`)."""
     total = 0.0
     is_class = torch.zeros(latents.shape[0], dtype=torch.bool)
-    for _ in range(pairs):
-        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=gen)
-        noise = torch.randn(latents.shape, generator=gen).to(latents)
+    for timesteps, noise in fixed_pairs(tuple(latents.shape), noise_scheduler.config.num_train_timesteps, pairs, seed):
         total += denoising_loss(unet, noise_scheduler, latents, encoder_hidden_states, is_class, None,
-                                timesteps=timesteps, noise=noise)["loss"].item()
+                                timesteps=timesteps, noise=noise.to(latents))["loss"].item()
     return total / pairs

@@ -1,0 +1,1 @@
+"""`python -m pipelines.compose`: LoRAHub-style learned composition of trained adapters (see `cli`)."""
