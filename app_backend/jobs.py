@@ -8,6 +8,11 @@ All state lives on disk, so a reloaded page (or a restarted server) finds every 
     RUNS/<name>/exit.json       the return code of the latest launch (when this server saw it end)
     RUNS/<name>/progress.jsonl  written by the trainer (`started`/`step`/`checkpoint`/`done`/`stopped` lines)
 
+A run's `kind` (job.json; "train" when absent) says which command it is: "train", or "compose" for a composition of
+other runs' adapters (`app_backend/composing.py`: `python -m pipelines.compose`, log in compose.log, progress in
+search.jsonl). Both are launched, listed, stopped and refused while another job runs the same way, and a finished one
+of either kind is an adapter run.
+
 Stop sends SIGUSR1 (the trainer checkpoints at the next step and exits cleanly), then SIGTERM and SIGKILL to
 the process group if it has not exited within the timeouts. Resume relaunches the saved argv with
 `--resume_from_checkpoint latest`. A run whose folder grows past its disk cap (or fills the runs folder) is
@@ -26,6 +31,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,6 +46,10 @@ from pipelines.trainer.checkpoints import list_checkpoints
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN_SCRIPT = ROOT / "dreamlora" / "train.py"
+TRAIN, COMPOSE = "train", "compose"
+COMMAND = {TRAIN: [str(TRAIN_SCRIPT)], COMPOSE: ["-m", "pipelines.compose"]}  # after the python interpreter
+LOG_FILE = {TRAIN: "train.log", COMPOSE: "compose.log"}
+SEARCH_FILE = "search.jsonl"  # a composition's evaluations, one JSON line each (pipelines/compose/outputs.py)
 
 
 @dataclass
@@ -57,10 +67,11 @@ class Progress:
     log_tail: str = ""
     stop_reason: str | None = None  # set when the app, not the user, stopped it (a disk limit)
     ranks_plot: Path | None = None  # ranks.png of a finished run whose method reports ranks per layer
+    kind: str = TRAIN
 
     @property
     def resumable(self) -> bool:
-        return self.status in ("stopped", "failed")
+        return self.kind == TRAIN and self.status in ("stopped", "failed")  # a composition is started again instead
 
     def summary(self) -> str:
         total = f"/{self.total}" if self.total else ""
@@ -96,6 +107,14 @@ def read_progress_records(path: Path) -> list[dict]:
         except ValueError:
             continue
     return records
+
+
+def kind_of(job: dict) -> str:
+    return job.get("kind", TRAIN)  # runs from before compositions have no kind
+
+
+def log_path(run_dir: Path, job: dict) -> Path:
+    return run_dir / LOG_FILE[kind_of(job)]
 
 
 def pid_runs(pid: int | None, run_dir: Path) -> bool:
@@ -158,11 +177,19 @@ class JobManager:
         settings.validate()
         settings.base_model = resolve_base_model(self.runs_dir, settings.base_model)
         photos = check_images(photos, labels)
+        self.create(settings.name, TRAIN, dataclasses.asdict(settings), photos, settings.argv)
+        return f"Started {settings.name!r}: {settings.method}, rank {settings.rank}, {settings.steps} steps."
+
+    def create(self, name: str, kind: str, settings: dict, photos: list[Path],
+               argv: Callable[[Path], list[str]]) -> Path:
+        """A new run folder holding the (checked) photos in data/subject/, its command launched: `argv(run_dir)`
+        are the flags of COMMAND[kind]. Refused while another job runs, for a name in use, or past a disk limit;
+        a refused run leaves no folder."""
         with self._lock:
             self._refuse_if_busy()
-            run_dir = self.run_dir(settings.name)
+            run_dir = self.run_dir(name)
             if run_dir.exists():
-                raise AppInputError(f"A run called {settings.name!r} exists already: pick another name, or "
+                raise AppInputError(f"A run called {name!r} exists already: pick another name, or "
                                     "resume it from the Runs list.")
             self.quota.check(run_dir, adding=sum(Path(p).stat().st_size for p in photos))
             data = run_dir / "data" / SUBJECT
@@ -171,14 +198,17 @@ class JobManager:
                 with Image.open(photo) as im:
                     suffix = FORMAT_SUFFIX[im.format]  # check_images accepted only these formats
                 shutil.copyfile(photo, data / f"photo-{i:03d}{suffix}")
-            job = {"name": settings.name, "created": time.time(), "settings": dataclasses.asdict(settings),
-                   "argv": settings.argv(run_dir), "launches": 0, "stop_requested": False}
+            job = {"name": name, "kind": kind, "created": time.time(), "settings": settings, "argv": argv(run_dir),
+                   "launches": 0, "stop_requested": False}
             self._launch(run_dir, job, job["argv"])
-        return f"Started {settings.name!r}: {settings.method}, rank {settings.rank}, {settings.steps} steps."
+        return run_dir
 
     def resume(self, name: str) -> str:
         with self._lock:
             run_dir = self.existing(name)
+            if self.kind(name) == COMPOSE:
+                raise AppInputError(f"{name!r} is a composition: it cannot be resumed; compose again under a new "
+                                    "name.")
             status = self.progress(name).status
             if status == "running":
                 raise AppInputError(f"{name!r} is running already.")
@@ -194,16 +224,25 @@ class JobManager:
     def _refuse_if_busy(self) -> None:
         busy = self.active()
         if busy:
-            raise AppInputError(f"Run {busy!r} is training: one GPU job at a time. Stop it or wait for it to finish.")
+            raise AppInputError(f"Run {busy!r} is {self.doing(busy)}: one GPU job at a time. Stop it or wait for it to "
+                                "finish.")
+
+    def kind(self, name: str) -> str:
+        return kind_of(read_json(self.runs_dir / name / "job.json"))
+
+    def doing(self, name: str) -> str:
+        """What a running run does, in words: "training" or "composing"."""
+        return "composing" if self.kind(name) == COMPOSE else "training"
 
     def _launch(self, run_dir: Path, job: dict, argv: list[str]) -> None:
         env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
         (run_dir / "exit.json").unlink(missing_ok=True)
-        with open(run_dir / "train.log", "a", encoding="utf-8") as log:
+        with open(log_path(run_dir, job), "a", encoding="utf-8") as log:
             log.write(f"\n=== launch {job['launches'] + 1} at {time.strftime('%Y-%m-%d %H:%M:%S')} ===\n")
             log.flush()
-            proc = subprocess.Popen([self.python, str(TRAIN_SCRIPT), *argv], stdout=log, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, cwd=ROOT, env=env, start_new_session=True)
+            proc = subprocess.Popen([self.python, *COMMAND[kind_of(job)], *argv], stdout=log,
+                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=ROOT, env=env,
+                                    start_new_session=True)
         job.update(pid=proc.pid, launches=job["launches"] + 1, launched=time.time())
         atomic_write_text(run_dir / "job.json", json.dumps(job, indent=1))
         self._procs[job["name"]] = proc
@@ -219,7 +258,7 @@ class JobManager:
                 job = read_json(run_dir / "job.json")
                 job["stop_reason"] = f"stopped by the app: {reason}"
                 atomic_write_text(run_dir / "job.json", json.dumps(job, indent=1))
-                with open(run_dir / "train.log", "a", encoding="utf-8") as log:
+                with open(log_path(run_dir, job), "a", encoding="utf-8") as log:
                     log.write(f"\n=== {job['stop_reason']} ===\n")
                 self.stop(name)
                 return
@@ -245,8 +284,12 @@ class JobManager:
             return "running"
         run_dir = self.runs_dir / name
         job = read_json(run_dir / "job.json")
-        ends = [r["event"] for r in records if r.get("event") in ("started", "done", "stopped")]
         exit_code = read_json(run_dir / "exit.json").get("returncode")
+        if kind_of(job) == COMPOSE:  # the command writes its adapter last, just before it exits
+            if exit_code == 0 and self.has_adapter(name):
+                return "finished"
+            return "stopped" if job.get("stop_requested") else "failed"
+        ends = [r["event"] for r in records if r.get("event") in ("started", "done", "stopped")]
         last = ends[-1] if ends else None
         if last == "done" and exit_code in (None, 0):
             return "finished"
@@ -258,6 +301,9 @@ class JobManager:
 
     def progress(self, name: str, log_lines: int = 6) -> Progress:
         run_dir = self.existing(name)
+        job = read_json(run_dir / "job.json")
+        if kind_of(job) == COMPOSE:
+            return self._composition_progress(run_dir, job, log_lines)
         records = read_progress_records(run_dir / "progress.jsonl")
         losses: dict[int, float] = {}
         p = Progress(name, self.status(name, records))
@@ -267,13 +313,23 @@ class JobManager:
                 p.step, p.total, p.eta_s = r["step"], r.get("total"), r.get("eta_s")
             elif r.get("event") in ("started", "done", "stopped"):
                 p.step, p.total = r.get("step", p.step), r.get("total", p.total)
-        p.total = p.total or read_json(run_dir / "job.json").get("settings", {}).get("steps")
+        p.total = p.total or job.get("settings", {}).get("steps")
         p.losses = sorted(losses.items())
         p.validation = sorted((run_dir / "validation").glob("step-*.png"))
         p.ranks_plot = run_dir / "ranks.png" if (run_dir / "ranks.png").is_file() else None
         p.checkpoints = [step for step, _ in list_checkpoints(run_dir)]
         p.log_tail = tail(run_dir / "train.log", log_lines)
-        p.stop_reason = read_json(run_dir / "job.json").get("stop_reason") if p.status == "stopped" else None
+        p.stop_reason = job.get("stop_reason") if p.status == "stopped" else None
+        return p
+
+    def _composition_progress(self, run_dir: Path, job: dict, log_lines: int) -> Progress:
+        """A composition in the Runs list and the Train panel: evaluations as steps, objectives as the loss."""
+        evaluations = read_progress_records(run_dir / SEARCH_FILE)
+        p = Progress(run_dir.name, self.status(run_dir.name, []), kind=COMPOSE, step=len(evaluations),
+                     total=job.get("settings", {}).get("budget"))
+        p.losses = [(e["index"] + 1, e["objective"]) for e in evaluations]
+        p.log_tail = tail(log_path(run_dir, job), log_lines)
+        p.stop_reason = job.get("stop_reason") if p.status == "stopped" else None
         return p
 
     def table(self) -> list[dict]:
@@ -323,6 +379,8 @@ class JobManager:
         """What SIGUSR1 did: a checkpoint and a clean exit; a clean exit whose last checkpoint is older (the
         trainer can miss the signal's checkpoint when it arrives during a preview); or, before the trainer's
         first step (while it loads models or makes class images), an exit with nothing to save."""
+        if kind_of(read_json(run_dir / "job.json")) == COMPOSE:
+            return "stopped (a composition keeps no checkpoint: compose again to search anew)"
         ends = [r for r in read_progress_records(run_dir / "progress.jsonl") if r.get("event") in
                 ("started", "stopped", "done")]
         if not ends or ends[-1]["event"] != "stopped":
