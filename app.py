@@ -1,5 +1,5 @@
 """`python app.py`: dreamlora in a browser. Train an adapter on your photos, watch it learn, stop and resume
-it, try prompts, and compare methods, without typing an accelerate command.
+it, try prompts, compare methods, and compose past adapters for a new subject, without typing an accelerate command.
 
     python app.py                       # http://127.0.0.1:7860, the embedded tiny model, runs in ./runs/app
     python app.py --base_model stable-diffusion-v1-5/stable-diffusion-v1-5 --runs_dir /data/runs --port 8080
@@ -12,6 +12,7 @@ caps the disk each run and all runs may use (`--max_run_gb`, `--max_total_gb`).
 
 UI only. The work is done by the `app_backend` package, without gradio, which calls the same commands and
 functions a user would: `app_backend/jobs.py` (training subprocesses: start, follow, stop, resume, list),
+`app_backend/composing.py` (the Compose tab: `python -m pipelines.compose` runs mixing past runs' adapters),
 `app_backend/settings.py` (the Train form as trainer flags; the base model), `app_backend/safety.py` (run
 names, uploads, paths, what is served), `app_backend/disk.py` (disk limits), `app_backend/sampling.py` and
 `app_backend/scoring.py`.
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import functools
 import ipaddress
+import math
 import os
 import sys
 from pathlib import Path
@@ -30,6 +32,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import gradio as gr  # noqa: E402
 
+from app_backend import composing  # noqa: E402
 from app_backend.disk import GB, MIN_FREE_BYTES, DiskQuota  # noqa: E402
 from app_backend.jobs import JobManager, format_seconds  # noqa: E402
 from app_backend.safety import MAX_IMAGE_BYTES, MAX_IMAGES, SERVED, AppInputError, publish  # noqa: E402
@@ -50,12 +53,15 @@ ROOT = Path(__file__).resolve().parent
 GPU = "gpu"  # the one concurrency id of every handler that uses the GPU
 ADAPTER_SLOTS = 4
 RUN_COLUMNS = ["run", "status", "method", "rank", "step", "last checkpoint", "resumable", "adapter"]
+WEIGHT_COLUMNS = ["source run", "weight"]
 INTRO = """# dreamlora
 Teach a Stable Diffusion model your subject from a few photos, then try prompts and compare methods.
 
 1. **Train**: add 3-20 photos, pick a method, press *Start training*, and watch the loss and the preview images.
 2. **Sample**: pick trained runs (several at once, each with its own strength) and write a prompt.
-3. **Evaluate / Compare**: score runs on the DreamBench prompts and see methods side by side."""
+3. **Evaluate / Compare**: score runs on the DreamBench prompts and see methods side by side.
+4. **Compose**: mix the adapters of past runs for a new subject from a few photos (weights found by a gradient-free
+   search, as LoRAHub does), then sample the mix beside its sources."""
 
 
 def refused(fn):
@@ -94,8 +100,8 @@ class App:
     def refuse_while_training(self) -> None:
         busy = self.jobs.active()
         if busy:
-            raise AppInputError(f"Run {busy!r} is training and has the GPU (one GPU job at a time): stop it or "
-                                "wait for it to finish.")
+            raise AppInputError(f"Run {busy!r} is {self.jobs.doing(busy)} and has the GPU (one GPU job at a time): "
+                                "stop it or wait for it to finish.")
 
     # --- train ---------------------------------------------------------------------------------------------
     def photos(self, files: list | None, folder: str | None) -> tuple[list[Path], list[str]]:
@@ -197,7 +203,7 @@ class App:
             return (None, tuple(self.jobs.names()))
         run_dir = self.jobs.runs_dir / name
         stats = [(run_dir / f).stat().st_mtime_ns if (run_dir / f).exists() else 0
-                 for f in ("progress.jsonl", "job.json", "exit.json", "train.log", "ranks.png")]
+                 for f in ("progress.jsonl", "job.json", "exit.json", "train.log", "ranks.png", "search.jsonl")]
         return (name, self.jobs.is_running(name), *stats, tuple(self.jobs.names()))
 
     def on_load(self):
@@ -208,7 +214,7 @@ class App:
         return (gr.update(choices=names, value=current), *self.progress(current), self.runs(),
                 *[gr.update(choices=[""] + adapters) for _ in range(ADAPTER_SLOTS)],
                 gr.update(choices=adapters), gr.update(choices=self.sampler.folders()), gr.update(choices=adapters),
-                suggest_name(names))
+                gr.update(choices=adapters), suggest_name(names), suggest_name(names, "mix"))
 
     def adapter_runs(self) -> list[str]:
         return [n for n in self.jobs.names() if self.jobs.has_adapter(n)]
@@ -216,7 +222,7 @@ class App:
     def refresh_choices(self):
         adapters = self.adapter_runs()
         return (*[gr.update(choices=[""] + adapters) for _ in range(ADAPTER_SLOTS)], gr.update(choices=adapters),
-                gr.update(choices=self.sampler.folders()), gr.update(choices=adapters))
+                gr.update(choices=self.sampler.folders()), gr.update(choices=adapters), gr.update(choices=adapters))
 
     # --- sample / evaluate / compare -------------------------------------------------------------------------
     def sample(self, base_model, adapter_1, scale_1, adapter_2, scale_2, adapter_3, scale_3, adapter_4, scale_4,
@@ -254,6 +260,67 @@ class App:
         grids, rows, plot = self.evaluator.compare(list(runs or []), settings)
         gallery = [(str(self.served(g)), p) for g, p in grids]
         return gallery, table_frame(rows, SCORE_COLUMNS), str(self.served(plot)), f"{len(runs)} runs side by side."
+
+
+    # --- compose --------------------------------------------------------------------------------------------
+    def compose(self, name, sources, files, folder, token, class_noun, prompt, rule, budget, seed):
+        """Start a composition of past runs' adapters for a new subject; returns a message and the composition
+        picker set to it."""
+        self.refuse_while_training()
+        photos, labels = self.photos(files, folder)
+        settings = composing.ComposeSettings(name=name, sources=list(sources or []), token=token,
+                                             class_noun=class_noun, instance_prompt=prompt, rule=rule, budget=budget,
+                                             seed=seed).validate(self.jobs)
+        self.free_gpu()
+        message = composing.start(self.jobs, settings, photos, labels)
+        return message, gr.update(choices=composing.compositions(self.jobs), value=settings.name)
+
+    def compose_progress(self, name):
+        """Evaluation i/budget and the best objective, the objective per evaluation, the weights, the log tail."""
+        if not name:
+            hint = "Pick a composition above to follow it." if composing.compositions(self.jobs) else \
+                "No composition yet: pick past runs and photos on the left and press *Compose*."
+            return hint, objective_frame([], []), gr.update(value=table_frame([], WEIGHT_COLUMNS)), ""
+        p = composing.progress(self.jobs, name)
+        best = f" · best objective {p.best:.4f}" if p.best is not None else ""
+        headline = f"**{name}** · {p.status} · evaluation {p.evaluations}/{p.budget}{best}"
+        rows = [{"source run": s, "weight": round(w, 4)} for s, w in p.weights.items()]
+        label = "Weights found" if p.status == "finished" else "Weights of the best evaluation so far"
+        return (headline, objective_frame(p.objectives, p.best_so_far()),
+                gr.update(value=table_frame(rows, WEIGHT_COLUMNS), label=label), p.log_tail)
+
+    def compose_poll(self, name, seen):
+        """The Compose tab's Timer: as `poll`, for the picked (else the running, else the newest) composition."""
+        names = composing.compositions(self.jobs)
+        if name not in names:
+            active = self.jobs.active()
+            name = active if active in names else (names[0] if names else None)
+        signature = self.compose_signature(name, names)
+        if signature == seen:
+            return (gr.skip(),) * 6
+        return (*self.compose_progress(name), gr.update(choices=names, value=name), signature)
+
+    def compose_signature(self, name, names) -> tuple:
+        if not name:
+            return (None, tuple(names))
+        run_dir = self.jobs.runs_dir / name
+        stats = [(run_dir / f).stat().st_mtime_ns if (run_dir / f).exists() else 0
+                 for f in ("search.jsonl", "job.json", "exit.json", "compose.log", "run.json")]
+        return (name, self.jobs.is_running(name), *stats, tuple(names))
+
+    def compose_sample(self, name, prompt, seed):
+        """One image from the composition and one from each source alone, the same prompt and seed, captioned
+        with the run and its weight."""
+        self.refuse_while_training()
+        self.quota.check()
+        if not name:
+            raise AppInputError("Pick a composition to sample.")
+        settings = composing.composition(self.jobs, name)["settings"]
+        prompt = (prompt or "").strip() or settings["instance_prompt"]
+        steps = 20 if settings["resolution"] <= 64 else 30
+        shown = composing.sample_beside_sources(self.jobs, self.sampler, name, prompt, seed, steps)
+        gallery = [(str(self.served(f)), caption) for f, caption in shown]
+        return gallery, f"{len(shown)} images of {prompt!r} (seed {int(seed)}): the composition, then each source."
 
 
 def method_choices() -> list[tuple[str, str]]:
@@ -298,17 +365,27 @@ def loss_frame(losses: list[tuple[int, float]], points: int = 500):
     return frame.astype({"step": "int64", "loss": "float64"})  # numbers, or the plot's axes turn categorical
 
 
+def objective_frame(objectives: list[float], best_so_far: list[float]):
+    """A composition's search: each evaluation's objective and the falling best so far, as two curves."""
+    import pandas as pd
+
+    rows = [(i, value, curve) for curve, values in (("objective", objectives), ("best so far", best_so_far))
+            for i, value in enumerate(values, 1) if math.isfinite(value)]
+    frame = pd.DataFrame(rows, columns=["evaluation", "objective", "curve"])
+    return frame.astype({"evaluation": "int64", "objective": "float64"})
+
+
 def table_frame(rows: list[dict], columns: list[str] | None = None):
     import pandas as pd
 
     return pd.DataFrame(rows, columns=columns)
 
 
-def suggest_name(names: list[str]) -> str:
+def suggest_name(names: list[str], prefix: str = "run") -> str:
     n = len(names) + 1
-    while f"run-{n}" in names:
+    while f"{prefix}-{n}" in names:
         n += 1
-    return f"run-{n}"
+    return f"{prefix}-{n}"
 
 
 def build(runs_dir: Path, base_model: str = "tiny", allow_server_folders: bool = True,
@@ -327,6 +404,8 @@ def build(runs_dir: Path, base_model: str = "tiny", allow_server_folders: bool =
             evaluate_tab(app)
         with gr.Tab("Compare"):
             compare_tab(app)
+        with gr.Tab("Compose"):
+            compose_tab(app)
         wire_load(app, demo)
     return demo
 
@@ -508,15 +587,91 @@ def compare_tab(app: App) -> None:
              concurrency_id=GPU, concurrency_limit=1)
 
 
+def compose_tab(app: App) -> None:
+    """The Compose tab: past runs and a few photos of a new subject in, a composition run out, followed like a
+    training; its components are kept in `app.compose_components`."""
+    c = app.compose_components = {}
+    gr.Markdown("Mix the adapters of past runs for a new subject: a gradient-free search (nevergrad, as LoRAHub) "
+                "finds the weights whose mix best denoises a few photos of it. The result is a run like any other: "
+                "sample, evaluate and compare it.")
+    with gr.Row():
+        with gr.Column(scale=5):
+            compose_setup(app, c)
+        with gr.Column(scale=6):
+            compose_panel(c)
+    wire_compose(app, c)
+
+
+def compose_setup(app: App, c: dict) -> None:
+    c["name"] = gr.Textbox("mix-1", label="Composition name", info="letters, digits, . _ - (a folder in the runs dir)")
+    c["sources"] = gr.Dropdown([], multiselect=True, label="Adapters to mix (past runs)", elem_id="compose-sources",
+                               info="runs with an adapter, trained on the same base model")
+    c["files"] = gr.File(file_count="multiple", file_types=["image"], type="filepath", elem_id="compose-files",
+                         label=f"A few photos of the new subject (at most {MAX_IMAGES}, "
+                               f"{MAX_IMAGE_BYTES // 2**20} MB each)")
+    c["folder"] = gr.Textbox(label="…or a folder of photos on this machine", placeholder="/path/to/photos",
+                             visible=app.allow_server_folders)
+    with gr.Row():
+        c["token"] = gr.Textbox("sks", label="Identifier", info="the word for the new subject in the prompt")
+        c["class_noun"] = gr.Textbox("toy", label="Class", info="what it is: toy, dog, backpack…")
+    c["prompt"] = gr.Textbox(label="Prompt of the photos", placeholder="a photo of sks toy (default)")
+    c["rule"] = gr.Radio([(f"{rule}: {text}", rule) for rule, text in composing.RULES.items()], value="updates",
+                         label="Rule")
+    with gr.Row():
+        c["budget"] = gr.Number(20, label="Budget (evaluations)", precision=0, minimum=3, maximum=composing.MAX_BUDGET,
+                                info="the base, the even mix and each source alone count in it")
+        c["seed"] = gr.Number(0, label="Seed", precision=0, minimum=0)
+    c["start"] = gr.Button("Compose", variant="primary")
+    c["message"] = gr.Markdown()
+
+
+def compose_panel(c: dict) -> None:
+    gr.Markdown("### Composition")
+    c["run"] = gr.Dropdown([], label="Composition", allow_custom_value=True)
+    c["headline"] = gr.Markdown(elem_id="compose-status")
+    c["plot"] = gr.LinePlot(objective_frame([], []), x="evaluation", y="objective", color="curve", height=240,
+                            title="Objective per evaluation (loss + L1 penalty)", elem_id="compose-plot")
+    c["weights"] = gr.Dataframe(table_frame([], WEIGHT_COLUMNS), interactive=False, label="Weights found",
+                                elem_id="compose-weights")
+    c["log"] = gr.Textbox(label="Log (last lines; all of it in RUNS/<composition>/compose.log)", lines=5,
+                          max_lines=5, autoscroll=True)
+    c["sample_prompt"] = gr.Textbox(label="Sample prompt", placeholder="the composition's prompt (default)")
+    c["sample"] = gr.Button("Sample the result beside its sources")
+    c["gallery"] = gr.Gallery(label="The composition, then each source alone (same prompt and seed)", columns=4,
+                              height=240, elem_id="compose-gallery")
+    c["sample_message"] = gr.Markdown()
+
+
+def wire_compose(app: App, c: dict) -> None:
+    """The Compose tab's events: the API endpoints (compose, compose_progress, compose_sample) and its poll."""
+    seen = gr.State(None)
+    inputs = [c[k] for k in ("name", "sources", "files", "folder", "token", "class_noun", "prompt", "rule", "budget",
+                             "seed")]
+    c["start"].click(refused(app.compose), inputs, [c["message"], c["run"]], api_name="compose", concurrency_id=GPU,
+                     concurrency_limit=1)
+    panel = [c["headline"], c["plot"], c["weights"], c["log"]]
+    c["run"].input(refused(app.compose_progress), c["run"], panel, api_name="compose_progress",
+                   concurrency_limit=None)
+    c["sample"].click(refused(app.compose_sample), [c["run"], c["sample_prompt"], c["seed"]],
+                      [c["gallery"], c["sample_message"]], api_name="compose_sample", concurrency_id=GPU,
+                      concurrency_limit=1)
+    timer = gr.Timer(1.0)
+    timer.tick(app.compose_poll, [c["run"], seen], [*panel, c["run"], seen], api_visibility="private",
+               show_progress="hidden", concurrency_limit=None)
+
+
 def wire_load(app: App, demo: gr.Blocks) -> None:
     t = app.train_components
     choice_outputs = [*app.sample_components["slots"][0::2], app.eval_components["runs"],
-                      app.eval_components["folders"], app.compare_components["runs"]]
+                      app.eval_components["folders"], app.compare_components["runs"],
+                      app.compose_components["sources"]]
     demo.load(app.on_load, None, [t["run"], t["headline"], t["loss"], t["validation"], t["log"], t["ranks"],
-                                  t["runs"], *choice_outputs, t["name"]], api_visibility="private",
-              show_progress="hidden")
-    # new adapters appear in the pickers when a run ends; cheap, so on every status change
-    t["headline"].change(app.refresh_choices, None, choice_outputs, api_visibility="private", show_progress="hidden")
+                                  t["runs"], *choice_outputs, t["name"], app.compose_components["name"]],
+              api_visibility="private", show_progress="hidden")
+    # new adapters appear in the pickers when a run ends; cheap, so on every status change (a training's or a
+    # composition's: either may be the one that ended)
+    for headline in (t["headline"], app.compose_components["headline"]):
+        headline.change(app.refresh_choices, None, choice_outputs, api_visibility="private", show_progress="hidden")
 
 
 def is_loopback(host: str) -> bool:
