@@ -62,3 +62,31 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.25):
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def train_source_runs(runs_dir: Path, base_model: Path, subjects: tuple[str, ...] = ("dog", "backpack"),
+                      steps: int = 10) -> Path:
+    """Finished app runs named after `subjects` (their photos in tests/assets), trained one after the other through
+    the app's JobManager on the tiny model: adapters to compose. Copy them into a test's runs folder with
+    `copy_runs`."""
+    from app_backend.jobs import JobManager
+    from app_backend.settings import TrainSettings
+
+    jobs = JobManager(runs_dir)
+    for subject in subjects:
+        photos = sorted(p for p in (ASSETS / subject).iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+        jobs.start(TrainSettings(name=subject, base_model=str(base_model), class_noun=subject, steps=steps,
+                                 learning_rate=1e-3, resolution=64, checkpointing_steps=1000), photos[:3])
+        wait_for(lambda s=subject: jobs.progress(s).status != "running", 300, f"the {subject} run to finish")
+        assert jobs.progress(subject).status == "finished", jobs.progress(subject).log_tail
+    return runs_dir
+
+
+def copy_runs(template: Path, runs_dir: Path) -> list[str]:
+    """The finished runs of `template` copied into `runs_dir` (a run's folder is all of its state)."""
+    import shutil
+
+    names = [p.name for p in Path(template).iterdir() if (p / "job.json").is_file()]
+    for name in names:
+        shutil.copytree(Path(template) / name, Path(runs_dir) / name)
+    return names

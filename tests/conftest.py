@@ -102,3 +102,12 @@ def randomize_adapters(model, name: str = "default", std: float = 0.1) -> None:
         for layer in dreamlora.adapter_layers(model, name).values():
             for p in layer.parameters():
                 p.add_(torch.randn_like(p) * std)
+
+
+@pytest.fixture(scope="session")
+def source_runs(tmp_path_factory, tiny_model_dir):
+    """Two finished app runs, "dog" and "backpack" (10 steps each on the tiny model), to copy into a test's runs
+    folder with `app_server.copy_runs`: the sources of the Compose tests."""
+    from app_server import train_source_runs
+
+    return train_source_runs(tmp_path_factory.mktemp("source-runs") / "runs", tiny_model_dir)
