@@ -369,8 +369,11 @@ def objective_frame(objectives: list[float], best_so_far: list[float]):
     """A composition's search: each evaluation's objective and the falling best so far, as two curves."""
     import pandas as pd
 
-    rows = [(i, value, curve) for curve, values in (("objective", objectives), ("best so far", best_so_far))
-            for i, value in enumerate(values, 1) if math.isfinite(value)]
+    curves = (("objective", objectives), ("best so far", best_so_far))
+    # gradio 6.31 fixes a plot's series (its colour scale) when it first draws it and only swaps the data after:
+    # each curve is named from the start by a row without a value, which the plot skips
+    rows = [(1, math.nan, curve) for curve, _ in curves]
+    rows += [(i, value, curve) for curve, values in curves for i, value in enumerate(values, 1) if math.isfinite(value)]
     frame = pd.DataFrame(rows, columns=["evaluation", "objective", "curve"])
     return frame.astype({"evaluation": "int64", "objective": "float64"})
 

@@ -1,6 +1,7 @@
 """The app end to end in headless Chromium (Debian's `chromium`, driven by Python Playwright): upload photos,
 start a training, see the progress move (and survive a page reload), stop it, generate a sample and see it in
-the gallery. Screenshots go to tests/artifacts/app/ (git-ignored)."""
+the gallery; compose two trained runs for a new subject, follow the search to its end, and sample the mix beside
+its sources. Screenshots go to tests/artifacts/app/ (git-ignored)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import re
 import shutil
 
 import pytest
-from app_server import ARTIFACTS, ASSETS, GRADIO_PANDAS_NOISE, serve
+from app_server import ARTIFACTS, ASSETS, GRADIO_PANDAS_NOISE, copy_runs, serve
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -69,7 +70,7 @@ def wait_step_above(page, step: int, timeout_ms: int = 120_000) -> int:
 
 def test_first_view(page):
     page.get_by_role("button", name="Start training").wait_for()
-    for tab in ("Train", "Sample", "Evaluate", "Compare"):
+    for tab in ("Train", "Sample", "Evaluate", "Compare", "Compose"):
         assert page.get_by_role("tab", name=tab).is_visible()
     page.wait_for_function("(document.querySelector('#run-status')?.innerText || '').includes('No run yet')")
     page.screenshot(path=str(ARTIFACTS / "01-first-view.png"), full_page=True)
@@ -120,3 +121,40 @@ def test_bad_run_name_is_refused_in_the_page(page):
     page.wait_for_timeout(600)  # the message slides in
     page.screenshot(path=str(ARTIFACTS / "04-refused.png"))  # the viewport, where the message pops up
     assert not (page.runs_dir.parent / "etc").exists()
+
+
+def test_compose_two_runs_then_sample_beside_them(page, source_runs):
+    copy_runs(source_runs, page.runs_dir)  # two finished runs, "dog" and "backpack": the sources
+    page.reload()  # the page's load event lists them in the pickers and fills the form: wait for it
+    page.wait_for_function("/[A-Za-z]{3}/.test(document.querySelector('#run-status')?.innerText || '')")
+    page.get_by_role("tab", name="Compose").click()
+    page.wait_for_function("(document.querySelector('#compose-status')?.innerText || '').includes('No composition')")
+    for source in ("dog", "backpack"):
+        page.locator("#compose-sources input").click()
+        page.get_by_role("option", name=source, exact=True).click()
+    photos = sorted(str(p) for p in (ASSETS / "duck_toy").iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    page.locator("#compose-files input[type=file]").set_input_files(photos[:2])
+    page.get_by_text(re.compile(r"^\w.*\.(jpe?g|png)$", re.I)).first.wait_for()
+    fill_until_kept(page.get_by_label("Composition name"), "browser-mix")
+    fill_until_kept(page.get_by_label("Budget (evaluations)"), "5")
+    page.get_by_role("button", name="Compose", exact=True).click()
+
+    page.get_by_text(re.compile("Started composing 'browser-mix' from dog, backpack")).wait_for()
+    # the counter reaches the budget and the search ends (each evaluation denoises the photos at 8 timesteps)
+    page.wait_for_function("""() => { const t = document.querySelector('#compose-status')?.innerText || '';
+                                      return t.includes('browser-mix') && t.includes('finished')
+                                             && t.includes('evaluation 5/5') && t.includes('best objective'); }""",
+                           timeout=400_000)
+    page.locator("#compose-plot canvas, #compose-plot svg").first.wait_for()  # the objective per evaluation
+    page.locator("#compose-plot").get_by_text("best so far").wait_for()  # both curves in its legend
+    weights = page.locator("#compose-weights")
+    assert "Weights found" in weights.inner_text() and all(s in weights.inner_text() for s in ("dog", "backpack"))
+    page.screenshot(path=str(ARTIFACTS / "05-compose.png"), full_page=True)
+
+    page.get_by_role("button", name="Sample the result beside its sources").click()
+    page.wait_for_function("document.querySelectorAll('#compose-gallery img').length >= 3", timeout=240_000)
+    assert page.locator("#compose-gallery img").count() == 3  # the mix, then each source alone
+    assert page.get_by_text(re.compile(r"3 images of 'a photo of sks toy' \(seed 0\)")).is_visible()
+    captions = page.locator("#compose-gallery").inner_text()
+    assert "browser-mix (composed)" in captions and "dog · weight" in captions and "backpack · weight" in captions
+    page.screenshot(path=str(ARTIFACTS / "06-compose-sample.png"), full_page=True)
