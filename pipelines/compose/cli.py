@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     labels = [a.label for a in library]
     fixed = parse_weights(args.weights, labels) if args.weights else None
     if fixed is None:
-        search.check_settings(settings, len(library))
+        search.check_settings(settings, len(library), restarting=bool(args.restart_from))
     restart = search.read_history(args.restart_from, labels) if args.restart_from else []
     if args.output_kohya_format:
         print("note: --output_kohya_format is the default here: the kohya file is written unless --no_kohya_format")
@@ -208,8 +208,10 @@ def main(argv: list[str] | None = None) -> int:
         history = [search.fixed(evaluate, fixed, settings.l1)]
         record.add(history[0], tracker)
     else:
+        stop_requested = launch.install_stop_signal()
         history = search.search(evaluate, labels, settings, accelerator, restart,
-                                on_evaluation=lambda e: record.add(e, tracker))
+                                on_evaluation=lambda e: record.add(e, tracker),
+                                stop=lambda: launch.stop_everywhere(accelerator, stop_requested))
     search_time = time.perf_counter() - search_start
     chosen = search.best(history)
     errors = mixer.finish(chosen.weights)
@@ -220,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
             "weights": dict(zip(labels, chosen.weights, strict=True)),
             "best": search.as_json(chosen, labels), "search_loss": chosen.loss, "composed_loss": composed_loss,
             "objective_history": [h.objective for h in history], "evaluations": len(history) - len(restart),
+            "stopped_early": fixed is None and len(history) - len(restart) < args.budget,
             "restarted_from": args.restart_from, "search_time_s": search_time,
             "wall_time_s": time.perf_counter() - start, "library": [a.describe() for a in library],
             "seeded": {h.source: {"loss": h.loss, "objective": h.objective} for h in history

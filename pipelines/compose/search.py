@@ -60,13 +60,13 @@ def seed_candidates(labels: list[str]) -> list[tuple[str, list[float]]]:
     return out
 
 
-def check_settings(settings: SearchSettings, k: int) -> None:
+def check_settings(settings: SearchSettings, k: int, restarting: bool = False) -> None:
     if not settings.lower <= 0.0 and 1.0 <= settings.upper:
         raise ArgError(f"--lower_bound {settings.lower:g} / --upper_bound {settings.upper:g}: the bounds must hold "
                        "0 (the base) and 1 (each adapter alone)")
-    if settings.budget < k + 2:
+    if settings.budget < 1 or (settings.budget < k + 2 and not restarting):
         raise ArgError(f"--budget {settings.budget}: at least {k + 2} evaluations, the base, the uniform average and "
-                       f"each of the {k} adapters alone")
+                       f"each of the {k} adapters alone (at least 1 with --restart_from, which evaluated them)")
     if not (math.isfinite(settings.l1) and settings.l1 >= 0):
         raise ArgError(f"--l1 must be a number >= 0, got {settings.l1}")
 
@@ -105,10 +105,11 @@ def read_history(path: str | Path, labels: list[str]) -> list[Evaluation]:
 
 
 def search(evaluate: Callable[[list[float]], float], labels: list[str], settings: SearchSettings, accelerator,
-           restart: list[Evaluation] = (), on_evaluation: Callable[[Evaluation], None] | None = None
-           ) -> list[Evaluation]:
+           restart: list[Evaluation] = (), on_evaluation: Callable[[Evaluation], None] | None = None,
+           stop: Callable[[], bool] | None = None) -> list[Evaluation]:
     """Run the search; `evaluate(w)` is the loss (collective: every process calls it with the same w). Returns the
-    evaluations of this run (restart points first, then `settings.budget` new ones)."""
+    evaluations of this run (restart points first, then `settings.budget` new ones, fewer when `stop()` turns true:
+    the app's Stop, which keeps the best mix found so far)."""
     from tqdm.auto import tqdm
 
     k = len(labels)
@@ -119,14 +120,18 @@ def search(evaluate: Callable[[list[float]], float], labels: list[str], settings
         if main:
             optimizer.tell(optimizer.parametrization.spawn_child(new_value=_array(old.weights)), old.objective)
         history.append(Evaluation(len(history), old.weights, old.loss, old.objective, "restart", 0.0))
+        if on_evaluation is not None:  # the new record holds the old points too, so restarts chain
+            on_evaluation(history[-1])
     seeds = [] if restart else seed_candidates(labels)
     if main:
         for _, weights in seeds:
             optimizer.suggest(_array(weights))
     bar = tqdm(range(settings.budget), desc="composing", unit="eval", disable=not main)
     for i in bar:
+        if stop is not None and i > 0 and stop():
+            break
         start = time.perf_counter()
-        candidate = optimizer.ask() if main else None
+        candidate = _ask_new(optimizer, history) if main else None
         weights = _broadcast([float(v) for v in candidate.value] if main else [0.0] * k, accelerator)
         loss = evaluate(weights)
         value = objective_of(loss, weights, settings.l1) if math.isfinite(loss) else float("inf")
@@ -160,6 +165,19 @@ def best(history: list[Evaluation]) -> Evaluation:
 
 def as_json(record: Evaluation, labels: list[str]) -> dict:
     return {**asdict(record), "labels": labels}
+
+
+def _ask_new(optimizer, history: list[Evaluation], tries: int = 20):
+    """The optimiser's next candidate, skipping points already evaluated (after a restart it proposes its start
+    again): those are told their recorded objective instead of costing an evaluation."""
+    known = {tuple(h.weights): h.objective for h in history}
+    for _ in range(tries):
+        candidate = optimizer.ask()
+        value = known.get(tuple(float(v) for v in candidate.value))
+        if value is None:
+            return candidate
+        optimizer.tell(candidate, value)
+    return candidate
 
 
 def _source(weights: list[float], seeds: list[tuple[str, list[float]]]) -> str:
