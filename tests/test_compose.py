@@ -41,30 +41,13 @@ def train(signal_model_dir, out, photos, *extra) -> None:
 
 @pytest.fixture(scope="module")
 def signal_model_dir(tiny_model_dir, tmp_path_factory):
-    """The tiny model with a VAE that keeps its photos' signal: the embedded model's random VAE has a posterior std of
-    about 1 against means of std 0.2, scaled by SD's 0.18215 to latents of std 0.04, so every photo is noise to the
-    UNet and an adapter learns only generic denoising (each subject's adapter then helps every subject's photos
-    alike, and no search could single one out). Here the posterior is made deterministic (log-variance -30) and the
-    latents unit-variance (scaling_factor = 1/std of the test photos' latent means), as a trained VAE would be."""
-    import random
-
-    from diffusers import AutoencoderKL
-
-    from pipelines.diffusion.data import augment, read_examples
+    """The tiny model with a VAE that keeps its photos' signal (`tiny_model.keep_photo_signal`: with the embedded
+    random VAE every photo is noise to the UNet, and each subject's adapter helps every subject's photos alike)."""
+    from pipelines.diffusion.tiny_model import keep_photo_signal
 
     folder = tmp_path_factory.mktemp("signal") / "model"
     shutil.copytree(tiny_model_dir, folder)
-    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae")
-    with torch.no_grad():
-        half = vae.quant_conv.out_channels // 2
-        vae.quant_conv.weight[half:] = 0.0
-        vae.quant_conv.bias[half:] = -30.0
-        photos = [e for s in (*SUBJECTS, "duck_toy") for e in read_examples(ASSETS / s, "x", PROMPT, 64, False)]
-        pixels = torch.stack([augment(e.image, 64, True, False, random.Random(0))[0] for e in photos])
-        means = vae.encode(pixels).latent_dist.mean
-    vae.register_to_config(scaling_factor=float(1.0 / means.std()))
-    vae.save_pretrained(folder / "vae")
-    return folder
+    return keep_photo_signal(folder, [ASSETS / s for s in (*SUBJECTS, "duck_toy")])
 
 
 @pytest.fixture(scope="module")
@@ -142,29 +125,21 @@ def test_recovers_the_subjects_own_adapter_and_closes_the_gap(signal_model_dir, 
 
 def test_a_new_subject_is_never_worse_than_the_seeded_candidates(signal_model_dir, library, tmp_path):
     """duck_toy is in no adapter. On the search photos the result's objective is at most that of the uniform
-    average and of every adapter alone (they seed the search); held-out photos are reported, not asserted."""
+    average and of every adapter alone (they seed the search)."""
     adapters = [library[s] for s in SUBJECTS]
-    search_photos, held_out = tmp_path / "search", tmp_path / "held_out"
+    search_photos = tmp_path / "search"
     search_photos.mkdir()
-    held_out.mkdir()
-    files = sorted((ASSETS / "duck_toy").iterdir())
-    for f in files[:2]:
+    for f in sorted((ASSETS / "duck_toy").iterdir())[:2]:  # the third is held out (bench/compose_images.py)
         shutil.copy(f, search_photos)
-    for f in files[2:]:
-        shutil.copy(f, held_out)
     out = tmp_path / "mix"
     assert compose(signal_model_dir, out, adapters, search_photos) == 0
     run = read_run(out)
     seeded = run["seeded"]
     assert {"uniform", *(f"single:{a}" for a in adapters)} <= set(seeded)
-    assert run["best"]["objective"] <= min(v["objective"] for v in seeded.values()) + 1e-9
-    report = {}
-    for name, weights in [("composed", list(run["weights"].values())), ("uniform", [1 / 3] * 3),
-                          *[(s, [1.0 if t == s else 0.0 for t in SUBJECTS]) for s in SUBJECTS], ("base", [0.0] * 3)]:
-        cell = tmp_path / f"held_{name}"
-        assert compose(signal_model_dir, cell, adapters, held_out, "--weights", ",".join(map(str, weights))) == 0
-        report[name] = read_run(cell)["search_loss"]
-    print("held-out duck_toy photo, denoising loss:", {k: round(v, 4) for k, v in report.items()})
+    # the written adapter, scored again after writing, with the search's L1 term
+    written = run["composed_loss"] + 0.05 * sum(abs(w) for w in run["weights"].values()) / 3
+    assert written <= min(v["objective"] for v in seeded.values()) + 1e-6
+    # the same comparison on the held-out photo is reported by bench/compose_images.py (not asserted)
 
 
 def test_restart_tells_the_record_and_adds_new_evaluations(signal_model_dir, library, tmp_path):

@@ -137,6 +137,34 @@ def write(out_dir: str | os.PathLike, seed: int = 0, preset: str = "tiny", predi
     return out
 
 
+def keep_photo_signal(model_dir: str | os.PathLike, photo_dirs: list, resolution: int = 64) -> Path:
+    """Make the VAE of the tiny pipeline at `model_dir` (in place) keep its photos' signal, as a trained VAE would.
+
+    The embedded model's random VAE has a posterior std of about 1 against means of std 0.2, scaled by SD's 0.18215 to
+    latents of std 0.04: every photo is noise to the UNet, so an adapter learns only generic denoising, the same for
+    every subject. Here the posterior is made deterministic (log-variance -30) and the latents unit-variance
+    (`scaling_factor` = 1/std of the latent means of the photos in `photo_dirs`, center-cropped at `resolution`).
+    Tests and benches of what an adapter learned about one subject against another use it (the composition's)."""
+    import random
+
+    import torch
+    from diffusers import AutoencoderKL
+
+    from pipelines.diffusion.data import augment, read_examples
+
+    vae = AutoencoderKL.from_pretrained(model_dir, subfolder="vae")
+    with torch.no_grad():
+        half = vae.quant_conv.out_channels // 2
+        vae.quant_conv.weight[half:] = 0.0
+        vae.quant_conv.bias[half:] = -30.0
+        photos = [e for folder in photo_dirs for e in read_examples(folder, "photos", "", resolution, False)]
+        pixels = torch.stack([augment(e.image, resolution, True, False, random.Random(0))[0] for e in photos])
+        means = vae.encode(pixels).latent_dist.mean
+    vae.register_to_config(scaling_factor=float(1.0 / means.std()))
+    vae.save_pretrained(Path(model_dir) / "vae")
+    return Path(model_dir)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out_dir", help="folder to create (must not exist or be empty)")
