@@ -31,6 +31,7 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "
 
 
 def call(command: list[str], log: Path) -> None:
+    log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as f:
         if subprocess.run(command, stdout=f, stderr=subprocess.STDOUT, env=ENV, cwd=ROOT).returncode != 0:
             raise RuntimeError(f"failed: see {log}")
