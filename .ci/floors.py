@@ -11,7 +11,7 @@ import re
 import sys
 from pathlib import Path
 
-FLOORED = ("diffusers", "transformers", "accelerate", "safetensors", "open_clip_torch")
+FLOORED = ("diffusers", "transformers", "accelerate", "safetensors", "open_clip_torch", "nevergrad")
 
 
 def floors(pyproject: Path) -> dict[str, str]:

@@ -72,7 +72,10 @@ def check_settings(settings: SearchSettings, k: int, restarting: bool = False) -
 
 
 def make_optimizer(settings: SearchSettings, k: int):
-    import nevergrad as ng
+    try:
+        import nevergrad as ng
+    except ImportError:
+        raise ArgError("the search needs nevergrad: pip install 'dreamlora[compose]' (or give --weights)") from None
     import numpy as np
 
     if settings.optimizer not in ng.optimizers.registry:
