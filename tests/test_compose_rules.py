@@ -152,3 +152,15 @@ def test_saved_files_carry_the_fingerprint(tmp_path):
     dreamlora.load(other, tmp_path / "a.safetensors")
     assert "other weights" in dreamlora.io.base_mismatch(other, "default", meta)
     assert dreamlora.io.base_mismatch(model, "default", meta) is None
+
+
+def test_a_method_without_lora_factors_is_refused(monkeypatch):
+    from dreamlora.methods import AdapterLayer
+
+    class NoLoRA(AdapterLayer):  # a plugin that defines no lora_factors(): its update has no LoRA form to mix
+        method = "nolora_for_test"
+        file_keys, roles = {}, {}
+
+    monkeypatch.setitem(METHODS, "nolora_for_test", NoLoRA)
+    with pytest.raises(compose.CompositionError, match=r"x/: a nolora_for_test adapter has no exact LoRA factors"):
+        compose.check_method("nolora_for_test", "updates", "x/")
