@@ -213,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
                                 on_evaluation=lambda e: record.add(e, tracker),
                                 stop=lambda: launch.stop_everywhere(accelerator, stop_requested))
     search_time = time.perf_counter() - search_start
+    if tracker is not None:
+        tracker.close()
     chosen = search.best(history)
     errors = mixer.finish(chosen.weights)
     composed_loss = setup.objective()
