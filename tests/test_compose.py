@@ -23,6 +23,7 @@ from train_helpers import (
 
 import dreamlora
 from pipelines.compose.cli import cli
+from pipelines.diffusion.export import DIFFUSERS_WEIGHT_NAME
 from pipelines.diffusion.loss import fixed_pairs_loss
 from pipelines.diffusion.sample import load_pipeline
 
@@ -115,7 +116,7 @@ def test_recovers_the_subjects_own_adapter_and_closes_the_gap(signal_model_dir, 
     with torch.no_grad():
         ours = pipe.unet(sample, t, text).sample
     fresh = load_pipeline(str(signal_model_dir), "cpu")
-    fresh.load_lora_weights(out)
+    fresh.load_lora_weights(out, weight_name=DIFFUSERS_WEIGHT_NAME)  # offline, diffusers 0.34 needs the name
     with torch.no_grad():
         theirs = fresh.unet(sample, t, text).sample
     assert (ours - theirs).abs().max() <= 1e-4
