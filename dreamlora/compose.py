@@ -52,7 +52,9 @@ def check_method(method: str, rule: str, label: str) -> str | None:
     if cls.composition == "updates" and rule == "factors":
         raise CompositionError(f"{label}: the 'factors' rule mixes trained B·A pairs, and {cls.composition_note}; "
                                "compose it with the 'updates' rule")
-    return cls.composition_note or None if cls.composition == "updates" else None
+    if cls.composition == "updates":
+        return cls.composition_note or None
+    return None
 
 
 def adapter_factors(model: nn.Module, name: str) -> Factors:
@@ -96,7 +98,7 @@ def mix(library: Sequence[Factors], weights: Sequence[float], rule: str, path: s
 
 class Composition:
     """A plain LoRA adapter `name` on `model` holding the mix of `library` (label -> `Factors`, in the order of the
-    weights) under `rule`; `set_weights` rewrites it in place.
+    weights; the labels name adapters in errors) under `rule`; `set_weights` rewrites it in place.
 
     Its rank is the largest a layer needs (Σrᵢ under "updates", at most min(d_in, d_out) of that layer), zero-padded
     where a layer needs less. One adapter has one rank, so a layer needing more than min(d_in, d_out) of the
@@ -110,7 +112,7 @@ class Composition:
             raise CompositionError("nothing to compose: no adapters given")
         if rule == "factors":
             check_factors_rule(library)
-        self.rule, self.labels, self.library = rule, list(library), list(library.values())
+        self.rule, self.library = rule, list(library.values())
         paths = sorted(set().union(*self.library))
         if not paths:
             raise CompositionError("the adapters have no layer with an update to compose")
@@ -123,7 +125,7 @@ class Composition:
         self.truncated = sorted(p for p in paths if exact[p] > self.rank)
         config = AdapterConfig(method="lora", rank=self.rank, alpha=float(self.rank), target_modules=paths)
         attach_at(model, config, name, paths)
-        self.name, self.layers = name, adapter_layers(model, name)
+        self.layers = adapter_layers(model, name)
 
     @torch.no_grad()
     def set_weights(self, weights: Sequence[float]) -> dict[str, float]:

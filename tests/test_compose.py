@@ -15,6 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from train_helpers import (
     INSTANCE_DIR,
+    instance_latents,
     launch_two,
     prompt_states,
     reset_accelerate,
@@ -70,18 +71,6 @@ def compose(signal_model_dir, out, adapters, photos, *extra) -> int:
         reset_accelerate()
 
 
-def latents_of(pipe, folder) -> torch.Tensor:
-    """VAE means of the photos in `folder`, center-cropped at 64 as the composition sees them."""
-    import random
-
-    from pipelines.diffusion.data import augment, read_examples
-
-    examples = read_examples(folder, "--instance_data_dir", PROMPT, 64, is_class=False)
-    pixels = torch.stack([augment(e.image, 64, True, False, random.Random(0))[0] for e in examples])
-    with torch.no_grad():
-        return pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor
-
-
 def read_run(out) -> dict:
     return json.loads((out / "run.json").read_text())
 
@@ -104,7 +93,7 @@ def test_recovers_the_subjects_own_adapter_and_closes_the_gap(signal_model_dir, 
 
     # independently: the written adapter, loaded as any trained one, gives the recorded loss on the same pairs
     pipe = load_pipeline(str(signal_model_dir), "cpu")
-    latents = latents_of(pipe, photos)
+    latents = instance_latents(pipe, 64, photos)
     states = prompt_states(pipe, PROMPT, latents.shape[0])
     dreamlora.load(pipe.unet, out / "unet_adapter.safetensors")
     from diffusers import DDPMScheduler

@@ -140,13 +140,10 @@ def test_it_learns_the_subject(method, tiny_model_dir, tmp_path):
 
 def class_image_loss(tiny_model_dir, class_dir, run_dir) -> tuple[float, float]:
     """Fixed-pair denoising loss on the class images with the class prompt: base, then with the adapter."""
-    import random
-
-    from pipelines.diffusion.data import augment, read_examples
+    from pipelines.diffusion.data import center_crops, read_examples
 
     pipe = load_pipeline(str(tiny_model_dir), "cpu")
-    examples = read_examples(class_dir, "--class_data_dir", "a photo of dog", 64, is_class=True)
-    pixels = torch.stack([augment(e.image, 64, True, False, random.Random(0))[0] for e in examples])
+    pixels = center_crops(read_examples(class_dir, "--class_data_dir", "a photo of dog", 64, is_class=True), 64)
     with torch.no_grad():
         latents = pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor
     states = prompt_states(pipe, "a photo of dog", latents.shape[0])

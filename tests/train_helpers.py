@@ -61,14 +61,12 @@ def train_in_process(model_dir, output_dir, *extra, **kw) -> int:
         reset_accelerate()
 
 
-def instance_latents(pipe, resolution: int = 64) -> torch.Tensor:
-    """VAE means of the instance photos, center-cropped as training sees them."""
-    import random
+def instance_latents(pipe, resolution: int = 64, folder=INSTANCE_DIR) -> torch.Tensor:
+    """VAE means of the photos in `folder` (the instance photos), center-cropped as training sees them."""
+    from pipelines.diffusion.data import center_crops, read_examples
 
-    from pipelines.diffusion.data import augment, read_examples
-
-    examples = read_examples(INSTANCE_DIR, "--instance_data_dir", PROMPT, resolution, is_class=False)
-    pixels = torch.stack([augment(e.image, resolution, True, False, random.Random(0))[0] for e in examples])
+    pixels = center_crops(read_examples(folder, "--instance_data_dir", PROMPT, resolution, is_class=False),
+                          resolution)
     with torch.no_grad():
         return pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor
 

@@ -139,7 +139,7 @@ def image_setup(args, accelerator) -> Setup:
     objective = DenoisingObjective(sd, args.instance_data_dir, args.instance_prompt, args.resolution, args.num_pairs,
                                    args.seed, args.batch_size, accelerator, dtype)
     return Setup("image", {"unet": sd.unet, "text_encoder": sd.text_encoder}, objective,
-                 extra={"sd": sd, "photos": objective.photos})
+                 extra={"photos": objective.photos})
 
 
 def text_setup(args, accelerator, library: list[lib.LibraryAdapter]) -> Setup:
@@ -147,10 +147,10 @@ def text_setup(args, accelerator, library: list[lib.LibraryAdapter]) -> Setup:
     from pipelines.text.data import Columns, PadCollator, read_examples, tokenize
 
     columns = Columns(text=args.text_column, pair=args.text_pair_column, label=args.label_column)
-    _, labels = read_examples(args.train_file, "--train_file", args.data_format, columns)
-    lib.check_labels(library, labels, "--train_file", args.train_file)
-    labels = library[0].labels  # the heads' order
-    train, _ = read_examples(args.train_file, "--train_file", args.data_format, columns, labels)
+    train, found = read_examples(args.train_file, "--train_file", args.data_format, columns)
+    lib.check_labels(library, found, "--train_file", args.train_file)
+    labels = library[0].labels  # the heads' order: the examples' label indices follow it
+    train.labels = [labels.index(found[i]) for i in train.labels]
     validation = None
     if args.validation_file:
         validation, _ = read_examples(args.validation_file, "--validation_file", args.data_format, columns, labels)
@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
             "budget": args.budget, "l1": args.l1, "bounds": [args.lower_bound, args.upper_bound], "seed": args.seed,
             "optimizer": args.optimizer, "truncated_layers": errors, "processes": accelerator.num_processes,
         }
-        outputs.write(args, output_dir, setup, mixer.components, summary, history, accelerator)
+        outputs.write(args, output_dir, setup, mixer.components, summary, history)
         print(f"composed {len(labels)} adapters by the {args.rule} rule in {search_time:.1f}s "
               f"({summary['evaluations']} evaluations): loss {chosen.loss:.4f} (base {_seeded_loss(history, 'base')}), "
               f"weights {', '.join(f'{k}={v:+.3f}' for k, v in summary['weights'].items())} -> {output_dir}")

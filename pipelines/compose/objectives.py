@@ -10,8 +10,6 @@ across processes (`rows[rank::world]`) and summed back, so one process and sever
 
 from __future__ import annotations
 
-import random
-
 import torch
 
 
@@ -27,14 +25,14 @@ def reduce_mean(total: float, count: int, accelerator) -> float:
 class DenoisingObjective:
     def __init__(self, sd, photos: str, prompt: str, resolution: int, pairs: int, seed: int, batch_size: int,
                  accelerator, dtype: torch.dtype):
-        from pipelines.diffusion.data import augment, read_examples
+        from pipelines.diffusion.data import center_crops, read_examples
         from pipelines.diffusion.loss import fixed_pairs
 
         self.sd, self.prompt, self.batch_size, self.accelerator = sd, prompt, batch_size, accelerator
         examples = read_examples(photos, "--instance_data_dir", prompt, resolution, is_class=False,
                                  use_captions=False)
         self.photos = [str(e.path) for e in examples]
-        pixels = torch.stack([augment(e.image, resolution, True, False, random.Random(0))[0] for e in examples])
+        pixels = center_crops(examples, resolution)
         with torch.no_grad():
             vae = sd.vae
             latents = vae.encode(pixels.to(vae.device, dtype)).latent_dist.mean * vae.config.scaling_factor

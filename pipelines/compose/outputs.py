@@ -92,8 +92,7 @@ def start_tracker(accelerator, args, output_dir: Path):
     return SummaryWriter(str(output_dir / args.logging_dir))
 
 
-def write(args, output_dir: Path, setup, components: dict, summary: dict, history: list[Evaluation],
-          accelerator) -> None:
+def write(args, output_dir: Path, setup, components: dict, summary: dict, history: list[Evaluation]) -> None:
     from eval.plots import search_history
 
     first = setup.models[next(iter(components))]

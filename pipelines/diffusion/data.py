@@ -130,6 +130,12 @@ def augment(image: Image.Image, resolution: int, center_crop: bool, random_flip:
     return pixels / 127.5 - 1.0, flip
 
 
+def center_crops(examples: list[Example], resolution: int) -> torch.Tensor:
+    """(N, 3, resolution, resolution) pixels in [-1, 1]: each example resized and center-cropped, never flipped, the
+    fixed view that measurements compare on (the composition's objective, the learning tests)."""
+    return torch.stack([augment(e.image, resolution, True, False, random.Random(0))[0] for e in examples])
+
+
 class DreamBoothDataset(torch.utils.data.Dataset):
     """Instance examples, each paired with a class example when prior preservation is on (as diffusers'
     script does: one batch holds both halves). Call `select_epoch` so augmentation varies per epoch. (Not

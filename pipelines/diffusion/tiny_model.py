@@ -145,12 +145,10 @@ def keep_photo_signal(model_dir: str | os.PathLike, photo_dirs: list, resolution
     every subject. Here the posterior is made deterministic (log-variance -30) and the latents unit-variance
     (`scaling_factor` = 1/std of the latent means of the photos in `photo_dirs`, center-cropped at `resolution`).
     Tests and benches of what an adapter learned about one subject against another use it (the composition's)."""
-    import random
-
     import torch
     from diffusers import AutoencoderKL
 
-    from pipelines.diffusion.data import augment, read_examples
+    from pipelines.diffusion.data import center_crops, read_examples
 
     vae = AutoencoderKL.from_pretrained(model_dir, subfolder="vae")
     with torch.no_grad():
@@ -158,7 +156,7 @@ def keep_photo_signal(model_dir: str | os.PathLike, photo_dirs: list, resolution
         vae.quant_conv.weight[half:] = 0.0
         vae.quant_conv.bias[half:] = -30.0
         photos = [e for folder in photo_dirs for e in read_examples(folder, "photos", "", resolution, False)]
-        pixels = torch.stack([augment(e.image, resolution, True, False, random.Random(0))[0] for e in photos])
+        pixels = center_crops(photos, resolution)
         means = vae.encode(pixels).latent_dist.mean
     vae.register_to_config(scaling_factor=float(1.0 / means.std()))
     vae.save_pretrained(Path(model_dir) / "vae")
