@@ -55,3 +55,27 @@ def build_sdxl_unet(device: str | torch.device = "cpu", dtype: torch.dtype = tor
     with torch.device(device):
         unet = UNet2DConditionModel(**SDXL_UNET_CONFIG)
     return unet.to(dtype) if device != "meta" else unet
+
+
+# A tiny UNet with SDXL's layout (three levels, the first without attention, two layers per block, deeper transformers
+# further down, linear projections, text_time micro-conditioning), so SDXL's block names (input_blocks.4, middle_block,
+# output_blocks.2 ...) and every code path exist at a size that trains on a CPU. Its context is two 32-wide text
+# encoders' states concatenated (64); its added embedding takes the second encoder's 32-wide pooled output and six
+# time ids of 8 each (32 + 6 × 8 = 80).
+TINY_SDXL_UNET_CONFIG = {
+    "sample_size": 8,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "block_out_channels": [16, 32, 64],
+    "layers_per_block": 2,
+    "transformer_layers_per_block": [1, 1, 2],
+    "attention_head_dim": [2, 4, 8],
+    "cross_attention_dim": 64,
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 8,
+    "projection_class_embeddings_input_dim": 80,
+    "norm_num_groups": 8,
+}
