@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -29,10 +30,11 @@ from dreamlora.train_args import method_options, parse_args, resolve_init
 from pipelines.diffusion import data as dbdata
 from pipelines.diffusion.class_images import ensure_class_images
 from pipelines.diffusion.export import write_tool_files
-from pipelines.diffusion.loss import denoising_loss, draw_noise, prediction_type
+from pipelines.diffusion.loss import denoising_loss, draw_noise, latent_mask, prediction_type
 from pipelines.diffusion.models import encode_prompts, load_components
+from pipelines.diffusion.validation_loss import ValidationLoss, split_held_out
 from pipelines.trainer import checkpoints, launch, loop, order, outputs
-from pipelines.trainer.loop import Plan, RunResult
+from pipelines.trainer.loop import Plan, RunResult, every
 from pipelines.trainer.method_options import check_optimizer, resolve_method_options
 from pipelines.trainer.state import steps_per_epoch
 
@@ -65,10 +67,10 @@ def sample_generators(seed: int, epoch: int, rows: list[tuple[int, int]]) -> lis
 
 class LatentEncoder:
     """Pixels -> scaled VAE latents; with --cache_latents each (image, flip) is encoded once and its latent
-    distribution sampled per step."""
+    distribution sampled per step, and its loss mask (if any) kept at latent size beside it."""
 
     def __init__(self, vae, dtype, cache: bool):
-        self.vae, self.dtype, self.cache, self.stats = vae, dtype, cache, {}
+        self.vae, self.dtype, self.cache, self.stats, self.mask_cache = vae, dtype, cache, {}, {}
 
     @torch.no_grad()
     def _dist(self, pixels: torch.Tensor):
@@ -80,6 +82,21 @@ class LatentEncoder:
         for key, pixels in tqdm(list(dataset.all_views()), desc="caching latents", unit="img"):
             dist = self._dist(pixels[None])
             self.stats[key] = (dist.mean[0], dist.std[0])
+        if dataset.masked:
+            size = next(iter(self.stats.values()))[0].shape[-2:]
+            self.mask_cache = {key: latent_mask(mask[None], size)[0].to(self.vae.device)
+                               for key, mask in dataset.all_masks()}
+
+    def masks(self, batch: dict) -> torch.Tensor | None:
+        """The batch's loss masks (B, 1, ., .), or None when no photo has one."""
+        if self.cache and self.mask_cache:
+            return torch.stack([self.mask_cache[k] for k in batch["keys"]])
+        return batch.get("masks")
+
+    @torch.no_grad()
+    def means(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Scaled VAE means, no sampling (the validation loss's fixed latents)."""
+        return self._dist(pixels).mean * self.vae.config.scaling_factor
 
     def __call__(self, batch: dict, generators: list[torch.Generator]) -> torch.Tensor:
         if self.cache:
@@ -152,7 +169,8 @@ class PromptEncoder:
         return torch.stack([self.cache[p] for p in prompts])
 
 
-def build(args, accelerator, instances: list, resume_from: Path | None) -> tuple[DreamBoothTask, Plan]:
+def build(args, accelerator, instances: list, resume_from: Path | None,
+          held_out: list = ()) -> tuple[DreamBoothTask, Plan]:
     """Models, data and adapters for the loop: the frozen SD components, the class images, the seeded data
     order, the adapters with their run-dependent options (SingLoRA's ramp follows the run's length), and the
     optimizer and LR schedule built from the core's groups."""
@@ -181,7 +199,8 @@ def build(args, accelerator, instances: list, resume_from: Path | None) -> tuple
         dataset.select_epoch(epoch)
         sampler.select_epoch(epoch)
 
-    task = DreamBoothTask(args, accelerator, sd, weight_dtype, dataset, trained)
+    task = DreamBoothTask(args, accelerator, sd, weight_dtype, dataset, trained, max_steps=max_steps,
+                          validation=validation_loss(args, held_out, epoch_steps, max_steps, resume_from))
     return task, Plan(trained, optimizer, lr_scheduler, loader, select_epoch, batches_per_epoch, max_steps)
 
 
@@ -192,16 +211,22 @@ class DreamBoothTask:
     tracker_project = "dreamlora"
     checkpoint_at_end = True
 
-    def __init__(self, args, accelerator, sd, weight_dtype, dataset, trained: dict):
+    def __init__(self, args, accelerator, sd, weight_dtype, dataset, trained: dict, max_steps: int = 0,
+                 validation: ValidationLoss | None = None):
         self.args, self.accelerator, self.sd, self.weight_dtype = args, accelerator, sd, weight_dtype
-        self.dataset, self.trained = dataset, trained
-        self.evaluates, self.eval_every = bool(args.validation_prompt), args.validation_steps
+        self.dataset, self.trained, self.max_steps, self.validation = dataset, trained, max_steps, validation
+        # two cadences, preview images and validation loss: the loop calls at their gcd, `evaluate` picks
+        cadences = [args.validation_steps] if args.validation_prompt else []
+        cadences += [validation.every] if validation else []
+        self.evaluates, self.eval_every = bool(cadences), math.gcd(*cadences) if cadences else None
 
     def start(self, models: dict) -> None:
         self.latents = LatentEncoder(self.sd.vae, self.weight_dtype, self.args.cache_latents)
         if self.args.cache_latents:
             self.latents.fill_cache(self.dataset)
         self.prompts = PromptEncoder(self.sd.tokenizer, models.get("text_encoder"), self.sd.text_encoder)
+        if self.validation is not None:
+            self.validation.start(self.accelerator, self.sd.noise_scheduler, self.latents.means)
 
     def loss(self, models: dict, batch, epoch: int, index: int):
         args = self.args
@@ -209,15 +234,41 @@ class DreamBoothTask:
         parts = denoising_loss(models["unet"], self.sd.noise_scheduler, self.latents(batch, generators),
                                self.prompts(batch["prompts"]).to(self.weight_dtype), batch["is_class"], generators,
                                prior_loss_weight=args.prior_loss_weight, snr_gamma=args.snr_gamma,
-                               noise_offset=args.noise_offset)
+                               noise_offset=args.noise_offset, mask=self.latents.masks(batch))
         return parts["loss"], {k: v for k, v in parts.items() if k != "loss"}
 
     def evaluate(self, models: dict, step: int, train_time_s: float) -> None:
-        if self.accelerator.is_main_process:  # the others go on to the next step and wait for it there
+        if self.validation is not None and self.validation.due(step):  # every process: one all-reduce inside
+            prompts = PromptEncoder(self.sd.tokenizer, self.trained.get("text_encoder"), self.sd.text_encoder)
+            self.validation.run(self.trained["unet"], prompts, self.trained.values(), step)
+        images_due = step == self.max_steps or every(step, self.args.validation_steps)
+        if self.args.validation_prompt and images_due and self.accelerator.is_main_process:
+            # the other processes go on to the next step and wait for it there
             run_validation(self.args, self.sd, self.accelerator, self.trained, self.weight_dtype, step)
 
     def write_outputs(self, result: RunResult) -> None:
-        write_outputs(self.args, Path(self.args.output_dir), self.trained, result, self.sd)
+        extra = {"validation_loss": self.validation.summary()} if self.validation is not None else {}
+        write_outputs(self.args, Path(self.args.output_dir), self.trained, result, self.sd, extra)
+
+
+def validation_loss(args, held_out: list, epoch_steps: int, max_steps: int, resume_from: Path | None):
+    """The validation-loss hook (`pipelines.diffusion.validation_loss`) when photos are held out, else None;
+    by default once per epoch, as kohya."""
+    if not held_out:
+        return None
+    return ValidationLoss(held_out, seed=validation_seed(args), every=args.validate_every_n_steps or epoch_steps,
+                          max_batches=args.max_validation_steps, batch_size=args.train_batch_size,
+                          resolution=args.resolution, snr_gamma=args.snr_gamma, max_steps=max_steps,
+                          progress_path=Path(args.output_dir) / args.progress_file, resume_from=resume_from)
+
+
+def validation_seed(args) -> int:
+    return args.seed if args.validation_seed is None else args.validation_seed
+
+
+def mask_source(args) -> str | None:
+    """Where the instance photos' loss masks come from (`pipelines.diffusion.data.MASK_SOURCES`)."""
+    return "alpha" if args.alpha_mask else "masklabel" if args.masked_loss else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -226,13 +277,15 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     # data first: bad input fails before anything is written
     instances = dbdata.read_examples(args.instance_data_dir, "--instance_data_dir", args.instance_prompt,
-                                     args.resolution, is_class=False)
+                                     args.resolution, is_class=False, mask_source=mask_source(args))
+    instances, held_out = split_held_out(instances, args.validation_split, validation_seed(args),
+                                         args.instance_data_dir)
     accelerator = launch.make_accelerator(args)
     from accelerate.utils import set_seed
 
     set_seed(args.seed)
     resume_from = checkpoints.resolve_resume(Path(args.output_dir), args.resume_from_checkpoint)
-    task, plan = build(args, accelerator, instances, resume_from)
+    task, plan = build(args, accelerator, instances, resume_from, held_out)
     return loop.train(task, plan, args, accelerator, stop_requested, resume_from)
 
 
@@ -273,7 +326,7 @@ def run_validation(args, sd, accelerator, trained, dtype, step: int) -> None:
         writer.add_images("validation", np.stack([np.asarray(im) for im in images]), step, dataformats="NHWC")
 
 
-def write_outputs(args, output_dir: Path, trained: dict, result: RunResult, sd=None) -> None:
+def write_outputs(args, output_dir: Path, trained: dict, result: RunResult, sd=None, extra: dict | None = None) -> None:
     """The adapter files, the files for other tools, run.json, and with --save_merged (last: it folds the adapters
     into the loaded weights) the merged pipeline under merged/ (`sd`: the loaded components)."""
     unet, text_encoder = trained["unet"], trained.get("text_encoder")
@@ -287,7 +340,7 @@ def write_outputs(args, output_dir: Path, trained: dict, result: RunResult, sd=N
         "trainable_params": sum(dreamlora.trainable_parameter_count(m) for m in trained.values()),
         "steps": result.steps, "finished": result.finished, "wall_time_s": result.wall_time_s,
         "final_loss": result.final_loss, "files_for_tools": tool_files, **result.environment,
-        **outputs.method_figures(args, output_dir, trained),
+        **outputs.method_figures(args, output_dir, trained), **(extra or {}),
     }
     if args.save_merged and sd is not None:
         pipe = lambda: inference_pipeline(args, sd, unet, text_encoder or sd.text_encoder)  # noqa: E731

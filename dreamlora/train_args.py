@@ -283,6 +283,43 @@ class ValidationArgs:
 
 
 @dataclass
+class MaskedLossArgs:
+    title: ClassVar[str] = "masked loss"
+
+    masked_loss: bool = False
+    """weight the loss per pixel by a mask beside each instance photo, <name>-masklabel.png (OneTrainer's naming:
+    white trains, black is ignored, grey weighs in between; the photo's size); a photo without one counts fully"""
+    alpha_mask: bool = False
+    """take each instance photo's mask from its alpha channel instead (kohya's flag; implies --masked_loss); a photo
+    without an alpha channel counts fully, with a warning"""
+
+
+@dataclass
+class ValidationLossArgs:
+    title: ClassVar[str] = "validation loss"
+
+    validation_split: float = 0.0
+    """fraction of the instance photos held out of training to measure the denoising loss on, on (image, timestep,
+    noise) triples fixed for the run (at least one photo when > 0; logged as val/loss)"""
+    validate_every_n_steps: int | None = None
+    """compute the validation loss every N optimizer steps and at the last (default: once per epoch)"""
+    max_validation_steps: int | None = None
+    """at most N batches of --train_batch_size triples per validation (default: all)"""
+    validation_seed: int | None = None
+    """seed of the held-out photos and of the validation timesteps and noise (default: --seed)"""
+
+    def __post_init__(self):
+        if not 0 <= self.validation_split < 1:
+            raise ArgError(f"--validation_split must be in [0, 1), got {self.validation_split}")
+        require_positive(self, "validate_every_n_steps", "max_validation_steps")
+        if not self.validation_split:
+            given = [f"--{name}" for name in ("validate_every_n_steps", "max_validation_steps", "validation_seed")
+                     if getattr(self, name) is not None]
+            if given:
+                raise ArgError(f"{', '.join(given)} given without --validation_split (no photo is held out)")
+
+
+@dataclass
 class KohyaOutputArgs(OutputArgs):
     no_kohya_format: bool = False
     """skip kohya_lora.safetensors (kohya, LyCORIS, A1111, ComfyUI) and DoRA's comfyui_lora file"""
@@ -297,7 +334,7 @@ class KohyaOutputArgs(OutputArgs):
 
 
 GROUPS = (ModelArgs, DataArgs, UNetAdapterArgs, ImageArgs, OptimisationArgs, MemoryArgs, CheckpointArgs,
-          ValidationArgs, LogArgs, KohyaOutputArgs)
+          ValidationArgs, LogArgs, KohyaOutputArgs, MaskedLossArgs, ValidationLossArgs)
 
 
 def build_parser() -> argparse.ArgumentParser:

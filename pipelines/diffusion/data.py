@@ -5,6 +5,10 @@ flattened on white, 16-bit scaled to 8-bit, grayscale expanded to RGB. Unreadabl
 warning while others remain; images smaller than the training resolution are upscaled with a warning.
 Augmentation (random crop, flip) is a pure function of (seed, epoch, index), so a resumed run sees exactly
 the pixels an uninterrupted one would.
+
+Loss masks (`--masked_loss`): `<stem>-masklabel.png` beside a photo, as OneTrainer names it (white trains, black is
+ignored, grey weighs in between; read as 8-bit luminance), or with `--alpha_mask` the photo's alpha channel, as
+kohya's. A mask goes through the very crop and flip drawn for its photo. Mask files are never training photos.
 """
 
 from __future__ import annotations
@@ -27,23 +31,62 @@ from pipelines.trainer.text_files import read_text
 log = logging.getLogger(__name__)
 
 CAPTION_KEYS = ("text", "caption", "prompt")
+MASK_SUFFIX = "-masklabel"  # OneTrainer's name for a photo's loss mask: <stem>-masklabel.png
+MASK_SOURCES = {"masklabel": "--masked_loss", "alpha": "--alpha_mask"}  # where masks come from -> the flag
+
+
+def _decode(path: Path) -> Image.Image:
+    """Open and decode `path` now (a truncated file fails here, not in the middle of training), upright as its
+    EXIF orientation says, 16-bit grey scaled to 8-bit."""
+    with Image.open(path) as im:
+        im.load()
+        im = ImageOps.exif_transpose(im)
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        arr = np.asarray(im, dtype=np.float64)
+        peak = 65535.0 if im.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        im = Image.fromarray(np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
+    return im
+
+
+def load_photo(path: Path) -> tuple[Image.Image, Image.Image | None]:
+    """`path` as 8-bit RGB as a viewer shows it (alpha flattened on white), and its alpha channel ("L") if it
+    has one (a palette's transparent colour counts). Raises on corrupt/truncated files."""
+    im = _decode(path)
+    if im.mode == "P":
+        im = im.convert("RGBA")
+    alpha = None
+    if im.mode in ("RGBA", "LA", "PA"):
+        im = im.convert("RGBA")
+        alpha = im.getchannel("A")
+        background = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(background, im)
+    return im.convert("RGB"), alpha
 
 
 def load_rgb(path: Path) -> Image.Image:
     """Decode `path` to an 8-bit RGB image as a viewer would show it. Raises on corrupt/truncated files."""
-    with Image.open(path) as im:
-        im.load()  # decode now: a truncated file fails here, not in the middle of training
-        im = ImageOps.exif_transpose(im)
-        if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-            arr = np.asarray(im, dtype=np.float64)
-            peak = 65535.0 if im.mode.startswith("I;16") or arr.max() > 255 else 255.0
-            im = Image.fromarray(np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
-        if im.mode == "P":
-            im = im.convert("RGBA")
-        if im.mode in ("RGBA", "LA", "PA"):
-            background = Image.new("RGBA", im.size, (255, 255, 255, 255))
-            im = Image.alpha_composite(background, im.convert("RGBA"))
-        return im.convert("RGB")
+    return load_photo(path)[0]
+
+
+def is_mask_file(path: Path) -> bool:
+    return path.stem.lower().endswith(MASK_SUFFIX)
+
+
+def mask_file(photo: Path) -> Path:
+    return photo.with_name(photo.stem + MASK_SUFFIX + ".png")
+
+
+def load_mask(path: Path, photo: Path, photo_size: tuple[int, int]) -> Image.Image:
+    """A mask file as 8-bit grey ("L": 255 trains fully, 0 not at all), upright as its EXIF says; one clear error
+    naming both files if it cannot be read or its size is not its photo's."""
+    try:
+        mask = _decode(path)
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
+        raise DataError(f"mask {path} (of {photo}) could not be read: {e}") from None
+    if mask.size != photo_size:
+        raise DataError(f"mask {path} is {mask.width}x{mask.height} but its photo {photo} is "
+                        f"{photo_size[0]}x{photo_size[1]}: a mask must have its photo's size")
+    return mask.convert("L")
 
 
 def list_images(folder: str | Path | None, flag: str) -> list[Path]:
@@ -53,7 +96,8 @@ def list_images(folder: str | Path | None, flag: str) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"{flag} {str(folder)!r} does not exist or is not a folder")
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    files = sorted(p for p in folder.iterdir()
+                   if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not is_mask_file(p))
     if not files:
         raise DataError(f"{flag} {str(folder)!r} contains no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
     return files
@@ -88,32 +132,64 @@ class Example:
     prompt: str
     is_class: bool
     path: Path
+    mask: Image.Image | None = None  # "L", the photo's size; None: the photo counts fully
 
 
 def read_examples(folder: str | Path | None, flag: str, prompt: str, resolution: int, is_class: bool,
-                  use_captions: bool = True) -> list[Example]:
-    """Decode every image in `folder` once; skip unreadable ones with a warning; error if none remain."""
+                  use_captions: bool = True, mask_source: str | None = None) -> list[Example]:
+    """Decode every image in `folder` once; skip unreadable ones with a warning; error if none remain.
+
+    `mask_source` ("masklabel" or "alpha", see `MASK_SOURCES`) also reads each photo's loss mask. A photo without
+    one counts fully (with --alpha_mask, a warning names each photo that has no alpha channel); no mask at all
+    in the folder is an error, since the flag would then change nothing."""
     files = list_images(folder, flag)
     captions = read_captions(Path(folder)) if use_captions else {}
     examples = []
     for path in files:
         try:
-            image = load_rgb(path)
+            image, alpha = load_photo(path)
         except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
             log.warning("skipping unreadable image %s: %s", path, e)
             continue
         if min(image.size) < resolution:
             log.warning("%s is %dx%d, smaller than --resolution %d: upscaling it", path, *image.size, resolution)
-        examples.append(Example(image, captions.get(path.name, prompt), is_class, path))
+        examples.append(Example(image, captions.get(path.name, prompt), is_class, path,
+                                photo_mask(path, image.size, alpha, mask_source)))
     if not examples:
         raise DataError(f"{flag} {str(folder)!r}: none of its {len(files)} image files could be read")
+    if mask_source and all(e.mask is None for e in examples):
+        what = "no photo has an alpha channel" if mask_source == "alpha" else \
+            f"no photo has a <name>{MASK_SUFFIX}.png mask beside it"
+        raise DataError(f"{MASK_SOURCES[mask_source]}: {flag} {str(folder)!r}: {what}")
     return examples
+
+
+def photo_mask(path: Path, size: tuple[int, int], alpha: Image.Image | None, source: str | None) -> Image.Image | None:
+    """The loss mask of the photo at `path` from `source` (None: masks are off, or this photo has none)."""
+    if source == "alpha":
+        if alpha is None:
+            log.warning("%s has no alpha channel: it counts fully (--alpha_mask)", path)
+        return alpha
+    if source == "masklabel" and mask_file(path).is_file():
+        return load_mask(mask_file(path), path, size)
+    return None
 
 
 def augment(image: Image.Image, resolution: int, center_crop: bool, random_flip: bool,
             rng: random.Random, flip: bool | None = None) -> tuple[torch.Tensor, bool]:
     """Resize the short side to `resolution`, crop a square, maybe flip; CHW float in [-1, 1], and whether
     it was flipped. `flip` forces the flip decision (latent caching encodes both orientations)."""
+    pixels, flip, _ = augment_with_mask(image, None, resolution, center_crop, random_flip, rng, flip)
+    return pixels, flip
+
+
+def augment_with_mask(image: Image.Image, mask: Image.Image | None, resolution: int, center_crop: bool,
+                      random_flip: bool, rng: random.Random, flip: bool | None = None
+                      ) -> tuple[torch.Tensor, bool, torch.Tensor | None]:
+    """`augment`, and the same resize, crop and flip applied to `mask` (the photo's size): (1, H, W) in [0, 1], or
+    None without a mask. The draws do not depend on the mask, so a photo gets the same view with or without one.
+    The mask is resampled with a box filter (an area average) down and bilinear up: the photo's Lanczos/bicubic
+    would ring past 0 and 1 at a mask's hard edges."""
     scale = resolution / min(image.size)
     size = (max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale)))
     image = image.resize(size, Image.Resampling.BICUBIC if scale > 1 else Image.Resampling.LANCZOS)
@@ -121,13 +197,20 @@ def augment(image: Image.Image, resolution: int, center_crop: bool, random_flip:
         left, top = (image.width - resolution) // 2, (image.height - resolution) // 2
     else:
         left, top = rng.randint(0, image.width - resolution), rng.randint(0, image.height - resolution)
-    image = image.crop((left, top, left + resolution, top + resolution))
     if flip is None:
         flip = random_flip and rng.random() < 0.5
+    box = (left, top, left + resolution, top + resolution)
+    image = image.crop(box)
     if flip:
         image = ImageOps.mirror(image)
     pixels = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1)  # (3, H, W)
-    return pixels / 127.5 - 1.0, flip
+    if mask is None:
+        return pixels / 127.5 - 1.0, flip, None
+    mask = mask.resize(size, Image.Resampling.BILINEAR if scale > 1 else Image.Resampling.BOX).crop(box)
+    if flip:
+        mask = ImageOps.mirror(mask)
+    weights = torch.from_numpy(np.asarray(mask, dtype=np.float32))[None] / 255.0  # (1, H, W)
+    return pixels / 127.5 - 1.0, flip, weights
 
 
 def center_crops(examples: list[Example], resolution: int) -> torch.Tensor:
@@ -147,6 +230,8 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         self.instances, self.classes = instances, classes
         self.resolution, self.center_crop, self.random_flip, self.seed = resolution, center_crop, random_flip, seed
         self.epoch = 0
+        # rows carry loss masks once any photo has one (class rows and photos without one: a mask of ones)
+        self.masked = any(e.mask is not None for e in instances + classes)
 
     def select_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -157,9 +242,13 @@ class DreamBoothDataset(torch.utils.data.Dataset):
     def _view(self, examples: list[Example], index: int, stream: int) -> dict:
         rng = random.Random(stable_seed(self.seed, self.epoch, index, stream))
         example = examples[index % len(examples)]
-        pixels, flipped = augment(example.image, self.resolution, self.center_crop, self.random_flip, rng)
-        return {"pixel_values": pixels, "prompt": example.prompt, "is_class": example.is_class,
+        pixels, flipped, mask = augment_with_mask(example.image, example.mask, self.resolution, self.center_crop,
+                                                  self.random_flip, rng)
+        view = {"pixel_values": pixels, "prompt": example.prompt, "is_class": example.is_class,
                 "key": (stream, index % len(examples), flipped), "row": (stream, index)}
+        if self.masked:
+            view["mask"] = torch.ones_like(pixels[:1]) if mask is None else mask
+        return view
 
     def __getitem__(self, index: int) -> dict:
         item = {"instance": self._view(self.instances, index, 0)}
@@ -175,11 +264,25 @@ class DreamBoothDataset(torch.utils.data.Dataset):
                     pixels, _ = augment(example.image, self.resolution, True, False, random.Random(0), flip=flip)
                     yield (stream, i, flip), pixels
 
+    def all_masks(self):
+        """(key, mask (1, H, W)) for the same views as `all_views`, cut by the same call (latent caching keeps
+        them beside the latents); a photo without a mask, and every class image, gets ones."""
+        for stream, examples in ((0, self.instances), (1, self.classes)):
+            for i, example in enumerate(examples):
+                for flip in (False, True) if self.random_flip else (False,):
+                    pixels, _, mask = augment_with_mask(example.image, example.mask, self.resolution, True, False,
+                                                        random.Random(0), flip=flip)
+                    yield (stream, i, flip), torch.ones_like(pixels[:1]) if mask is None else mask
+
 
 def collate(items: list[dict]) -> dict:
     """Instance rows first, then class rows: {"pixel_values": (B, 3, H, W), "prompts", "is_class": (B,),
-    "keys" (latent-cache keys), "rows" ((stream, dataset index): what seeds each row's noise)}."""
+    "keys" (latent-cache keys), "rows" ((stream, dataset index): what seeds each row's noise)}, and with loss
+    masks "masks": (B, 1, H, W) in [0, 1]."""
     rows = [it["instance"] for it in items] + [it["class"] for it in items if "class" in it]
-    return {"pixel_values": torch.stack([r["pixel_values"] for r in rows]),
-            "prompts": [r["prompt"] for r in rows], "keys": [r["key"] for r in rows],
-            "rows": [r["row"] for r in rows], "is_class": torch.tensor([r["is_class"] for r in rows])}
+    batch = {"pixel_values": torch.stack([r["pixel_values"] for r in rows]),
+             "prompts": [r["prompt"] for r in rows], "keys": [r["key"] for r in rows],
+             "rows": [r["row"] for r in rows], "is_class": torch.tensor([r["is_class"] for r in rows])}
+    if "mask" in rows[0]:
+        batch["masks"] = torch.stack([r["mask"] for r in rows])
+    return batch

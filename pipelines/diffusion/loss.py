@@ -3,6 +3,12 @@
 Each sample's noise and timestep come from a generator the caller seeds from (seed, epoch, sample), so a
 resumed run draws exactly what an uninterrupted one would, and the draws do not depend on the batch size
 or the number of processes. Prediction types: epsilon, v_prediction and sample (x0); others are refused.
+
+A loss mask (`--masked_loss`) weights the squared error per latent pixel: the pixel mask is area-averaged down
+to the latent grid (each latent pixel gets the mean of the VAE-factor square it encodes), and the weighted error
+is averaged over *all* latent elements, as kohya's `apply_masked_loss` followed by its mean over (C, H, W) does:
+masked-out pixels count as zeros, not as absent, so a photo that is half masked contributes about half its
+unmasked loss. (The alternative, dividing by the mask's sum, would let a tiny mask dominate a batch.)
 """
 
 from __future__ import annotations
@@ -59,15 +65,22 @@ def target_of(noise_scheduler, latents: torch.Tensor, noise: torch.Tensor, times
     return latents if kind == "sample" else noise
 
 
+def latent_mask(mask: torch.Tensor, latent_size: tuple[int, int]) -> torch.Tensor:
+    """A (B, 1, H, W) pixel mask area-averaged to (B, 1, h, w) latent pixels (h = H / the VAE's factor)."""
+    return F.interpolate(mask.float(), size=tuple(latent_size), mode="area")
+
+
 def denoising_loss(unet, noise_scheduler, latents: torch.Tensor, encoder_hidden_states: torch.Tensor,
                    is_class: torch.Tensor, generators: list[torch.Generator] | None, *,
                    prior_loss_weight: float = 1.0, snr_gamma: float | None = None, noise_offset: float = 0.0,
-                   timesteps: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> dict:
+                   timesteps: torch.Tensor | None = None, noise: torch.Tensor | None = None,
+                   mask: torch.Tensor | None = None) -> dict:
     """Loss of one batch: instance MSE + prior_loss_weight · class MSE. Returns the parts for logging.
 
     Each row draws its noise and timestep from its own generator (`generators[i]`), so a sample's draws do
     not depend on the batch it lands in. With `snr_gamma` every row is weighted, class (prior) rows included,
-    as kohya's scripts do (diffusers' SDXL script weights only the instance half)."""
+    as kohya's scripts do (diffusers' SDXL script weights only the instance half). `mask` (B, 1, H, W) in
+    [0, 1], at pixel or latent size, weights each latent pixel's squared error (see the module's note)."""
     if noise is None:
         noise = draw_noise(latents.shape, generators, noise_offset).to(latents)
     if timesteps is None:
@@ -76,7 +89,10 @@ def denoising_loss(unet, noise_scheduler, latents: torch.Tensor, encoder_hidden_
     target = target_of(noise_scheduler, latents, noise, timesteps)
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
     pred = unet(noisy, timesteps, encoder_hidden_states).sample
-    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # (B,)
+    squared = F.mse_loss(pred.float(), target.float(), reduction="none")  # (B, C, h, w)
+    if mask is not None:
+        squared = squared * latent_mask(mask.to(squared.device), squared.shape[-2:])
+    per_sample = squared.mean(dim=(1, 2, 3))  # (B,)
     if snr_gamma:
         per_sample = per_sample * snr_weights(noise_scheduler, timesteps, snr_gamma).to(per_sample)
     is_class = is_class.to(per_sample.device)
