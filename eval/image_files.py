@@ -12,6 +12,13 @@ from __future__ import annotations
 FORMAT_SUFFIX = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png", "WEBP": ".webp", "BMP": ".bmp", "TIFF": ".tif"}
 IMAGE_FORMATS = frozenset(FORMAT_SUFFIX)
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"})
+MASK_SUFFIX = "-masklabel"  # a photo's loss mask, <stem>-masklabel.png (OneTrainer's name): never a photo itself
+
+
+def is_mask_file(path) -> bool:
+    """`<stem>-masklabel.<any suffix>`, any case."""
+    name = str(path).replace("\\", "/").rsplit("/", 1)[-1]
+    return name.rsplit(".", 1)[0].lower().endswith(MASK_SUFFIX)
 
 
 def is_image_file(path) -> bool:

@@ -33,7 +33,7 @@ from PIL import Image
 
 from dreamlora.atomic import atomic_write_text
 from eval import metrics
-from eval.image_files import IMAGE_SUFFIXES, is_image_file
+from eval.image_files import IMAGE_SUFFIXES, is_image_file, is_mask_file
 
 OUTPUT_NAMES = {"scores.png"}  # our own plot, written into SAMPLES_DIR by default: never a sample
 # DreamBooth paper, Table 1: for orientation beside our numbers.
@@ -152,7 +152,7 @@ def clip_t_prompt(row: dict, keep_identifier: bool, token: str | None) -> tuple[
 
 def reference_paths(references: Path, subject: str) -> list[Path]:
     folder = references / subject
-    paths = sorted(p for p in folder.glob("*") if is_image_file(p)) if folder.is_dir() else []
+    paths = sorted(p for p in folder.glob("*") if is_image_file(p) and not is_mask_file(p)) if folder.is_dir() else []
     if not paths:
         raise ScoreError(f"--references {str(references)!r} has no images for subject {subject!r} "
                          f"({', '.join(sorted(IMAGE_SUFFIXES))})")

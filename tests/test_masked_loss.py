@@ -137,6 +137,13 @@ def test_mask_files_are_not_photos_and_a_photo_without_one_counts_fully(tmp_path
     assert torch.all(batch["masks"][1:] == 1)
 
 
+def test_the_scorer_does_not_take_a_mask_for_a_reference_photo(tmp_path):
+    from eval.score import reference_paths
+
+    photo_folder(tmp_path, {"00": np.zeros((160, 160), np.uint8)})
+    assert [p.name for p in reference_paths(tmp_path, "photos")] == ["00.jpg", "01.jpg", "02.jpg", "03.jpg"]
+
+
 def test_a_mask_of_another_size_is_refused_naming_both_files(tmp_path, capsys):
     from test_train_bad_input import base_args
 

@@ -38,6 +38,8 @@ FLAGS_BEFORE = {
         "--train_batch_size", "--train_text_encoder", "--use_8bit_adam", "--use_rslora",
         "--validation_inference_steps", "--validation_prompt", "--validation_steps", "--variant",
         "--with_prior_preservation", "-h",
+        "--masked_loss", "--alpha_mask",  # issue #14
+        "--validation_split", "--validate_every_n_steps", "--max_validation_steps", "--validation_seed",
     ],
     "train_text": [
         "--adapter", "--alpha", "--checkpointing_steps", "--checkpoints_total_limit", "--config", "--data_format",
@@ -71,6 +73,8 @@ DEFAULTS_BEFORE = {
         "train_batch_size": 1, "train_text_encoder": False, "use_8bit_adam": False, "use_rslora": False,
         "validation_inference_steps": 25, "validation_prompt": None, "validation_steps": 100, "variant": None,
         "with_prior_preservation": False,
+        "masked_loss": False, "alpha_mask": False,  # issue #14
+        "validation_split": 0.0, "validate_every_n_steps": None, "max_validation_steps": None, "validation_seed": None,
     },
     "train_text": {
         "adapter": "lora", "alpha": None, "checkpointing_steps": None, "checkpoints_total_limit": None,

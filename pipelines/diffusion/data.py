@@ -24,14 +24,13 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from dreamlora.errors import DataError
-from eval.image_files import IMAGE_SUFFIXES  # one list for the trainer, the scorer and the app
+from eval.image_files import IMAGE_SUFFIXES, MASK_SUFFIX, is_mask_file  # one list for the trainer, scorer and app
 from pipelines.trainer.order import stable_seed
 from pipelines.trainer.text_files import read_text
 
 log = logging.getLogger(__name__)
 
 CAPTION_KEYS = ("text", "caption", "prompt")
-MASK_SUFFIX = "-masklabel"  # OneTrainer's name for a photo's loss mask: <stem>-masklabel.png
 MASK_SOURCES = {"masklabel": "--masked_loss", "alpha": "--alpha_mask"}  # where masks come from -> the flag
 
 
@@ -66,10 +65,6 @@ def load_photo(path: Path) -> tuple[Image.Image, Image.Image | None]:
 def load_rgb(path: Path) -> Image.Image:
     """Decode `path` to an 8-bit RGB image as a viewer would show it. Raises on corrupt/truncated files."""
     return load_photo(path)[0]
-
-
-def is_mask_file(path: Path) -> bool:
-    return path.stem.lower().endswith(MASK_SUFFIX)
 
 
 def mask_file(photo: Path) -> Path:
