@@ -125,11 +125,14 @@ def test_evaluating_changes_nothing_in_training(tiny_model_dir, tmp_path):
     common = (*SPLIT, "--max_train_steps", 4, "--checkpointing_steps", 100, "--learning_rate", 1e-2,
               "--lora_dropout", 0.2)
     for name, every in (("often", 1), ("once", 4)):
-        assert train_in_process(tiny_model_dir, tmp_path / name, *common, "--validate_every_n_steps", every) == 0
+        assert train_in_process(tiny_model_dir, tmp_path / name, *common, "--validate_every_n_steps", every,
+                                "--max_validation_steps", 3) == 0
     often, once = (load_file(tmp_path / n / "unet_adapter.safetensors") for n in ("often", "once"))
     assert all(torch.equal(often[k], once[k]) for k in often)
     assert len(history(tmp_path / "often")) == 4 and len(history(tmp_path / "once")) == 1
     assert history(tmp_path / "often")[-1] == history(tmp_path / "once")[-1]
+    summary = json.loads((tmp_path / "once" / "run.json").read_text())["validation_loss"]
+    assert (summary["triples"], summary["batches"]) == (4, 3)  # --max_validation_steps: 3 batches of 1 triple
 
 
 def test_two_processes_agree_with_one_process_of_their_global_batch(tiny_model_dir, tmp_path):

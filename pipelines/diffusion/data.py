@@ -51,8 +51,8 @@ def load_photo(path: Path) -> tuple[Image.Image, Image.Image | None]:
     """`path` as 8-bit RGB as a viewer shows it (alpha flattened on white), and its alpha channel ("L") if it
     has one (a palette's transparent colour counts). Raises on corrupt/truncated files."""
     im = _decode(path)
-    if im.mode == "P":
-        im = im.convert("RGBA")
+    if im.mode == "P":  # only a palette with a transparent colour has an alpha channel
+        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
     alpha = None
     if im.mode in ("RGBA", "LA", "PA"):
         im = im.convert("RGBA")
