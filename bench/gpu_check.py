@@ -142,7 +142,7 @@ def inputs(models: dict, device: torch.device, batch: int, seed: int, side: int 
 
 # --- training -----------------------------------------------------------------------------------------------------
 
-def train_step(unet, optimizer, scaler, data: dict, schedule, dtype, params, ours: bool) -> float:
+def train_step(unet, optimizer, scaler, data: dict, schedule, dtype, params, ours: bool, total_steps: int) -> float:
     """train.py's step: autocast forward, fp32 MSE to the noise, (scaled) backward, clip 1.0, step, hooks."""
     noisy = schedule.add_noise(data["latents"], data["noise"], data["timesteps"])
     with torch.autocast(data["latents"].device.type, dtype=dtype):
@@ -164,7 +164,7 @@ def train_step(unet, optimizer, scaler, data: dict, schedule, dtype, params, our
         optimizer.step()
         stepped = True
     if ours and stepped:
-        dreamlora.on_optimizer_step(unet, optimizer)
+        dreamlora.on_optimizer_step(unet, optimizer, total_steps=total_steps)  # AdaLoRA's budget schedule needs it
     optimizer.zero_grad(set_to_none=True)
     return loss.item()
 
@@ -190,11 +190,13 @@ def train_config(models: dict, kind: str, dtype_name: str, checkpointing: bool, 
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     schedule = DDPMScheduler.from_config(SD_SCHEDULE)
     data = inputs(models, device, args.batch, seed=1)
-    losses = [train_step(unet, optimizer, scaler, data, schedule, dtype, params, kind != REFERENCE)
+    losses = [train_step(unet, optimizer, scaler, data, schedule, dtype, params, kind != REFERENCE,
+                          args.warmup + args.steps)
               for _ in range(args.warmup)]
     synchronize(device)
     start = time.perf_counter()
-    losses += [train_step(unet, optimizer, scaler, data, schedule, dtype, params, kind != REFERENCE)
+    losses += [train_step(unet, optimizer, scaler, data, schedule, dtype, params, kind != REFERENCE,
+                          args.warmup + args.steps)
                for _ in range(args.steps)]
     synchronize(device)
     row["it_per_s"] = args.steps / (time.perf_counter() - start)
@@ -266,27 +268,43 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
-def perturbed_on_cpu(models: dict, method: str, rank: int) -> torch.nn.Module:
-    """A CPU fp32 copy with `method` attached and moved off its identity init, so the checks see the adapter."""
+def perturbed_on_cpu(models: dict, method: str, rank: int, scale: float = 0.3) -> torch.nn.Module:
+    """A CPU fp32 copy with `method` attached and moved off its identity init, so the checks see the adapter. Seeded
+    (the init too), so every call with the same arguments gives the same adapter: the sampling check compares two."""
     unet = copy.deepcopy(models["cpu_fp32"])
+    torch.manual_seed(1)
     dreamlora.attach(unet, dreamlora.AdapterConfig(method=method, rank=rank, target_modules=TARGETS))
     gen = torch.Generator().manual_seed(2)
     with torch.no_grad():
         for layer in dreamlora.adapter_layers(unet, "default").values():
             for p in layer.parameters():
-                p.add_(0.3 * p.abs().mean().clamp(min=0.2) * torch.randn(p.shape, generator=gen))
+                p.add_(scale * p.abs().mean().clamp(min=0.2) * torch.randn(p.shape, generator=gen))
             layer.step = 10**6  # SingLoRA's ramp at 1: the adapter in full
     return unet
+
+
+def visible_adapter(models: dict, method: str, rank: int, data: dict, base: torch.Tensor, target: float = 0.05):
+    """`perturbed_on_cpu` with the perturbation doubled until the adapter changes the output by `target` (relative):
+    a product of three factors (AdaLoRA's P·diag(E)·Q) barely moves under the scale that moves two. The scale is kept
+    in `models` for the sampling check."""
+    scale = 0.3
+    for _ in range(6):
+        unet = perturbed_on_cpu(models, method, rank, scale)
+        ref = forward(unet, data, torch.device("cpu"))
+        if relative_error(ref, base) >= target:
+            break
+        scale *= 2
+    models[f"scale_{method}"] = scale
+    return unet, ref
 
 
 def move_checks(models: dict, method: str, args, device: torch.device) -> list[dict]:
     """attach on CPU → .to(device) equal; .to(device, bf16) keeps adapter dtype; model and sequential offload."""
     # 32² latents at most: the comparison needs no 512 px, and the CPU side runs the full UNet in fp32
     data = inputs(models, torch.device("cpu"), 1, seed=3, side=min(models["latent"], 32))
-    cpu = perturbed_on_cpu(models, method, args.rank)
     if "base_out" not in models:
         models["base_out"] = forward(models["cpu_fp32"], data, torch.device("cpu"))
-    ref = forward(cpu, data, torch.device("cpu"))
+    cpu, ref = visible_adapter(models, method, args.rank, data, models["base_out"])
     effect = relative_error(ref, models["base_out"])
     rows = [{"check": "adapter changes the output (else the checks below prove nothing)", "method": method,
              "value": effect, "ok": effect > 100 * args.tol}]
@@ -357,7 +375,7 @@ def pipeline(models: dict, kind: str, args):
         unet = copy.deepcopy(models["cpu_fp32"])
         attach(unet, REFERENCE, args.rank)
     else:
-        unet = perturbed_on_cpu(models, kind, args.rank)
+        unet = perturbed_on_cpu(models, kind, args.rank, models.get(f"scale_{kind}", 0.3))
     pipe = StableDiffusionPipeline(vae=copy.deepcopy(models["vae"]).to("cpu"), text_encoder=None, tokenizer=None,
                                    unet=unet, scheduler=DDIMScheduler.from_config(SD_SCHEDULE), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
