@@ -196,3 +196,47 @@ def test_relora_refuses_prodigy_naming_the_flag(tiny_model_dir, tmp_path, capsys
                             "--learning_rate", 1.0, "--max_train_steps", 4, "--relora_steps", 2)
     assert code != 0
     assert "--optimizer prodigy: relora resets AdamW's moments" in capsys.readouterr().err
+
+
+def test_prodigys_step_size_is_logged_as_d_times_lr():
+    from pipelines.trainer.optimizers import step_size_logs
+
+    model = loraplus_model()
+    optimizer = make_optimizer(flags(learning_rate=0.5), dreamlora.param_groups(model, lr=0.5))
+    train_steps(model, optimizer, 6)
+    d = optimizer.param_groups[0]["d"]
+    assert d > optimizer.param_groups[0]["d0"]
+    assert step_size_logs(optimizer)["d*lr"].item() == pytest.approx(d * 0.5)
+    assert step_size_logs(torch.optim.AdamW(dreamlora.param_groups(loraplus_model(), lr=1e-3))) == {}
+
+
+def test_prodigy_through_accelerate_and_the_fp16_scaler_keeps_the_ratio_and_skips_inf_steps():
+    """The fp16 path: accelerate's wrapper and torch's GradScaler (on CPU, as fp16 on a GPU installs it) call the
+    step that carries the ratio hooks; a step the scaler skips (inf gradients) moves nothing and leaves the lrs as
+    the core set them."""
+    from accelerate import Accelerator
+    from train_helpers import reset_accelerate
+
+    from pipelines.trainer import loop
+
+    reset_accelerate()
+    try:
+        accelerator = Accelerator(cpu=True)
+        accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+        model = loraplus_model()
+        optimizer = make_optimizer(flags(), dreamlora.param_groups(model, lr=1.0))
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        model, optimizer, schedule = accelerator.prepare(model, optimizer, schedule)
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        x = torch.randn(12, 16)
+        for poisoned in (False, False, True, False):
+            before = [p.detach().clone() for p in params]
+            loss = model(x).square().mean() * (float("inf") if poisoned else 1.0)
+            accelerator.backward(loss)
+            loop.optimizer_step(accelerator, optimizer, schedule, params, 1.0, [model])
+            assert accelerator.optimizer_step_was_skipped == poisoned
+            assert all(torch.equal(p, b) for p, b in zip(params, before, strict=True)) == poisoned
+            roles = by_role(optimizer.param_groups)
+            assert (roles["lora_A"]["lr"], roles["lora_B"]["lr"]) == (1.0, RATIO)
+    finally:
+        reset_accelerate()

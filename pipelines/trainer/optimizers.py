@@ -59,6 +59,15 @@ def text_encoder_lr(args) -> float:
     return args.learning_rate if is_prodigy(args) else args.text_encoder_lr
 
 
+def step_size_logs(optimizer) -> dict[str, torch.Tensor]:
+    """What to log beside the lr: Prodigy's step size d·lr (its lr is only a multiplier), as kohya's `d*lr`; nothing
+    for AdamW."""
+    group = optimizer.param_groups[0]
+    if "d" not in group:
+        return {}
+    return {"d*lr": torch.tensor(group["d"] * group["lr"])}
+
+
 class GroupRatios:
     """Optimizer step hooks that let Prodigy train groups with different lrs (see the module docstring).
 
