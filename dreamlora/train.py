@@ -27,6 +27,7 @@ from dreamlora.atomic import atomic_write_json
 from dreamlora.errors import ArgError
 from dreamlora.train_args import method_options, parse_args, resolve_init
 from pipelines.diffusion import data as dbdata
+from pipelines.diffusion.captions import CaptionAugment
 from pipelines.diffusion.class_images import ensure_class_images
 from pipelines.diffusion.export import write_tool_files
 from pipelines.diffusion.loss import denoising_loss, draw_noise, prediction_type
@@ -34,6 +35,7 @@ from pipelines.diffusion.models import encode_prompts, load_components
 from pipelines.trainer import checkpoints, launch, loop, order, outputs
 from pipelines.trainer.loop import Plan, RunResult
 from pipelines.trainer.method_options import check_optimizer, resolve_method_options
+from pipelines.trainer.optimizers import make_optimizer, text_encoder_lr
 from pipelines.trainer.state import steps_per_epoch
 
 log = logging.getLogger("dreamlora.train")
@@ -43,18 +45,6 @@ def adapter_config(args, targets: list[str]) -> AdapterConfig:
     init = resolve_init(args.adapter, args.init_lora_weights, "gaussian")
     return AdapterConfig(method=args.adapter, rank=args.rank, alpha=args.alpha, target_modules=targets,
                          dropout=args.lora_dropout, use_rslora=args.use_rslora, init=init, options=method_options(args))
-
-
-def make_optimizer(args, param_groups):
-    if args.use_8bit_adam:
-        try:
-            import bitsandbytes as bnb
-        except ImportError:
-            raise ArgError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from None
-        cls = bnb.optim.AdamW8bit
-    else:
-        cls = torch.optim.AdamW
-    return cls(param_groups, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
 
 
 def sample_generators(seed: int, epoch: int, rows: list[tuple[int, int]]) -> list[torch.Generator]:
@@ -128,7 +118,7 @@ def attach_adapters(args, sd) -> tuple[dict, list[dict]]:
     groups = dreamlora.param_groups(sd.unet, lr=args.learning_rate, weight_decay=args.adam_weight_decay)
     if args.train_text_encoder:
         trained["text_encoder"] = sd.text_encoder
-        groups += dreamlora.param_groups(sd.text_encoder, lr=args.text_encoder_lr, weight_decay=args.adam_weight_decay)
+        groups += dreamlora.param_groups(sd.text_encoder, lr=text_encoder_lr(args), weight_decay=args.adam_weight_decay)
     if args.gradient_checkpointing:
         sd.unet.enable_gradient_checkpointing()
         if args.train_text_encoder:
@@ -139,12 +129,16 @@ def attach_adapters(args, sd) -> tuple[dict, list[dict]]:
 class PromptEncoder:
     """CLIP states for a batch's prompts: through the trained text encoder, or cached per prompt when frozen."""
 
-    def __init__(self, tokenizer, trained_text_encoder, frozen_text_encoder):
+    def __init__(self, tokenizer, trained_text_encoder, frozen_text_encoder, cache: bool = True):
         self.tokenizer, self.trained, self.frozen, self.cache = tokenizer, trained_text_encoder, frozen_text_encoder, {}
+        self.caching = cache  # off with --shuffle_caption: shuffled captions rarely repeat, the cache would only grow
 
     def __call__(self, prompts: list[str]) -> torch.Tensor:
         if self.trained is not None:
             return encode_prompts(self.tokenizer, self.trained, prompts)
+        if not self.caching:
+            with torch.no_grad():
+                return encode_prompts(self.tokenizer, self.frozen, prompts)
         missing = [p for p in dict.fromkeys(prompts) if p not in self.cache]
         if missing:
             with torch.no_grad():
@@ -158,8 +152,10 @@ def build(args, accelerator, instances: list, resume_from: Path | None) -> tuple
     optimizer and LR schedule built from the core's groups."""
     sd, weight_dtype = load_frozen_models(args, accelerator)
     classes = class_examples(args, sd, accelerator)
+    captions = CaptionAugment(args.seed, args.caption_dropout_rate, args.shuffle_caption, args.keep_tokens,
+                              args.keep_tokens_separator)
     dataset = dbdata.DreamBoothDataset(instances, classes, args.resolution, args.center_crop, args.random_flip,
-                                       args.seed)
+                                       args.seed, captions)
     sampler = order.EpochShuffle(len(dataset), args.seed)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.train_batch_size, sampler=sampler,
                                          collate_fn=dbdata.collate)
@@ -201,7 +197,8 @@ class DreamBoothTask:
         self.latents = LatentEncoder(self.sd.vae, self.weight_dtype, self.args.cache_latents)
         if self.args.cache_latents:
             self.latents.fill_cache(self.dataset)
-        self.prompts = PromptEncoder(self.sd.tokenizer, models.get("text_encoder"), self.sd.text_encoder)
+        self.prompts = PromptEncoder(self.sd.tokenizer, models.get("text_encoder"), self.sd.text_encoder,
+                                     cache=not self.args.shuffle_caption)
 
     def loss(self, models: dict, batch, epoch: int, index: int):
         args = self.args

@@ -38,6 +38,10 @@ FLAGS_BEFORE = {
         "--train_batch_size", "--train_text_encoder", "--use_8bit_adam", "--use_rslora",
         "--validation_inference_steps", "--validation_prompt", "--validation_steps", "--variant",
         "--with_prior_preservation", "-h",
+        # issue #14: caption augmentation and the optimizer choice
+        "--caption_dropout_rate", "--shuffle_caption", "--keep_tokens", "--keep_tokens_separator", "--optimizer",
+        "--prodigy_beta3", "--prodigy_decouple", "--no-prodigy_decouple", "--prodigy_use_bias_correction",
+        "--no-prodigy_use_bias_correction", "--prodigy_safeguard_warmup", "--no-prodigy_safeguard_warmup",
     ],
     "train_text": [
         "--adapter", "--alpha", "--checkpointing_steps", "--checkpoints_total_limit", "--config", "--data_format",
@@ -71,6 +75,9 @@ DEFAULTS_BEFORE = {
         "train_batch_size": 1, "train_text_encoder": False, "use_8bit_adam": False, "use_rslora": False,
         "validation_inference_steps": 25, "validation_prompt": None, "validation_steps": 100, "variant": None,
         "with_prior_preservation": False,
+        "caption_dropout_rate": 0.0, "shuffle_caption": False, "keep_tokens": 0, "keep_tokens_separator": "",
+        "optimizer": "AdamW", "prodigy_beta3": None, "prodigy_decouple": True, "prodigy_use_bias_correction": True,
+        "prodigy_safeguard_warmup": True,
     },
     "train_text": {
         "adapter": "lora", "alpha": None, "checkpointing_steps": None, "checkpoints_total_limit": None,
@@ -119,7 +126,8 @@ def test_every_flag_is_a_documented_field_whose_docstring_is_its_help(trainer):
         for f in dataclasses.fields(group):
             fields.add(f.name)
             assert docs.get(f.name), f"{group.__name__}.{f.name} has no docstring"
-            assert actions[f.name].option_strings == [f"--{f.name}"]
+            # a bool that defaults to True is switched off by its `--no-` twin (argparse's BooleanOptionalAction)
+            assert actions[f.name].option_strings in ([f"--{f.name}"], [f"--{f.name}", f"--no-{f.name}"])
             if f.name == "adapter":  # the methods' descriptions follow the field's own text
                 assert actions[f.name].help.startswith(docs[f.name] + ": ")
             else:

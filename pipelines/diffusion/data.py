@@ -21,6 +21,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from dreamlora.errors import DataError
 from eval.image_files import IMAGE_SUFFIXES  # one list for the trainer, the scorer and the app
+from pipelines.diffusion.captions import CaptionAugment
 from pipelines.trainer.order import stable_seed
 from pipelines.trainer.text_files import read_text
 
@@ -143,8 +144,9 @@ class DreamBoothDataset(torch.utils.data.Dataset):
     a resume and would replay epoch 0's order.)"""
 
     def __init__(self, instances: list[Example], classes: list[Example], resolution: int, center_crop: bool,
-                 random_flip: bool, seed: int):
+                 random_flip: bool, seed: int, captions: CaptionAugment | None = None):
         self.instances, self.classes = instances, classes
+        self.captions = captions  # instance rows only: class rows keep the class prompt
         self.resolution, self.center_crop, self.random_flip, self.seed = resolution, center_crop, random_flip, seed
         self.epoch = 0
 
@@ -158,7 +160,10 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         rng = random.Random(stable_seed(self.seed, self.epoch, index, stream))
         example = examples[index % len(examples)]
         pixels, flipped = augment(example.image, self.resolution, self.center_crop, self.random_flip, rng)
-        return {"pixel_values": pixels, "prompt": example.prompt, "is_class": example.is_class,
+        prompt = example.prompt
+        if stream == 0 and self.captions is not None and self.captions.active:
+            prompt = self.captions(prompt, self.epoch, stream, index)
+        return {"pixel_values": pixels, "prompt": prompt, "is_class": example.is_class,
                 "key": (stream, index % len(examples), flipped), "row": (stream, index)}
 
     def __getitem__(self, index: int) -> dict:

@@ -19,6 +19,7 @@ import torch
 import dreamlora
 from pipelines.trainer.checkpoints import register_adapter_hooks, restore_train_state, save_checkpoint
 from pipelines.trainer.launch import TrainingDiverged, stop_everywhere
+from pipelines.trainer.optimizers import step_size_logs
 from pipelines.trainer.progress import ProgressLog, run_environment
 from pipelines.trainer.state import resumable_batches
 
@@ -129,7 +130,7 @@ def train(task: Task, plan: Plan, args, accelerator, stop_requested, resume_from
             raise TrainingDiverged(f"loss became {last_loss} at step {step}; stopped without saving. "
                                    f"Last good checkpoint: {last_checkpoint or 'none'}")
         # the lr the next step uses, as the method's hook left it (ReLoRA's jagged schedule rewrites it)
-        report.step(step, last_loss, optimizer.param_groups[0]["lr"], parts)
+        report.step(step, last_loss, optimizer.param_groups[0]["lr"], {**parts, **step_size_logs(optimizer)})
         train_seconds += time.time() - step_started
         # evaluation before the checkpoint: whatever it draws from the RNG is in the checkpoint's RNG state
         if task.evaluates and (step == max_steps or every(step, task.eval_every)):
