@@ -288,10 +288,11 @@ class EMAArgs:
 
     use_ema: bool = False
     """also keep an exponential moving average of the trained weights (fp32), written as its own output under ema/,
-    used for the validation images, kept in every checkpoint; not for relora or adalora"""
+    used for the validation images, kept in every checkpoint; refused for methods whose weights cannot be averaged
+    (relora, adalora)"""
     ema_decay: float = 0.999
-    """the average's largest decay: step k decays by min(ema_decay, (1+s)/(10+s)), s = k-1, diffusers' EMAModel
-    schedule, so a run of a few hundred steps averages over about its last ninth whatever the value"""
+    """the average's largest decay: update k decays by min(ema_decay, (1+s)/(10+s)), s = k-1 (diffusers' EMAModel
+    schedule), so a run of a few hundred steps averages steps of mean age a tenth of the run whatever the value"""
 
     def __post_init__(self):
         if not 0.0 < self.ema_decay < 1.0:
