@@ -33,6 +33,7 @@ from pipelines.diffusion.export import write_tool_files
 from pipelines.diffusion.loss import denoising_loss, draw_noise, prediction_type
 from pipelines.diffusion.models import encode_prompts, load_components
 from pipelines.trainer import checkpoints, launch, loop, order, outputs
+from pipelines.trainer.ema import AdapterEMA, ema_weights, write_ema_output
 from pipelines.trainer.loop import Plan, RunResult
 from pipelines.trainer.method_options import check_optimizer, resolve_method_options
 from pipelines.trainer.optimizers import make_optimizer, text_encoder_lr
@@ -164,6 +165,7 @@ def build(args, accelerator, instances: list, resume_from: Path | None) -> tuple
     max_steps = args.max_train_steps or args.num_train_epochs * epoch_steps
     resolve_method_options(args, max_steps, resume_from and checkpoints.adapter_file(resume_from, "unet"))
     trained, groups = attach_adapters(args, sd)
+    ema = AdapterEMA(trained, args.ema_decay) if args.use_ema else None
     optimizer = make_optimizer(args, groups)
     check_optimizer(args, optimizer)
     from diffusers.optimization import get_scheduler
@@ -177,8 +179,8 @@ def build(args, accelerator, instances: list, resume_from: Path | None) -> tuple
         dataset.select_epoch(epoch)
         sampler.select_epoch(epoch)
 
-    task = DreamBoothTask(args, accelerator, sd, weight_dtype, dataset, trained)
-    return task, Plan(trained, optimizer, lr_scheduler, loader, select_epoch, batches_per_epoch, max_steps)
+    task = DreamBoothTask(args, accelerator, sd, weight_dtype, dataset, trained, ema)
+    return task, Plan(trained, optimizer, lr_scheduler, loader, select_epoch, batches_per_epoch, max_steps, ema)
 
 
 class DreamBoothTask:
@@ -188,9 +190,9 @@ class DreamBoothTask:
     tracker_project = "dreamlora"
     checkpoint_at_end = True
 
-    def __init__(self, args, accelerator, sd, weight_dtype, dataset, trained: dict):
+    def __init__(self, args, accelerator, sd, weight_dtype, dataset, trained: dict, ema: AdapterEMA | None = None):
         self.args, self.accelerator, self.sd, self.weight_dtype = args, accelerator, sd, weight_dtype
-        self.dataset, self.trained = dataset, trained
+        self.dataset, self.trained, self.ema = dataset, trained, ema
         self.evaluates, self.eval_every = bool(args.validation_prompt), args.validation_steps
 
     def start(self, models: dict) -> None:
@@ -211,10 +213,11 @@ class DreamBoothTask:
 
     def evaluate(self, models: dict, step: int, train_time_s: float) -> None:
         if self.accelerator.is_main_process:  # the others go on to the next step and wait for it there
-            run_validation(self.args, self.sd, self.accelerator, self.trained, self.weight_dtype, step)
+            with ema_weights(self.ema):  # with --use_ema the previews show the averaged weights
+                run_validation(self.args, self.sd, self.accelerator, self.trained, self.weight_dtype, step)
 
     def write_outputs(self, result: RunResult) -> None:
-        write_outputs(self.args, Path(self.args.output_dir), self.trained, result, self.sd)
+        write_outputs(self.args, Path(self.args.output_dir), self.trained, result, self.sd, self.ema)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -270,9 +273,10 @@ def run_validation(args, sd, accelerator, trained, dtype, step: int) -> None:
         writer.add_images("validation", np.stack([np.asarray(im) for im in images]), step, dataformats="NHWC")
 
 
-def write_outputs(args, output_dir: Path, trained: dict, result: RunResult, sd=None) -> None:
-    """The adapter files, the files for other tools, run.json, and with --save_merged (last: it folds the adapters
-    into the loaded weights) the merged pipeline under merged/ (`sd`: the loaded components)."""
+def write_outputs(args, output_dir: Path, trained: dict, result: RunResult, sd=None, ema=None) -> None:
+    """The adapter files, the files for other tools, run.json, with --use_ema the same files of the averaged
+    weights under ema/, and with --save_merged (last: it folds the adapters into the loaded weights) the merged
+    pipeline under merged/ (`sd`: the loaded components)."""
     unet, text_encoder = trained["unet"], trained.get("text_encoder")
     for component, model in trained.items():
         dreamlora.save(model, checkpoints.adapter_file(output_dir, component))
@@ -286,6 +290,8 @@ def write_outputs(args, output_dir: Path, trained: dict, result: RunResult, sd=N
         "final_loss": result.final_loss, "files_for_tools": tool_files, **result.environment,
         **outputs.method_figures(args, output_dir, trained),
     }
+    if ema is not None:  # ema/ gets this writer's files (not merged/), of the averaged weights
+        run["ema"] = write_ema_output(ema, output_dir, lambda folder: write_outputs(args, folder, trained, result))
     if args.save_merged and sd is not None:
         pipe = lambda: inference_pipeline(args, sd, unet, text_encoder or sd.text_encoder)  # noqa: E731
         run["merged"] = str(outputs.save_merged(output_dir, trained, lambda folder: pipe().save_pretrained(folder)))

@@ -338,6 +338,23 @@ class OptimizerArgs:
 
 
 @dataclass
+class EMAArgs:
+    title: ClassVar[str] = "EMA"
+
+    use_ema: bool = False
+    """also keep an exponential moving average of the trained weights (fp32), written as its own output under ema/,
+    used for the validation images, kept in every checkpoint; refused for methods whose weights cannot be averaged
+    (relora, adalora)"""
+    ema_decay: float = 0.999
+    """the average's largest decay: update k decays by min(ema_decay, (1+s)/(10+s)), s = k-1 (diffusers' EMAModel
+    schedule), so a run of a few hundred steps averages steps of mean age a tenth of the run whatever the value"""
+
+    def __post_init__(self):
+        if not 0.0 < self.ema_decay < 1.0:
+            raise ArgError(f"--ema_decay must be in (0, 1), got {self.ema_decay}")
+
+
+@dataclass
 class KohyaOutputArgs(OutputArgs):
     no_kohya_format: bool = False
     """skip kohya_lora.safetensors (kohya, LyCORIS, A1111, ComfyUI) and DoRA's comfyui_lora file"""
@@ -352,7 +369,7 @@ class KohyaOutputArgs(OutputArgs):
 
 
 GROUPS = (ModelArgs, DataArgs, UNetAdapterArgs, ImageArgs, OptimisationArgs, MemoryArgs, CheckpointArgs,
-          ValidationArgs, LogArgs, KohyaOutputArgs, CaptionArgs, OptimizerArgs)
+          ValidationArgs, EMAArgs, LogArgs, KohyaOutputArgs, CaptionArgs, OptimizerArgs)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -369,6 +386,12 @@ def validate(args: argparse.Namespace) -> None:
     if args.cache_latents and not args.center_crop:
         raise ArgError("--cache_latents fixes each image's crop: add --center_crop (random crops cannot be cached)")
     check_optimizer_flags(args)
+    if args.use_ema:
+        from dreamlora.methods import METHODS
+        from pipelines.trainer.ema import refusal
+
+        if refusal(METHODS[args.adapter]):
+            raise ArgError(refusal(METHODS[args.adapter]))
     method_options(args)
 
 
