@@ -16,7 +16,8 @@ FLOORS_TESTS := tests/test_interop_diffusers.py tests/test_interop_kohya.py test
 	tests/test_method_export.py::test_per_layer_ranks_load_in_unmodified_diffusers_with_the_same_output \
 	tests/test_train.py::test_kohya_file_loads_through_diffusers_converter \
 	tests/test_score.py::test_scores_equal_a_hand_computation \
-	tests/test_compose_rules.py "tests/test_compose.py::test_recovers_the_subjects_own_adapter_and_closes_the_gap[updates]"
+	tests/test_compose_rules.py "tests/test_compose.py::test_recovers_the_subjects_own_adapter_and_closes_the_gap[updates]" \
+	tests/test_prodigy.py
 export HF_HUB_OFFLINE ?= 1
 
 .PHONY: install demo test lint bench clean browser floors
@@ -48,7 +49,7 @@ browser:
 	  command -v apt-get >/dev/null 2>&1 || { echo "make browser: no apt-get; install chromium yourself" >&2; exit 1; }; \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium; fi
 
-# The floors of diffusers, transformers, accelerate, safetensors, open_clip_torch and nevergrad (each held in its floor's
+# The floors of diffusers, transformers, accelerate, safetensors, open_clip_torch, nevergrad and prodigyopt (each held in its floor's
 # release series by .ci/floors.py) beside the pinned torch, installed torch first and the rest constrained to that
 # torch, so the resolver never pulls another (a CUDA build, gigabytes); then the interop smoke tests there:
 # train -> diffusers load -> same image, the exported files in diffusers and LyCORIS, and one open_clip scoring.
@@ -58,7 +59,7 @@ floors:
 	$(FLOORS_VENV)/bin/python -m pip install --quiet $(TORCH)
 	$(FLOORS_VENV)/bin/python .ci/floors.py $(TORCH) > $(FLOORS_VENV)/constraints.txt
 	$(FLOORS_VENV)/bin/python -m pip install --quiet -c $(FLOORS_VENV)/constraints.txt -e '.[test]'
-	$(FLOORS_VENV)/bin/python -m pip list 2>/dev/null | grep -iE '^(torch|diffusers|transformers|accelerate|safetensors|open.clip.torch|peft|huggingface.hub|nevergrad) '
+	$(FLOORS_VENV)/bin/python -m pip list 2>/dev/null | grep -iE '^(torch|diffusers|transformers|accelerate|safetensors|open.clip.torch|peft|huggingface.hub|nevergrad|prodigyopt) '
 	$(FLOORS_VENV)/bin/python -m pytest -q -p no:cacheprovider $(FLOORS_TESTS)
 
 lint: $(STAMP)

@@ -11,7 +11,7 @@ import re
 import sys
 from pathlib import Path
 
-FLOORED = ("diffusers", "transformers", "accelerate", "safetensors", "open_clip_torch", "nevergrad")
+FLOORED = ("diffusers", "transformers", "accelerate", "safetensors", "open_clip_torch", "nevergrad", "prodigyopt")
 
 
 def floors(pyproject: Path) -> dict[str, str]:

@@ -18,7 +18,13 @@ One random-weight UNet is built once from its config and every configuration run
 - sampling: a StableDiffusionPipeline (random SD VAE, prompt embeddings given) with each method's adapter, 4 steps,
   then the same with `enable_model_cpu_offload()` (CUDA only): the same image.
 
-Writes `<output>.json` and `<output>.md` (default bench/results/gpu_check, or gpu_check_cpu_smoke with --tiny) and
+`--arch sdxl` instead trains the SDXL base UNet's architecture (2.57B parameters, random weights) at 1024 px (128²
+latents), bf16, gradient checkpointing, rank 16, AdamW: LoRA and DoRA beside the reference built as diffusers'
+train_dreambooth_lora_sdxl.py builds it (the same `add_adapter(LoraConfig(...))`; its LoRA weights stay bf16 under
+bf16, as that script casts them to fp32 under fp16 only), with SDXL's conditioning (2048-wide context, pooled
+embedding and six time ids). No move, offload or sampling checks: those are the architecture-independent SD 1.5 ones.
+
+Writes `<output>.json` and `<output>.md` (default bench/results/gpu_check[_sdxl], or ..._cpu_smoke with --tiny) and
 exits 1 if any check failed.
 """
 
@@ -42,9 +48,15 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as `python bench/gpu_check.py` from a checkout without installing it
 
 import dreamlora  # noqa: E402
+from pipelines.diffusion.sd_configs import SDXL_UNET_CONFIG, TINY_SDXL_UNET_CONFIG  # noqa: E402
 from pipelines.diffusion.tiny_model import SD15, SD_SCHEDULE, TINY  # noqa: E402
 
 REFERENCE = "peft-lora"
+REFERENCE_NOTE = {
+    "sd15": " Reference as train_dreambooth_lora.py: its LoRA weights are fp32 under fp16, bf16 under bf16.",
+    "sdxl": " Reference as train_dreambooth_lora_sdxl.py: its LoRA weights stay bf16 under bf16 (it casts them to fp32 "
+            "under fp16 only); ours are fp32. Conditioning: context, pooled embedding, six time ids.",
+}
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -52,20 +64,36 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 # --- set-up -------------------------------------------------------------------------------------------------------
 
 def build_models(args, device: torch.device) -> dict:
-    """The UNet (fp32, seeded) once, its half-precision copies, a CPU fp32 copy, and a random SD VAE."""
+    """The UNet (fp32, seeded) once, its half-precision copies, a CPU fp32 copy, and a random SD VAE. SDXL: the UNet
+    and its bf16 copy only (the fp32 one is dropped: 10 GB)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    unet_cfg, vae_cfg, _ = TINY if args.tiny else SD15
+    if args.arch == "sdxl":
+        unet_cfg, vae_cfg = (TINY_SDXL_UNET_CONFIG if args.tiny else SDXL_UNET_CONFIG), None
+    else:
+        unet_cfg, vae_cfg, _ = TINY if args.tiny else SD15
     torch.manual_seed(0)
     start = time.perf_counter()
     with torch.device(device):  # random init on the GPU: seconds, not the CPU's half minute
         unet = UNet2DConditionModel(**unet_cfg).requires_grad_(False)
-        vae = AutoencoderKL(**vae_cfg).requires_grad_(False)
-    models = {"fp32": unet, "cpu_fp32": copy.deepcopy(unet).to("cpu"), "vae": vae,
-              **{name: copy.deepcopy(unet).to(dtype) for name, dtype in DTYPES.items()},
-              "build_s": time.perf_counter() - start, "params": sum(p.numel() for p in unet.parameters())}
-    models["cross_dim"], models["latent"] = unet_cfg["cross_attention_dim"], args.resolution // 8
+        vae = AutoencoderKL(**vae_cfg).requires_grad_(False) if vae_cfg else None
+    models = {"params": sum(p.numel() for p in unet.parameters()), "cross_dim": unet_cfg["cross_attention_dim"],
+              "latent": args.resolution // 8, "added": added_dims(unet_cfg)}
+    if args.arch == "sdxl":
+        models["bf16"] = unet.to(torch.bfloat16)
+    else:
+        models.update({"fp32": unet, "cpu_fp32": copy.deepcopy(unet).to("cpu"), "vae": vae,
+                       **{name: copy.deepcopy(unet).to(dtype) for name, dtype in DTYPES.items()}})
+    models["build_s"] = time.perf_counter() - start
     return models
+
+
+def added_dims(unet_cfg: dict) -> tuple[int, int] | None:
+    """(pooled width, time-id width) of SDXL's micro-conditioning: the added embedding takes the pooled text embedding
+    and six sinusoidal time ids; None for a UNet without it (SD 1.x/2.x)."""
+    if unet_cfg.get("addition_embed_type") != "text_time":
+        return None
+    return unet_cfg["projection_class_embeddings_input_dim"] - 6 * unet_cfg["addition_time_embed_dim"], 6
 
 
 def synchronize(device: torch.device) -> None:
@@ -99,19 +127,27 @@ def make_optimizer(groups: list[dict], eight_bit: bool):
 def inputs(models: dict, device: torch.device, batch: int, seed: int, side: int | None = None) -> dict:
     gen = torch.Generator().manual_seed(seed)
     side, cross = side or models["latent"], models["cross_dim"]
-    return {"latents": torch.randn(batch, 4, side, side, generator=gen).to(device),
+    data = {"latents": torch.randn(batch, 4, side, side, generator=gen).to(device),
             "noise": torch.randn(batch, 4, side, side, generator=gen).to(device),
             "timesteps": torch.randint(0, 1000, (batch,), generator=gen).to(device),
             "context": torch.randn(batch, 77, cross, generator=gen).to(device)}
+    if models["added"]:  # SDXL: pooled embedding; (original h, w, crop top, left, target h, w) of a full-frame image
+        pooled, _ = models["added"]
+        size = side * 8
+        data["added"] = {"text_embeds": torch.randn(batch, pooled, generator=gen).to(device),
+                         "time_ids": torch.tensor([[size, size, 0, 0, size, size]] * batch, dtype=torch.float32,
+                                                  device=device)}
+    return data
 
 
 # --- training -----------------------------------------------------------------------------------------------------
 
-def train_step(unet, optimizer, scaler, data: dict, schedule, dtype, params, ours: bool) -> float:
+def train_step(unet, optimizer, scaler, data: dict, schedule, dtype, params, ours: bool, total_steps: int) -> float:
     """train.py's step: autocast forward, fp32 MSE to the noise, (scaled) backward, clip 1.0, step, hooks."""
     noisy = schedule.add_noise(data["latents"], data["noise"], data["timesteps"])
     with torch.autocast(data["latents"].device.type, dtype=dtype):
-        pred = unet(noisy.to(dtype), data["timesteps"], data["context"].to(dtype)).sample
+        added = {k: v.to(dtype) for k, v in data["added"].items()} if "added" in data else None
+        pred = unet(noisy.to(dtype), data["timesteps"], data["context"].to(dtype), added_cond_kwargs=added).sample
     loss = F.mse_loss(pred.float(), data["noise"].float())
     if ours:
         loss = loss + dreamlora.regularization_loss(unet)
@@ -128,7 +164,7 @@ def train_step(unet, optimizer, scaler, data: dict, schedule, dtype, params, our
         optimizer.step()
         stepped = True
     if ours and stepped:
-        dreamlora.on_optimizer_step(unet, optimizer)
+        dreamlora.on_optimizer_step(unet, optimizer, total_steps=total_steps)  # AdaLoRA's budget schedule needs it
     optimizer.zero_grad(set_to_none=True)
     return loss.item()
 
@@ -154,11 +190,13 @@ def train_config(models: dict, kind: str, dtype_name: str, checkpointing: bool, 
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     schedule = DDPMScheduler.from_config(SD_SCHEDULE)
     data = inputs(models, device, args.batch, seed=1)
-    losses = [train_step(unet, optimizer, scaler, data, schedule, dtype, params, kind != REFERENCE)
+    losses = [train_step(unet, optimizer, scaler, data, schedule, dtype, params, kind != REFERENCE,
+                          args.warmup + args.steps)
               for _ in range(args.warmup)]
     synchronize(device)
     start = time.perf_counter()
-    losses += [train_step(unet, optimizer, scaler, data, schedule, dtype, params, kind != REFERENCE)
+    losses += [train_step(unet, optimizer, scaler, data, schedule, dtype, params, kind != REFERENCE,
+                          args.warmup + args.steps)
                for _ in range(args.steps)]
     synchronize(device)
     row["it_per_s"] = args.steps / (time.perf_counter() - start)
@@ -182,6 +220,8 @@ def free_memory(device: torch.device) -> None:
 def training_rows(models: dict, kinds: list[str], args, device: torch.device) -> list[dict]:
     configs = [(d, c, False) for d in DTYPES for c in (False, True)] + ([("bf16", False, True)] if args.eight_bit
                                                                       else [])
+    if args.arch == "sdxl":  # the configuration people train SDXL adapters in
+        configs = [("bf16", True, False)]
     rows = []
     for kind in kinds:
         for dtype_name, checkpointing, eight_bit in configs:
@@ -228,27 +268,43 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
-def perturbed_on_cpu(models: dict, method: str, rank: int) -> torch.nn.Module:
-    """A CPU fp32 copy with `method` attached and moved off its identity init, so the checks see the adapter."""
+def perturbed_on_cpu(models: dict, method: str, rank: int, scale: float = 0.3) -> torch.nn.Module:
+    """A CPU fp32 copy with `method` attached and moved off its identity init, so the checks see the adapter. Seeded
+    (the init too), so every call with the same arguments gives the same adapter: the sampling check compares two."""
     unet = copy.deepcopy(models["cpu_fp32"])
+    torch.manual_seed(1)
     dreamlora.attach(unet, dreamlora.AdapterConfig(method=method, rank=rank, target_modules=TARGETS))
     gen = torch.Generator().manual_seed(2)
     with torch.no_grad():
         for layer in dreamlora.adapter_layers(unet, "default").values():
             for p in layer.parameters():
-                p.add_(0.3 * p.abs().mean().clamp(min=0.2) * torch.randn(p.shape, generator=gen))
+                p.add_(scale * p.abs().mean().clamp(min=0.2) * torch.randn(p.shape, generator=gen))
             layer.step = 10**6  # SingLoRA's ramp at 1: the adapter in full
     return unet
+
+
+def visible_adapter(models: dict, method: str, rank: int, data: dict, base: torch.Tensor, target: float = 0.05):
+    """`perturbed_on_cpu` with the perturbation doubled until the adapter changes the output by `target` (relative):
+    a product of three factors (AdaLoRA's P·diag(E)·Q) barely moves under the scale that moves two. The scale is kept
+    in `models` for the sampling check."""
+    scale = 0.3
+    for _ in range(6):
+        unet = perturbed_on_cpu(models, method, rank, scale)
+        ref = forward(unet, data, torch.device("cpu"))
+        if relative_error(ref, base) >= target:
+            break
+        scale *= 2
+    models[f"scale_{method}"] = scale
+    return unet, ref
 
 
 def move_checks(models: dict, method: str, args, device: torch.device) -> list[dict]:
     """attach on CPU → .to(device) equal; .to(device, bf16) keeps adapter dtype; model and sequential offload."""
     # 32² latents at most: the comparison needs no 512 px, and the CPU side runs the full UNet in fp32
     data = inputs(models, torch.device("cpu"), 1, seed=3, side=min(models["latent"], 32))
-    cpu = perturbed_on_cpu(models, method, args.rank)
     if "base_out" not in models:
         models["base_out"] = forward(models["cpu_fp32"], data, torch.device("cpu"))
-    ref = forward(cpu, data, torch.device("cpu"))
+    cpu, ref = visible_adapter(models, method, args.rank, data, models["base_out"])
     effect = relative_error(ref, models["base_out"])
     rows = [{"check": "adapter changes the output (else the checks below prove nothing)", "method": method,
              "value": effect, "ok": effect > 100 * args.tol}]
@@ -319,7 +375,7 @@ def pipeline(models: dict, kind: str, args):
         unet = copy.deepcopy(models["cpu_fp32"])
         attach(unet, REFERENCE, args.rank)
     else:
-        unet = perturbed_on_cpu(models, kind, args.rank)
+        unet = perturbed_on_cpu(models, kind, args.rank, models.get(f"scale_{kind}", 0.3))
     pipe = StableDiffusionPipeline(vae=copy.deepcopy(models["vae"]).to("cpu"), text_encoder=None, tokenizer=None,
                                    unet=unet, scheduler=DDIMScheduler.from_config(SD_SCHEDULE), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
@@ -386,14 +442,15 @@ def verdict(row: dict) -> str:
 
 def markdown(meta: dict, train: list[dict], checks: list[dict]) -> str:
     a = meta["args"]
-    title = ("# GPU check — CPU SMOKE (tiny UNet config, not GPU figures)\n\n" if a["tiny"] else
-             "# GPU check — SD 1.5 architecture, random weights\n\n")
+    arch = "SDXL base" if a["arch"] == "sdxl" else "SD 1.5"
+    title = (f"# GPU check ({arch}) — CPU SMOKE (tiny UNet config, not GPU figures)\n\n" if a["tiny"] else
+             f"# GPU check — {arch} architecture, random weights\n\n")
     head = (f"{title}Device: {meta['device']}. Versions: {', '.join(f'{k} {v}' for k, v in meta['versions'].items())}."
             f"\n\nUNet {meta['params']:,} parameters, {a['resolution']} px ({a['resolution'] // 8}² latents), batch "
             f"{a['batch']}, rank {a['rank']} on {', '.join(TARGETS)}; {a['warmup']} warm-up + {a['steps']} timed steps "
             f"per configuration; whole check {meta['total_s']:.0f} s. Memory: CUDA max_memory_allocated above what was "
             "allocated before the configuration's own copy of the UNet. × ref: over peft-lora (diffusers' DreamBooth "
-            "script's adapter) with the same dtype, checkpointing and optimizer.\n\n")
+            f"script's adapter) with the same dtype, checkpointing and optimizer.{REFERENCE_NOTE[a['arch']]}\n\n")
     table = ("| method | dtype | grad ckpt | optimizer | it/s | × ref it/s | peak mem (MiB) | × ref mem | trainable | "
              "adapter dtype | ok |\n|---|---|---|---|---:|---:|---:|---:|---:|---|---|\n")
     table += "".join(
@@ -401,6 +458,8 @@ def markdown(meta: dict, train: list[dict], checks: list[dict]) -> str:
         f"{cell(r.get('it_per_s'), '.2f')} | {cell(r.get('x_ref_speed'), '.2f')} | {cell(r.get('peak_mib'), '.0f')} | "
         f"{cell(r.get('x_ref_memory'), '.2f')} | {cell(r.get('trainable_params'), ',')} | "
         f"{'/'.join(r.get('adapter_dtypes', []))} | {verdict(r)} |\n" for r in train)
+    if not checks:
+        return head + table
     checks_md = "\n| check | method | value | ok |\n|---|---|---:|---|\n" + "".join(
         f"| {r['check']} | {r['method']} | {cell(r.get('value'), '.3g')} | {verdict(r)} |\n" for r in checks)
     return head + table + checks_md
@@ -409,11 +468,13 @@ def markdown(meta: dict, train: list[dict], checks: list[dict]) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="tiny UNet config at 64 px on the CPU: a smoke of the code")
+    p.add_argument("--arch", choices=("sd15", "sdxl"), default="sd15",
+                   help="sd15: every check (default); sdxl: the SDXL training rows (1024 px, bf16, checkpointing)")
     p.add_argument("--device", default=None, help="default: cuda, or cpu with --tiny")
-    p.add_argument("--methods", default=",".join(dreamlora.METHODS), help="comma-separated registered methods")
-    p.add_argument("--resolution", type=int, default=None, help="pixels (default 512, or 64 with --tiny)")
+    p.add_argument("--methods", default=None, help="comma-separated registered methods (default: all; sdxl: lora,dora)")
+    p.add_argument("--resolution", type=int, default=None, help="pixels (default 512, sdxl 1024, or 64 with --tiny)")
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--rank", type=int, default=4)
+    p.add_argument("--rank", type=int, default=None, help="default 4, sdxl 16")
     p.add_argument("--steps", type=int, default=None, help="timed steps per configuration (default 10, --tiny 2)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3, --tiny 1)")
     p.add_argument("--sample_steps", type=int, default=4)
@@ -425,10 +486,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output", default=None, help="path stem (default bench/results/gpu_check[_cpu_smoke])")
     args = p.parse_args(argv)
     args.device = args.device or ("cpu" if args.tiny else "cuda")
-    args.resolution = args.resolution or (64 if args.tiny else 512)
+    sdxl = args.arch == "sdxl"
+    args.resolution = args.resolution or (64 if args.tiny else 1024 if sdxl else 512)
+    args.rank = args.rank or (16 if sdxl else 4)
+    args.methods = args.methods or ("lora,dora" if sdxl else ",".join(dreamlora.METHODS))
     args.steps = args.steps or (2 if args.tiny else 10)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.tiny else 3)
-    args.output = args.output or str(ROOT / "bench" / "results" / ("gpu_check_cpu_smoke" if args.tiny else "gpu_check"))
+    stem = "gpu_check" + ("_sdxl" if sdxl else "") + ("_cpu_smoke" if args.tiny else "")
+    args.output = args.output or str(ROOT / "bench" / "results" / stem)
     unknown = sorted(set(args.methods.split(",")) - set(dreamlora.METHODS))
     if unknown:
         p.error(f"--methods: unknown {unknown}; registered: {sorted(dreamlora.METHODS)}")
@@ -447,15 +512,7 @@ def main(argv: list[str] | None = None) -> int:
     models = build_models(args, device)
     methods = args.methods.split(",")
     train = training_rows(models, [*methods, REFERENCE], args, device)
-    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # fp32 compared with fp32
-    checks = []
-    for method in methods:
-        rows = guarded({"check": "moves", "method": method}, move_checks, models, method, args, device)
-        checks += rows if isinstance(rows, list) else [rows]
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
-    checks += [guarded({"check": "sample", "method": k}, sample_check, models, k, args, device)
-               for k in [*methods, REFERENCE]]
+    checks = [] if args.arch == "sdxl" else architecture_checks(models, methods, args, device)
     meta = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.machine()})",
             "versions": versions(), "params": models["params"], "build_s": models["build_s"],
             "total_s": time.perf_counter() - start, "args": vars(args)}
@@ -465,6 +522,20 @@ def main(argv: list[str] | None = None) -> int:
     failed = [r for r in train + checks if not r["ok"]]
     print(f"{len(failed)} failed of {len(train) + len(checks)}; {meta['total_s']:.0f} s")
     return 1 if failed else 0
+
+
+def architecture_checks(models: dict, methods: list[str], args, device: torch.device) -> list[dict]:
+    """Moves, offloads and sampling, per method (SD 1.5 only: they do not depend on the architecture)."""
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # fp32 compared with fp32
+    checks = []
+    for method in methods:
+        rows = guarded({"check": "moves", "method": method}, move_checks, models, method, args, device)
+        checks += rows if isinstance(rows, list) else [rows]
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+    checks += [guarded({"check": "sample", "method": k}, sample_check, models, k, args, device)
+               for k in [*methods, REFERENCE]]
+    return checks
 
 
 if __name__ == "__main__":

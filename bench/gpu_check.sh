@@ -8,8 +8,8 @@
 # CPython 3.12 on x86-64 Linux; bitsandbytes is cut to its CPU and CUDA 13 libraries (43 MB -> 7 MB; 14 MB of wheels in all) so the
 # whole tree stays far inside a 64 MiB transfer. With the workplace's device tool:
 #   run(command="bench/gpu_check.sh", carry=[".whl"], timeout_s=420)
-# ARGS go to bench/gpu_check.py (e.g. --methods lora,dora). Results: bench/results/gpu_check.{json,md}, also copied
-# to $OUT when that is set (the device tool brings $OUT back).
+# It runs the SDXL training rows (`--arch sdxl`), then the SD 1.5 check; ARGS go to the latter (e.g. --methods lora,dora).
+# Results: bench/results/gpu_check{_sdxl,}.{json,md}, also copied to $OUT when that is set (the device tool brings $OUT back).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -55,6 +55,12 @@ fi
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 status=0
+# SDXL's training rows first (about a minute), copied out at once: they come back even if the SD 1.5 checks run out
+# of time. ARGS go to the SD 1.5 check.
+python3 bench/gpu_check.py --arch sdxl || status=$?
+if [[ -n "${OUT:-}" ]]; then
+    cp bench/results/gpu_check_sdxl.json bench/results/gpu_check_sdxl.md "$OUT"/ 2>/dev/null || true
+fi
 python3 bench/gpu_check.py "$@" || status=$?
 if [[ -n "${OUT:-}" ]]; then
     cp bench/results/gpu_check.json bench/results/gpu_check.md "$OUT"/ 2>/dev/null || true

@@ -28,14 +28,17 @@ from dreamlora.atomic import atomic_write_json
 from dreamlora.errors import ArgError
 from dreamlora.train_args import method_options, parse_args, resolve_init
 from pipelines.diffusion import data as dbdata
+from pipelines.diffusion.captions import CaptionAugment
 from pipelines.diffusion.class_images import ensure_class_images
 from pipelines.diffusion.export import write_tool_files
 from pipelines.diffusion.loss import denoising_loss, draw_noise, latent_mask, prediction_type
 from pipelines.diffusion.models import encode_prompts, load_components
 from pipelines.diffusion.validation_loss import ValidationLoss, split_held_out
 from pipelines.trainer import checkpoints, launch, loop, order, outputs
+from pipelines.trainer.ema import AdapterEMA, ema_weights, write_ema_output
 from pipelines.trainer.loop import Plan, RunResult, every
 from pipelines.trainer.method_options import check_optimizer, resolve_method_options
+from pipelines.trainer.optimizers import make_optimizer, text_encoder_lr
 from pipelines.trainer.state import steps_per_epoch
 
 log = logging.getLogger("dreamlora.train")
@@ -45,18 +48,6 @@ def adapter_config(args, targets: list[str]) -> AdapterConfig:
     init = resolve_init(args.adapter, args.init_lora_weights, "gaussian")
     return AdapterConfig(method=args.adapter, rank=args.rank, alpha=args.alpha, target_modules=targets,
                          dropout=args.lora_dropout, use_rslora=args.use_rslora, init=init, options=method_options(args))
-
-
-def make_optimizer(args, param_groups):
-    if args.use_8bit_adam:
-        try:
-            import bitsandbytes as bnb
-        except ImportError:
-            raise ArgError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from None
-        cls = bnb.optim.AdamW8bit
-    else:
-        cls = torch.optim.AdamW
-    return cls(param_groups, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
 
 
 def sample_generators(seed: int, epoch: int, rows: list[tuple[int, int]]) -> list[torch.Generator]:
@@ -145,7 +136,7 @@ def attach_adapters(args, sd) -> tuple[dict, list[dict]]:
     groups = dreamlora.param_groups(sd.unet, lr=args.learning_rate, weight_decay=args.adam_weight_decay)
     if args.train_text_encoder:
         trained["text_encoder"] = sd.text_encoder
-        groups += dreamlora.param_groups(sd.text_encoder, lr=args.text_encoder_lr, weight_decay=args.adam_weight_decay)
+        groups += dreamlora.param_groups(sd.text_encoder, lr=text_encoder_lr(args), weight_decay=args.adam_weight_decay)
     if args.gradient_checkpointing:
         sd.unet.enable_gradient_checkpointing()
         if args.train_text_encoder:
@@ -156,12 +147,16 @@ def attach_adapters(args, sd) -> tuple[dict, list[dict]]:
 class PromptEncoder:
     """CLIP states for a batch's prompts: through the trained text encoder, or cached per prompt when frozen."""
 
-    def __init__(self, tokenizer, trained_text_encoder, frozen_text_encoder):
+    def __init__(self, tokenizer, trained_text_encoder, frozen_text_encoder, cache: bool = True):
         self.tokenizer, self.trained, self.frozen, self.cache = tokenizer, trained_text_encoder, frozen_text_encoder, {}
+        self.caching = cache  # off with --shuffle_caption: shuffled captions rarely repeat, the cache would only grow
 
     def __call__(self, prompts: list[str]) -> torch.Tensor:
         if self.trained is not None:
             return encode_prompts(self.tokenizer, self.trained, prompts)
+        if not self.caching:
+            with torch.no_grad():
+                return encode_prompts(self.tokenizer, self.frozen, prompts)
         missing = [p for p in dict.fromkeys(prompts) if p not in self.cache]
         if missing:
             with torch.no_grad():
@@ -176,8 +171,10 @@ def build(args, accelerator, instances: list, resume_from: Path | None,
     optimizer and LR schedule built from the core's groups."""
     sd, weight_dtype = load_frozen_models(args, accelerator)
     classes = class_examples(args, sd, accelerator)
+    captions = CaptionAugment(args.seed, args.caption_dropout_rate, args.shuffle_caption, args.keep_tokens,
+                              args.keep_tokens_separator)
     dataset = dbdata.DreamBoothDataset(instances, classes, args.resolution, args.center_crop, args.random_flip,
-                                       args.seed)
+                                       args.seed, captions)
     sampler = order.EpochShuffle(len(dataset), args.seed)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.train_batch_size, sampler=sampler,
                                          collate_fn=dbdata.collate)
@@ -186,6 +183,7 @@ def build(args, accelerator, instances: list, resume_from: Path | None,
     max_steps = args.max_train_steps or args.num_train_epochs * epoch_steps
     resolve_method_options(args, max_steps, resume_from and checkpoints.adapter_file(resume_from, "unet"))
     trained, groups = attach_adapters(args, sd)
+    ema = AdapterEMA(trained, args.ema_decay) if args.use_ema else None
     optimizer = make_optimizer(args, groups)
     check_optimizer(args, optimizer)
     from diffusers.optimization import get_scheduler
@@ -199,9 +197,9 @@ def build(args, accelerator, instances: list, resume_from: Path | None,
         dataset.select_epoch(epoch)
         sampler.select_epoch(epoch)
 
-    task = DreamBoothTask(args, accelerator, sd, weight_dtype, dataset, trained, max_steps=max_steps,
+    task = DreamBoothTask(args, accelerator, sd, weight_dtype, dataset, trained, ema, max_steps=max_steps,
                           validation=validation_loss(args, held_out, epoch_steps, max_steps, resume_from))
-    return task, Plan(trained, optimizer, lr_scheduler, loader, select_epoch, batches_per_epoch, max_steps)
+    return task, Plan(trained, optimizer, lr_scheduler, loader, select_epoch, batches_per_epoch, max_steps, ema)
 
 
 class DreamBoothTask:
@@ -211,10 +209,11 @@ class DreamBoothTask:
     tracker_project = "dreamlora"
     checkpoint_at_end = True
 
-    def __init__(self, args, accelerator, sd, weight_dtype, dataset, trained: dict, max_steps: int = 0,
-                 validation: ValidationLoss | None = None):
+    def __init__(self, args, accelerator, sd, weight_dtype, dataset, trained: dict, ema: AdapterEMA | None = None,
+                 max_steps: int = 0, validation: ValidationLoss | None = None):
         self.args, self.accelerator, self.sd, self.weight_dtype = args, accelerator, sd, weight_dtype
-        self.dataset, self.trained, self.max_steps, self.validation = dataset, trained, max_steps, validation
+        self.dataset, self.trained, self.ema = dataset, trained, ema
+        self.max_steps, self.validation = max_steps, validation
         # two cadences, preview images and validation loss: the loop calls at their gcd, `evaluate` picks
         cadences = [args.validation_steps] if args.validation_prompt else []
         cadences += [validation.every] if validation else []
@@ -224,7 +223,8 @@ class DreamBoothTask:
         self.latents = LatentEncoder(self.sd.vae, self.weight_dtype, self.args.cache_latents)
         if self.args.cache_latents:
             self.latents.fill_cache(self.dataset)
-        self.prompts = PromptEncoder(self.sd.tokenizer, models.get("text_encoder"), self.sd.text_encoder)
+        self.prompts = PromptEncoder(self.sd.tokenizer, models.get("text_encoder"), self.sd.text_encoder,
+                                     cache=not self.args.shuffle_caption)
         if self.validation is not None:
             self.validation.start(self.accelerator, self.sd.noise_scheduler, self.latents.means)
 
@@ -244,11 +244,12 @@ class DreamBoothTask:
         images_due = step == self.max_steps or every(step, self.args.validation_steps)
         if self.args.validation_prompt and images_due and self.accelerator.is_main_process:
             # the other processes go on to the next step and wait for it there
-            run_validation(self.args, self.sd, self.accelerator, self.trained, self.weight_dtype, step)
+            with ema_weights(self.ema):  # with --use_ema the previews show the averaged weights
+                run_validation(self.args, self.sd, self.accelerator, self.trained, self.weight_dtype, step)
 
     def write_outputs(self, result: RunResult) -> None:
         extra = {"validation_loss": self.validation.summary()} if self.validation is not None else {}
-        write_outputs(self.args, Path(self.args.output_dir), self.trained, result, self.sd, extra)
+        write_outputs(self.args, Path(self.args.output_dir), self.trained, result, self.sd, self.ema, extra)
 
 
 def validation_loss(args, held_out: list, epoch_steps: int, max_steps: int, resume_from: Path | None):
@@ -326,9 +327,11 @@ def run_validation(args, sd, accelerator, trained, dtype, step: int) -> None:
         writer.add_images("validation", np.stack([np.asarray(im) for im in images]), step, dataformats="NHWC")
 
 
-def write_outputs(args, output_dir: Path, trained: dict, result: RunResult, sd=None, extra: dict | None = None) -> None:
-    """The adapter files, the files for other tools, run.json, and with --save_merged (last: it folds the adapters
-    into the loaded weights) the merged pipeline under merged/ (`sd`: the loaded components)."""
+def write_outputs(args, output_dir: Path, trained: dict, result: RunResult, sd=None, ema=None,
+                  extra: dict | None = None) -> None:
+    """The adapter files, the files for other tools, run.json (plus `extra`'s entries), with --use_ema the same files
+    of the averaged weights under ema/, and with --save_merged (last: it folds the adapters into the loaded weights)
+    the merged pipeline under merged/ (`sd`: the loaded components)."""
     unet, text_encoder = trained["unet"], trained.get("text_encoder")
     for component, model in trained.items():
         dreamlora.save(model, checkpoints.adapter_file(output_dir, component))
@@ -342,6 +345,8 @@ def write_outputs(args, output_dir: Path, trained: dict, result: RunResult, sd=N
         "final_loss": result.final_loss, "files_for_tools": tool_files, **result.environment,
         **outputs.method_figures(args, output_dir, trained), **(extra or {}),
     }
+    if ema is not None:  # ema/ gets this writer's files (not merged/), of the averaged weights
+        run["ema"] = write_ema_output(ema, output_dir, lambda folder: write_outputs(args, folder, trained, result))
     if args.save_merged and sd is not None:
         pipe = lambda: inference_pipeline(args, sd, unet, text_encoder or sd.text_encoder)  # noqa: E731
         run["merged"] = str(outputs.save_merged(output_dir, trained, lambda folder: pipe().save_pretrained(folder)))

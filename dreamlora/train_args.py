@@ -283,6 +283,78 @@ class ValidationArgs:
 
 
 @dataclass
+class CaptionArgs:
+    title: ClassVar[str] = "captions"
+
+    caption_dropout_rate: float = 0.0
+    """probability that an instance image's caption is replaced by the empty prompt at a step, drawn per (seed,
+    epoch, image); class images always keep --class_prompt"""
+    shuffle_caption: bool = False
+    """shuffle the comma-separated tags of each instance caption at every step (kohya's flag)"""
+    keep_tokens: int = 0
+    """with --shuffle_caption: the first N tags of a caption stay in place"""
+    keep_tokens_separator: str = ""
+    """with --shuffle_caption: in a caption that contains it (e.g. "|||"), the tags before it stay in place, and those
+    after a second one stay at the end; --keep_tokens is not used for that caption"""
+
+    def __post_init__(self):
+        if not 0.0 <= self.caption_dropout_rate <= 1.0:
+            raise ArgError(f"--caption_dropout_rate must be in [0, 1], got {self.caption_dropout_rate}")
+        if self.keep_tokens < 0:
+            raise ArgError(f"--keep_tokens must be >= 0, got {self.keep_tokens}")
+        if (self.keep_tokens or self.keep_tokens_separator) and not self.shuffle_caption:
+            raise ArgError("--keep_tokens/--keep_tokens_separator only apply with --shuffle_caption")
+        if self.keep_tokens_separator and "," in self.keep_tokens_separator:
+            raise ArgError(f"--keep_tokens_separator {self.keep_tokens_separator!r} must not contain the tag "
+                           f"separator ','")
+
+
+OPTIMIZERS = ("AdamW", "prodigy")  # diffusers' advanced scripts' spelling; any case is accepted
+
+
+@dataclass
+class OptimizerArgs:
+    title: ClassVar[str] = "optimizer"
+
+    optimizer: str = "AdamW"
+    """AdamW or prodigy, any case (prodigy: pip install prodigyopt; its --learning_rate is a multiplier of the step
+    size it estimates, usually 1.0, and the text encoder takes --learning_rate too)"""
+    prodigy_beta3: float | None = None
+    """Prodigy's beta3, the running-average coefficient of its step-size estimate (default: sqrt(--adam_beta2))"""
+    prodigy_decouple: bool = True
+    """Prodigy: AdamW-style decoupled weight decay"""
+    prodigy_use_bias_correction: bool = True
+    """Prodigy: Adam's bias correction"""
+    prodigy_safeguard_warmup: bool = True
+    """Prodigy: leave the lr out of the step-size estimate's denominator (safer with --lr_warmup_steps)"""
+
+    def __post_init__(self):
+        canonical = {name.lower(): name for name in OPTIMIZERS}
+        if str(self.optimizer).lower() not in canonical:
+            raise ArgError(f"--optimizer must be one of {list(OPTIMIZERS)} (any case), got {self.optimizer!r}")
+        self.optimizer = canonical[str(self.optimizer).lower()]
+        if self.prodigy_beta3 is not None and not 0.0 <= self.prodigy_beta3 < 1.0:
+            raise ArgError(f"--prodigy_beta3 must be in [0, 1), got {self.prodigy_beta3}")
+
+
+@dataclass
+class EMAArgs:
+    title: ClassVar[str] = "EMA"
+
+    use_ema: bool = False
+    """also keep an exponential moving average of the trained weights (fp32), written as its own output under ema/,
+    used for the validation images, kept in every checkpoint; refused for methods whose weights cannot be averaged
+    (relora, adalora)"""
+    ema_decay: float = 0.999
+    """the average's largest decay: update k decays by min(ema_decay, (1+s)/(10+s)), s = k-1 (diffusers' EMAModel
+    schedule), so a run of a few hundred steps averages steps of mean age a tenth of the run whatever the value"""
+
+    def __post_init__(self):
+        if not 0.0 < self.ema_decay < 1.0:
+            raise ArgError(f"--ema_decay must be in (0, 1), got {self.ema_decay}")
+
+
+@dataclass
 class MaskedLossArgs:
     title: ClassVar[str] = "masked loss"
 
@@ -334,7 +406,8 @@ class KohyaOutputArgs(OutputArgs):
 
 
 GROUPS = (ModelArgs, DataArgs, UNetAdapterArgs, ImageArgs, OptimisationArgs, MemoryArgs, CheckpointArgs,
-          ValidationArgs, LogArgs, KohyaOutputArgs, MaskedLossArgs, ValidationLossArgs)
+          ValidationArgs, EMAArgs, LogArgs, KohyaOutputArgs, CaptionArgs, OptimizerArgs, MaskedLossArgs,
+          ValidationLossArgs)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -350,6 +423,13 @@ def validate(args: argparse.Namespace) -> None:
     """What spans groups; each group checked its own flags."""
     if args.cache_latents and not args.center_crop:
         raise ArgError("--cache_latents fixes each image's crop: add --center_crop (random crops cannot be cached)")
+    check_optimizer_flags(args)
+    if args.use_ema:
+        from dreamlora.methods import METHODS
+        from pipelines.trainer.ema import refusal
+
+        if refusal(METHODS[args.adapter]):
+            raise ArgError(refusal(METHODS[args.adapter]))
     method_options(args)
 
 
@@ -375,3 +455,22 @@ def resolve_init(method: str, flag: str | None, preferred: str | None = None) ->
     if flag is not None:
         return flag
     return preferred if preferred in METHODS[method].inits else None
+
+
+def check_optimizer_flags(args: argparse.Namespace) -> None:
+    """Prodigy: installed, not combined with --use_8bit_adam; warnings where diffusers' scripts warn."""
+    if args.optimizer != "prodigy":
+        return
+    import importlib.util
+
+    if args.use_8bit_adam:
+        raise ArgError("--use_8bit_adam is bitsandbytes' 8-bit AdamW: it does not apply to --optimizer prodigy")
+    if importlib.util.find_spec("prodigyopt") is None:
+        raise ArgError("--optimizer prodigy needs prodigyopt: pip install prodigyopt (or pip install "
+                       "'dreamlora[prodigy]')")
+    if not 0.1 < args.learning_rate < 10.0:
+        print(f"warning: --learning_rate {args.learning_rate} with --optimizer prodigy: Prodigy estimates the step "
+              f"size itself and --learning_rate multiplies it; 1.0 is the usual value", file=sys.stderr)
+    if args.train_text_encoder:
+        print(f"warning: --optimizer prodigy trains the text encoder at --learning_rate ({args.learning_rate}) too, "
+              f"as diffusers' scripts do; --text_encoder_lr ({args.text_encoder_lr}) is not used", file=sys.stderr)

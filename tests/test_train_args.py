@@ -32,12 +32,17 @@ FLAGS_BEFORE = {
         "--max_train_steps", "--mixed_precision", "--no_kohya_format", "--noise_offset", "--num_class_images",
         "--num_train_epochs", "--num_validation_images", "--output_dir", "--output_kohya_format",
         "--export_rank", "--save_merged",
+        "--use_ema", "--ema_decay",
         "--pretrained_model_name_or_path", "--prior_loss_weight", "--progress_file", "--random_flip", "--rank",
         "--report_to", "--resolution", "--resume_from_checkpoint", "--revision", "--sample_batch_size", "--seed",
         "--snr_gamma", "--target_modules", "--text_encoder_lr", "--text_encoder_target_modules",
         "--train_batch_size", "--train_text_encoder", "--use_8bit_adam", "--use_rslora",
         "--validation_inference_steps", "--validation_prompt", "--validation_steps", "--variant",
         "--with_prior_preservation", "-h",
+        # issue #14: caption augmentation and the optimizer choice
+        "--caption_dropout_rate", "--shuffle_caption", "--keep_tokens", "--keep_tokens_separator", "--optimizer",
+        "--prodigy_beta3", "--prodigy_decouple", "--no-prodigy_decouple", "--prodigy_use_bias_correction",
+        "--no-prodigy_use_bias_correction", "--prodigy_safeguard_warmup", "--no-prodigy_safeguard_warmup",
         "--masked_loss", "--alpha_mask",  # issue #14
         "--validation_split", "--validate_every_n_steps", "--max_validation_steps", "--validation_seed",
     ],
@@ -66,6 +71,7 @@ DEFAULTS_BEFORE = {
         "noise_offset": 0.0, "num_class_images": 100, "num_train_epochs": 1, "num_validation_images": 2,
         "output_dir": "o",
         "export_rank": None, "save_merged": False, "output_kohya_format": False, "pretrained_model_name_or_path": "m",
+        "use_ema": False, "ema_decay": 0.999,
         "prior_loss_weight": 1.0, "progress_file": "progress.jsonl", "random_flip": False, "rank": 4,
         "report_to": "tensorboard", "resolution": 512, "resume_from_checkpoint": None, "revision": None,
         "sample_batch_size": 4, "seed": 0, "snr_gamma": None, "target_modules": ["to_q", "to_k", "to_v", "to_out.0"],
@@ -73,6 +79,9 @@ DEFAULTS_BEFORE = {
         "train_batch_size": 1, "train_text_encoder": False, "use_8bit_adam": False, "use_rslora": False,
         "validation_inference_steps": 25, "validation_prompt": None, "validation_steps": 100, "variant": None,
         "with_prior_preservation": False,
+        "caption_dropout_rate": 0.0, "shuffle_caption": False, "keep_tokens": 0, "keep_tokens_separator": "",
+        "optimizer": "AdamW", "prodigy_beta3": None, "prodigy_decouple": True, "prodigy_use_bias_correction": True,
+        "prodigy_safeguard_warmup": True,
         "masked_loss": False, "alpha_mask": False,  # issue #14
         "validation_split": 0.0, "validate_every_n_steps": None, "max_validation_steps": None, "validation_seed": None,
     },
@@ -123,7 +132,8 @@ def test_every_flag_is_a_documented_field_whose_docstring_is_its_help(trainer):
         for f in dataclasses.fields(group):
             fields.add(f.name)
             assert docs.get(f.name), f"{group.__name__}.{f.name} has no docstring"
-            assert actions[f.name].option_strings == [f"--{f.name}"]
+            # a bool that defaults to True is switched off by its `--no-` twin (argparse's BooleanOptionalAction)
+            assert actions[f.name].option_strings in ([f"--{f.name}"], [f"--{f.name}", f"--no-{f.name}"])
             if f.name == "adapter":  # the methods' descriptions follow the field's own text
                 assert actions[f.name].help.startswith(docs[f.name] + ": ")
             else:

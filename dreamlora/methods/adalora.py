@@ -133,6 +133,9 @@ class AdaLoRA(AdapterLayer):
     # the allocator's EMAs (ipt: sensitivity, unc: uncertainty) per factor, and the last pruning pattern
     state_keys = {f"{stat}_{f}": f"adalora_{stat}_{f}" for stat in ("ipt", "unc") for f in "AEB"}
     state_keys["mask"] = "adalora_mask"
+    averageable = False
+    averaging_note = ("its allocator zeroes the singular values E of pruned triplets as the budget shrinks, so an "
+                      "average of E would bring pruned triplets back and no longer match the rank budget or the mask")
 
     def __init__(self, kind: LayerKind, config: AdapterConfig):
         if kind.is_embedding:

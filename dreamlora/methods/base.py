@@ -166,6 +166,12 @@ class AdapterLayer(nn.Module):
     # `composition_note` says why: DoRA's magnitude rescale is not additive).
     composition: ClassVar[str | None] = "factors"
     composition_note: ClassVar[str] = ""
+    # whether an exponential moving average of this method's trained tensors over the optimizer steps (the trainers'
+    # `--use_ema`) is itself an adapter of this method worth using: True when every trained tensor keeps its meaning
+    # from step to step. False (refused, `averaging_note` says why) when a method re-initialises or masks its tensors
+    # during training, so an average would mix tensors that no longer stand for the same thing (ReLoRA, AdaLoRA).
+    averageable: ClassVar[bool] = True
+    averaging_note: ClassVar[str] = ""
 
     def __init__(self, kind: LayerKind, config: AdapterConfig):
         super().__init__()

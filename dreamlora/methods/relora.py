@@ -127,6 +127,9 @@ class ReLoRA(LoRA):
     composition = "updates"
     composition_note = ("ReLoRA's update is its stacked merges plus the last B·A (factor rank (merges + 1)·r), no "
                         "single trained pair of factors: it is composed from that exact accumulated update")
+    averageable = False
+    averaging_note = ("each merge folds B·A into the stacked merges and draws A and B afresh, so an average of the "
+                      "factors across a merge would count the merged update a second time")
 
     def __init__(self, kind: LayerKind, config: AdapterConfig):
         super().__init__(kind, config)

@@ -25,6 +25,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from dreamlora.errors import DataError
 from eval.image_files import IMAGE_SUFFIXES, MASK_SUFFIX, is_mask_file  # one list for the trainer, scorer and app
+from pipelines.diffusion.captions import CaptionAugment
 from pipelines.trainer.order import stable_seed
 from pipelines.trainer.text_files import read_text
 
@@ -221,8 +222,9 @@ class DreamBoothDataset(torch.utils.data.Dataset):
     a resume and would replay epoch 0's order.)"""
 
     def __init__(self, instances: list[Example], classes: list[Example], resolution: int, center_crop: bool,
-                 random_flip: bool, seed: int):
+                 random_flip: bool, seed: int, captions: CaptionAugment | None = None):
         self.instances, self.classes = instances, classes
+        self.captions = captions  # instance rows only: class rows keep the class prompt
         self.resolution, self.center_crop, self.random_flip, self.seed = resolution, center_crop, random_flip, seed
         self.epoch = 0
         # rows carry loss masks once any photo has one (class rows and photos without one: a mask of ones)
@@ -239,7 +241,10 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         example = examples[index % len(examples)]
         pixels, flipped, mask = augment_with_mask(example.image, example.mask, self.resolution, self.center_crop,
                                                   self.random_flip, rng)
-        view = {"pixel_values": pixels, "prompt": example.prompt, "is_class": example.is_class,
+        prompt = example.prompt
+        if stream == 0 and self.captions is not None and self.captions.active:
+            prompt = self.captions(prompt, self.epoch, stream, index)
+        view = {"pixel_values": pixels, "prompt": prompt, "is_class": example.is_class,
                 "key": (stream, index % len(examples), flipped), "row": (stream, index)}
         if self.masked:
             view["mask"] = torch.ones_like(pixels[:1]) if mask is None else mask

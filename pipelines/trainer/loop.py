@@ -1,9 +1,9 @@
 """The one training loop. A task (DreamBooth, the text classifier) supplies the loss of a batch, an optional
 evaluation and its outputs; the entry point builds the models, the optimizer and the data (a `Plan`). The loop
 owns everything else, in the order it happens each step: accumulation, precision and backward, clipping, the
-optimizer and scheduler step, the core's per-step hooks, the NaN stop, progress and tracker logs, the
-evaluation cadence, the Stop signal, checkpoints, and the final outputs call. It never asks which method or
-which task it trains."""
+optimizer and scheduler step, the core's per-step hooks, the weights' EMA (`--use_ema`), the NaN stop, progress
+and tracker logs, the evaluation cadence, the Stop signal, checkpoints, and the final outputs call. It never asks
+which method or which task it trains."""
 
 from __future__ import annotations
 
@@ -18,7 +18,9 @@ import torch
 
 import dreamlora
 from pipelines.trainer.checkpoints import register_adapter_hooks, restore_train_state, save_checkpoint
+from pipelines.trainer.ema import AdapterEMA
 from pipelines.trainer.launch import TrainingDiverged, stop_everywhere
+from pipelines.trainer.optimizers import step_size_logs
 from pipelines.trainer.progress import ProgressLog, run_environment
 from pipelines.trainer.state import resumable_batches
 
@@ -36,6 +38,9 @@ class Plan:
     """Sets every seeded order and augmentation to epoch N (see `resumable_batches`)."""
     batches_per_epoch: int
     max_steps: int
+    ema: AdapterEMA | None = None
+    """The EMA of the trained weights (`pipelines.trainer.ema`), updated after each real optimizer step and kept
+    in every checkpoint; None without --use_ema."""
 
 
 @dataclass
@@ -76,11 +81,12 @@ def every(step: int, n: int | None) -> bool:
 
 
 def optimizer_step(accelerator, optimizer, lr_scheduler, params, max_grad_norm: float, models: Iterable,
-                   total_steps: int | None = None) -> None:
+                   total_steps: int | None = None, ema: AdapterEMA | None = None) -> None:
     """Clip, step, schedule, then the core's per-step hook (SingLoRA's ramp; it gets the optimizer and the
-    scheduler) only on real updates: not during gradient accumulation, and not when the fp16 GradScaler
-    skipped the step (inf/NaN gradients), which advances neither the ramp nor the LR schedule. The loop's
-    `global_step` still counts such a step."""
+    scheduler) and the EMA update, after the hook so it averages the weights the next step starts from, only on
+    real updates: not during gradient accumulation, and not when the fp16 GradScaler skipped the step (inf/NaN
+    gradients), which advances neither the ramp, the EMA nor the LR schedule. The loop's `global_step` still
+    counts such a step."""
     if accelerator.sync_gradients:
         accelerator.clip_grad_norm_(params, max_grad_norm)
     optimizer.step()
@@ -90,6 +96,8 @@ def optimizer_step(accelerator, optimizer, lr_scheduler, params, max_grad_norm: 
         if accelerator.sync_gradients:
             for model in models:
                 dreamlora.on_optimizer_step(model, optimizer, lr_scheduler, total_steps)
+            if ema is not None:
+                ema.update()
     optimizer.zero_grad(set_to_none=True)
 
 
@@ -101,6 +109,8 @@ def train(task: Task, plan: Plan, args, accelerator, stop_requested, resume_from
     models = dict(zip(plan.models, prepared[: len(plan.models)], strict=True))
     optimizer, loader, lr_scheduler = prepared[len(plan.models):]
     register_adapter_hooks(accelerator, plan.models)
+    if plan.ema is not None:
+        plan.ema.register_checkpoint_hooks(accelerator)
     state = restore_train_state(accelerator, resume_from)
     task.start(models)
 
@@ -118,7 +128,7 @@ def train(task: Task, plan: Plan, args, accelerator, stop_requested, resume_from
             loss = loss + sum(dreamlora.regularization_loss(m) for m in plan.models.values())
             accelerator.backward(loss)
             optimizer_step(accelerator, optimizer, lr_scheduler, params, args.max_grad_norm, plan.models.values(),
-                           max_steps)
+                           max_steps, plan.ema)
         if not accelerator.sync_gradients:
             continue  # a micro-batch of gradient accumulation: no optimizer step yet
         state.global_step += 1
@@ -129,7 +139,7 @@ def train(task: Task, plan: Plan, args, accelerator, stop_requested, resume_from
             raise TrainingDiverged(f"loss became {last_loss} at step {step}; stopped without saving. "
                                    f"Last good checkpoint: {last_checkpoint or 'none'}")
         # the lr the next step uses, as the method's hook left it (ReLoRA's jagged schedule rewrites it)
-        report.step(step, last_loss, optimizer.param_groups[0]["lr"], parts)
+        report.step(step, last_loss, optimizer.param_groups[0]["lr"], {**parts, **step_size_logs(optimizer)})
         train_seconds += time.time() - step_started
         # evaluation before the checkpoint: whatever it draws from the RNG is in the checkpoint's RNG state
         if task.evaluates and (step == max_steps or every(step, task.eval_every)):

@@ -56,6 +56,8 @@ def check_optimizer(args, optimizer) -> None:
         METHODS[args.adapter].check_optimizer(optimizer)
     except ValueError as e:
         chosen_by = "--use_8bit_adam: " if getattr(args, "use_8bit_adam", False) else ""
+        if str(getattr(args, "optimizer", "AdamW")).lower() != "adamw":
+            chosen_by = f"--optimizer {args.optimizer}: "
         raise ArgError(f"{chosen_by}{e}") from None
 
 
