@@ -154,8 +154,9 @@ def test_two_processes_agree_with_one_process_of_their_global_batch(tiny_model_d
     run_train(tiny_model_dir, tmp_path / "one", *flags, "--train_batch_size", 2, instance_dir=photos)
     two, one = history(out), history(tmp_path / "one")
     assert [h["step"] for h in two] == [h["step"] for h in one] == [2, 4]
-    for a, b in zip(two, one, strict=True):
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    print("val/loss, two processes vs one:", [(a["loss"], b["loss"]) for a, b in zip(two, one, strict=True)])
+    for a, b in zip(two, one, strict=True):  # measured: 6e-8 relative (float32 reduction order)
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
 
 
 @pytest.mark.parametrize(("extra", "message"), [
