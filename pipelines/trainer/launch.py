@@ -86,3 +86,22 @@ def make_accelerator(args):
         # accelerate installs no GradScaler on the CPU: fp16 there would train unscaled, half-precision weights
         raise ArgError("--mixed_precision fp16 needs a CUDA or Apple MPS device; on the CPU use bf16 or no")
     return accelerator
+
+
+def check_distributed(distributed_type: str, components: list[str]) -> None:
+    """What the run cannot do under accelerate's sharded back-ends, refused before `prepare` with what to do instead
+    (`distributed_type`: accelerate's `DistributedType` value; `components`: the trained models' names).
+
+    DeepSpeed: accelerate prepares one model per DeepSpeed plugin, so a run that trains the text encoder too has two.
+    FSDP: it shards the frozen base across processes, and the adapter files, validation images and resume read the
+    adapters' full tensors on one process; gathering them under FSDP is not built (a real model's adapters are a few
+    MB and its base fits one GPU, so DDP or DeepSpeed ZeRO-2 are the tools for it)."""
+    if distributed_type == "DEEPSPEED" and len(components) > 1:
+        raise ArgError(f"DeepSpeed (your accelerate config) prepares one model per plugin, and this run trains "
+                       f"{' and '.join(components)}: drop --train_text_encoder, or launch with plain DDP "
+                       f"(accelerate launch --multi_gpu)")
+    if distributed_type == "FSDP":
+        raise ArgError("FSDP (your accelerate config) is not supported by dreamlora's trainer: it shards the frozen "
+                       "base, and writing or resuming the adapters would need their tensors gathered, which is not "
+                       "built. Use DDP (accelerate launch --multi_gpu) or DeepSpeed ZeRO-2 "
+                       "(pipelines/trainer/accelerate_configs/deepspeed_zero2.yaml)")

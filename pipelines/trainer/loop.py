@@ -19,7 +19,7 @@ import torch
 import dreamlora
 from pipelines.trainer.checkpoints import register_adapter_hooks, restore_train_state, save_checkpoint
 from pipelines.trainer.ema import AdapterEMA
-from pipelines.trainer.launch import TrainingDiverged, stop_everywhere
+from pipelines.trainer.launch import TrainingDiverged, check_distributed, stop_everywhere
 from pipelines.trainer.optimizers import step_size_logs
 from pipelines.trainer.progress import ProgressLog, run_environment
 from pipelines.trainer.state import resumable_batches
@@ -105,6 +105,7 @@ def train(task: Task, plan: Plan, args, accelerator, stop_requested, resume_from
     """Train `plan` for `task` until `plan.max_steps` or a Stop, then write the task's outputs. `args` gives the
     loop's own flags: output_dir, progress_file, max_grad_norm, checkpointing_steps, checkpoints_total_limit."""
     output_dir, max_steps = Path(args.output_dir), plan.max_steps
+    check_distributed(str(accelerator.distributed_type.value), list(plan.models))
     prepared = accelerator.prepare(*plan.models.values(), plan.optimizer, plan.loader, plan.lr_scheduler)
     models = dict(zip(plan.models, prepared[: len(plan.models)], strict=True))
     optimizer, loader, lr_scheduler = prepared[len(plan.models):]
