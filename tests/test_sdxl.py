@@ -262,10 +262,11 @@ def test_sdxl_sigkill_then_resume_latest_matches_an_uninterrupted_run(tiny_sdxl_
 
 
 def test_sdxl_two_processes_train_what_one_process_with_their_global_batch_trains(tiny_sdxl_dir, tmp_path):
-    """As the SD 1.x test (tests/test_train.py), with both text encoders trained: their first encoder's last layer
-    gets no gradient (SDXL reads the penultimate layer), which DDP accepts here."""
+    """As the SD 1.x test (tests/test_train.py), with both text encoders trained: the first encoder's last layer
+    gets no gradient (SDXL reads the penultimate layer), which DDP accepts here. Tolerance 1e-6 absolute at lr 1e-4
+    (the adapters move ~3e-4); Adam turns float32 reduction-order noise into differences that scale with the lr."""
     flags = ("--adapter", "lora", "--max_train_steps", 3, "--checkpointing_steps", 100, "--train_text_encoder",
-             "--learning_rate", 1e-3, "--text_encoder_lr", 1e-3, "--no_kohya_format")
+             "--learning_rate", 1e-4, "--text_encoder_lr", 1e-4, "--no_kohya_format")
     out = tmp_path / "ddp"
     cmd = [*launch_two(), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            *train_cmd(tiny_sdxl_dir, out, *flags)[1:]]
@@ -278,8 +279,11 @@ def test_sdxl_two_processes_train_what_one_process_with_their_global_batch_train
     for component in ("unet", *ENCODERS):
         two, one = (load_file(d / f"{component}_adapter.safetensors") for d in (out, tmp_path / "one"))
         assert two.keys() == one.keys()
-        assert max((two[k] - one[k]).abs().max().item() for k in two) <= 1e-6
-        assert max(v.abs().max().item() for k, v in two.items() if "lora_B" in k) > 1e-4
+        difference = max((two[k] - one[k]).abs().max().item() for k in two)
+        moved = max(v.abs().max().item() for k, v in two.items() if "lora_B" in k)
+        worst = max(two, key=lambda k: (two[k] - one[k]).abs().max().item())
+        print(f"{component}: two processes vs one: max |difference| {difference:.1e} ({worst}), largest B {moved:.1e}")
+        assert moved > 1e-4 and difference <= 1e-6
 
 
 def test_vae_stays_fp32_under_bf16_unless_another_vae_is_given(tiny_sdxl_dir, tmp_path, monkeypatch):
@@ -311,8 +315,15 @@ def test_vae_stays_fp32_under_bf16_unless_another_vae_is_given(tiny_sdxl_dir, tm
     assert len(list((out / "validation").glob("*.png"))) == 1
     from diffusers import StableDiffusionXLPipeline
 
-    merged = StableDiffusionXLPipeline.from_pretrained(out / "merged")
-    assert merged.vae.dtype == torch.float32 and merged.unet.dtype == torch.bfloat16
+    from pipelines.diffusion.models import diffusers_dtype_kwargs
+
+    # a whole SDXL folder that draws (in one dtype: without one, transformers 5 keeps the encoders' saved bf16 while
+    # diffusers loads the UNet in fp32, and the pooled embedding meets fp32 weights)
+    merged = StableDiffusionXLPipeline.from_pretrained(out / "merged", **diffusers_dtype_kwargs(torch.float32))
+    assert np.isfinite(image_of(merged)).all() and len(list(out.glob("merged/*/model.safetensors"))) == 2
+    dtypes = {part: {t.dtype for t in load_file(out / "merged" / part / "diffusion_pytorch_model.safetensors").values()}
+              for part in ("vae", "unet")}
+    assert dtypes == {"vae": {torch.float32}, "unet": {torch.bfloat16}}
 
 
 def test_dreambench_on_sdxl_with_an_adapter(sdxl_runs, tiny_sdxl_dir, tmp_path):

@@ -87,3 +87,18 @@ def test_sdxl_preset_loads_in_diffusers_and_generates(tiny_sdxl_dir, tmp_path):
                 for p in sorted(folder.rglob("*.safetensors"))}
 
     assert digest(again) == digest(tiny_sdxl_dir) and len(digest(again)) == 4
+
+
+def test_sdxl_full_preset_has_sdxl_bases_parameter_counts():
+    """Built on the meta device (no memory): the UNet, CLIP ViT-L and OpenCLIP bigG (with its projection) of
+    stabilityai/stable-diffusion-xl-base-1.0, by their parameter counts."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    unet, _, text, text_2 = tiny.PRESETS["sdxl_full"]
+    with torch.device("meta"):
+        counts = [sum(p.numel() for p in m.parameters()) for m in (
+            UNet2DConditionModel(**unet), CLIPTextModel(tiny.clip_text_config(text)),
+            CLIPTextModelWithProjection(tiny.clip_text_config(text_2, pad_token_id=0)))]
+    assert counts == [2_567_463_684, 123_060_480, 694_659_840]

@@ -81,12 +81,13 @@ def apply_adapters(pipe, specs: list[AdapterSpec], merge: bool = False) -> list[
     """Attach each adapter under its own name with its scale; `merge` folds them all into the weights."""
     applied = []
     components = pipeline_components(pipe)
+    for spec in specs:  # before anything loads
+        for component in spec.files().keys() - components.keys():
+            raise ValueError(f"--adapter {str(spec.path)!r} has a {component} adapter, which this model has not "
+                             f"(an SDXL adapter on an SD 1.x/2.x model?)")
     for i, spec in enumerate(specs):
         name = f"adapter{i}"
         for component, file in spec.files().items():
-            if component not in components:
-                raise ValueError(f"--adapter {str(spec.path)!r} has a {component} adapter, which this model has "
-                                 f"not (an SDXL adapter on an SD 1.x/2.x model?)")
             model = components[component]
             dreamlora.load(model, file, name=name)
             dreamlora.set_scale(model, name, spec.scale)

@@ -64,9 +64,9 @@ class PromptEncoderXL:
 
 
 def sampling_precision(sd, device: torch.device, dtype: torch.dtype):
-    """Around sampling with the training components: SDXL's VAE stays fp32 while the UNet runs in fp16/bf16, and
-    the pipeline decodes the half-precision latents with it only under autocast (as diffusers' SDXL scripts
-    sample). SD 1.x keeps everything in one dtype: no autocast."""
-    if not sd.is_sdxl or dtype == torch.float32 or sd.vae.dtype == dtype:
+    """Around sampling with the training components in fp16/bf16: SDXL's VAE stays fp32 while the UNet runs in half
+    precision (and the fp32 adapters can hand fp32 latents to a half-precision VAE), so the pipeline samples under
+    autocast, as diffusers' SDXL scripts do. SD 1.x is left as it was: no autocast."""
+    if not sd.is_sdxl or dtype == torch.float32:
         return nullcontext()
     return torch.autocast(device.type, dtype=dtype)
