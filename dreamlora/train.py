@@ -28,11 +28,19 @@ from dreamlora.atomic import atomic_write_json
 from dreamlora.errors import ArgError
 from dreamlora.train_args import method_options, parse_args, resolve_init
 from pipelines.diffusion import data as dbdata
+from pipelines.diffusion import sdxl
 from pipelines.diffusion.captions import CaptionAugment
 from pipelines.diffusion.class_images import ensure_class_images
 from pipelines.diffusion.export import write_tool_files
 from pipelines.diffusion.loss import denoising_loss, draw_noise, latent_mask, prediction_type
-from pipelines.diffusion.models import encode_prompts, load_components
+from pipelines.diffusion.models import (
+    assemble_pipeline,
+    check_model_path,
+    encode_prompts,
+    is_sdxl_index,
+    load_components,
+    read_model_index,
+)
 from pipelines.diffusion.validation_loss import ValidationLoss, split_held_out
 from pipelines.trainer import checkpoints, launch, loop, order, outputs
 from pipelines.trainer.ema import AdapterEMA, ema_weights, write_ema_output
@@ -99,16 +107,34 @@ class LatentEncoder:
         return (mean + std * draw_noise(mean.shape, generators).to(mean)) * self.vae.config.scaling_factor
 
 
+def trains_unread_layers(args) -> bool:
+    """SDXL reads its first text encoder's penultimate hidden states: with --train_text_encoder the last layer's
+    adapters get no gradient (and stay at their init), which DDP must be told about."""
+    if not args.train_text_encoder:
+        return False
+    try:
+        check_model_path(args.pretrained_model_name_or_path)
+        return is_sdxl_index(read_model_index(args.pretrained_model_name_or_path, args.revision))
+    except (ValueError, OSError):
+        return False  # loading the model reports it
+
+
 def load_frozen_models(args, accelerator):
-    """The SD components, frozen, on the device, in the run's dtype (adapters added later stay fp32)."""
-    sd = load_components(args.pretrained_model_name_or_path, args.revision, args.variant)
+    """The SD components, frozen, on the device, in the run's dtype (adapters added later stay fp32). SDXL's own VAE
+    stays fp32: it overflows in fp16 (a VAE given by --pretrained_vae_model_name_or_path takes the run's dtype)."""
+    try:
+        sd = load_components(args.pretrained_model_name_or_path, args.revision, args.variant,
+                             args.pretrained_vae_model_name_or_path)
+    except ValueError as e:
+        raise ArgError(str(e)) from None
     try:
         prediction_type(sd.noise_scheduler)
     except ValueError as e:
         raise ArgError(f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path!r}: {e}") from None
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    for model in (sd.unet, sd.vae, sd.text_encoder):
-        model.requires_grad_(False).to(accelerator.device, weight_dtype)
+    vae_dtype = torch.float32 if sd.is_sdxl and not args.pretrained_vae_model_name_or_path else weight_dtype
+    for model in (sd.unet, sd.vae, *sd.text_encoders.values()):
+        model.requires_grad_(False).to(accelerator.device, vae_dtype if model is sd.vae else weight_dtype)
     return sd, weight_dtype
 
 
@@ -117,30 +143,31 @@ def class_examples(args, sd, accelerator) -> list:
     if not args.with_prior_preservation:
         return []
     if accelerator.is_main_process:
-        ensure_class_images(args.class_data_dir, args.class_prompt, args.num_class_images,
-                                     lambda: inference_pipeline(args, sd, sd.unet, sd.text_encoder),
-                                     args.sample_batch_size, args.seed)
+        with sdxl.sampling_precision(sd, accelerator.device, sd.unet.dtype):
+            ensure_class_images(args.class_data_dir, args.class_prompt, args.num_class_images,
+                                lambda: inference_pipeline(args, sd), args.sample_batch_size, args.seed)
     accelerator.wait_for_everyone()
     return dbdata.read_examples(args.class_data_dir, "--class_data_dir", args.class_prompt, args.resolution,
                                 is_class=True, use_captions=False)
 
 
 def attach_adapters(args, sd) -> tuple[dict, list[dict]]:
-    """Adapters on the UNet (and the text encoder): the only trainable weights. Returns them and the core's
-    optimizer groups (each method's own grouping, e.g. LoRA+'s λ for B)."""
+    """Adapters on the UNet (and the text encoder, both of SDXL's): the only trainable weights. Returns them and the
+    core's optimizer groups (each method's own grouping, e.g. LoRA+'s λ for B)."""
+    encoders = sd.text_encoders if args.train_text_encoder else {}
     with launch.adapter_input():
         dreamlora.attach(sd.unet, adapter_config(args, args.target_modules))
-        if args.train_text_encoder:
-            dreamlora.attach(sd.text_encoder, adapter_config(args, args.text_encoder_target_modules))
+        for encoder in encoders.values():
+            dreamlora.attach(encoder, adapter_config(args, args.text_encoder_target_modules))
     trained = {"unet": sd.unet}
     groups = dreamlora.param_groups(sd.unet, lr=args.learning_rate, weight_decay=args.adam_weight_decay)
-    if args.train_text_encoder:
-        trained["text_encoder"] = sd.text_encoder
-        groups += dreamlora.param_groups(sd.text_encoder, lr=text_encoder_lr(args), weight_decay=args.adam_weight_decay)
+    for name, encoder in encoders.items():
+        trained[name] = encoder
+        groups += dreamlora.param_groups(encoder, lr=text_encoder_lr(args), weight_decay=args.adam_weight_decay)
     if args.gradient_checkpointing:
         sd.unet.enable_gradient_checkpointing()
-        if args.train_text_encoder:
-            sd.text_encoder.gradient_checkpointing_enable()
+        for encoder in encoders.values():
+            encoder.gradient_checkpointing_enable()
     return trained, groups
 
 
@@ -220,32 +247,46 @@ class DreamBoothTask:
         self.evaluates, self.eval_every = bool(cadences), math.gcd(*cadences) if cadences else None
 
     def start(self, models: dict) -> None:
-        self.latents = LatentEncoder(self.sd.vae, self.weight_dtype, self.args.cache_latents)
+        self.latents = LatentEncoder(self.sd.vae, self.sd.vae.dtype, self.args.cache_latents)
         if self.args.cache_latents:
             self.latents.fill_cache(self.dataset)
-        self.prompts = PromptEncoder(self.sd.tokenizer, models.get("text_encoder"), self.sd.text_encoder,
-                                     cache=not self.args.shuffle_caption)
+        if self.sd.is_sdxl:
+            self.prompts = sdxl.PromptEncoderXL(self.sd, models, self.weight_dtype)
+        else:
+            self.prompts = PromptEncoder(self.sd.tokenizer, models.get("text_encoder"), self.sd.text_encoder,
+                                         cache=not self.args.shuffle_caption)
         if self.validation is not None:
             self.validation.start(self.accelerator, self.sd.noise_scheduler, self.latents.means)
 
     def loss(self, models: dict, batch, epoch: int, index: int):
         args = self.args
         generators = sample_generators(args.seed, epoch, batch["rows"])
-        parts = denoising_loss(models["unet"], self.sd.noise_scheduler, self.latents(batch, generators),
-                               self.prompts(batch["prompts"]).to(self.weight_dtype), batch["is_class"], generators,
-                               prior_loss_weight=args.prior_loss_weight, snr_gamma=args.snr_gamma,
-                               noise_offset=args.noise_offset, mask=self.latents.masks(batch))
+        if self.sd.is_sdxl:  # context, pooled embedding and the views' time ids
+            states, added = self.prompts(batch["prompts"], batch["time_ids"])
+        else:
+            states, added = self.prompts(batch["prompts"]).to(self.weight_dtype), None
+        parts = denoising_loss(models["unet"], self.sd.noise_scheduler,
+                               self.latents(batch, generators).to(self.weight_dtype), states, batch["is_class"],
+                               generators, prior_loss_weight=args.prior_loss_weight, snr_gamma=args.snr_gamma,
+                               noise_offset=args.noise_offset, mask=self.latents.masks(batch),
+                               added_cond_kwargs=added)
         return parts["loss"], {k: v for k, v in parts.items() if k != "loss"}
 
     def evaluate(self, models: dict, step: int, train_time_s: float) -> None:
         if self.validation is not None and self.validation.due(step):  # every process: one all-reduce inside
-            prompts = PromptEncoder(self.sd.tokenizer, self.trained.get("text_encoder"), self.sd.text_encoder)
-            self.validation.run(self.trained["unet"], prompts, self.trained.values(), step)
+            self.validation.run(self.trained["unet"], self.validation_prompts(), self.trained.values(), step)
         images_due = step == self.max_steps or every(step, self.args.validation_steps)
         if self.args.validation_prompt and images_due and self.accelerator.is_main_process:
             # the other processes go on to the next step and wait for it there
             with ema_weights(self.ema):  # with --use_ema the previews show the averaged weights
                 run_validation(self.args, self.sd, self.accelerator, self.trained, self.weight_dtype, step)
+
+    def validation_prompts(self):
+        """(prompts, time ids) -> (context, SDXL's added conditioning or None), through the unwrapped encoders."""
+        if self.sd.is_sdxl:
+            return sdxl.PromptEncoderXL(self.sd, self.trained, self.weight_dtype)
+        encoder = PromptEncoder(self.sd.tokenizer, self.trained.get("text_encoder"), self.sd.text_encoder)
+        return lambda prompts, time_ids: (encoder(prompts), None)
 
     def write_outputs(self, result: RunResult) -> None:
         extra = {"validation_loss": self.validation.summary()} if self.validation is not None else {}
@@ -281,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
                                      args.resolution, is_class=False, mask_source=mask_source(args))
     instances, held_out = split_held_out(instances, args.validation_split, validation_seed(args),
                                          args.instance_data_dir)
-    accelerator = launch.make_accelerator(args)
+    accelerator = launch.make_accelerator(args, find_unused_parameters=trains_unread_layers(args))
     from accelerate.utils import set_seed
 
     set_seed(args.seed)
@@ -290,30 +331,30 @@ def main(argv: list[str] | None = None) -> int:
     return loop.train(task, plan, args, accelerator, stop_requested, resume_from)
 
 
-def inference_pipeline(args, sd, unet, text_encoder):
-    """A sampling pipeline around the components already loaded on the device (class images, validation):
-    only the model's inference scheduler is read from disk, so no second copy of the weights is made."""
+def inference_pipeline(args, sd, trained: dict | None = None):
+    """A sampling pipeline (SD or SDXL, as the folder) around the components already loaded on the device (class
+    images, validation, --save_merged), `trained` replacing the base components by name: only the model's
+    inference scheduler is read from disk, so no second copy of the weights is made."""
     import diffusers
 
     path = args.pretrained_model_name_or_path
     _, name = diffusers.StableDiffusionPipeline.load_config(path, revision=args.revision)["scheduler"]
     scheduler = getattr(diffusers, name).from_pretrained(path, subfolder="scheduler", revision=args.revision)
-    pipe = diffusers.StableDiffusionPipeline(vae=sd.vae, text_encoder=text_encoder, tokenizer=sd.tokenizer,
-                                             unet=unet, scheduler=scheduler, safety_checker=None,
-                                             feature_extractor=None, requires_safety_checker=False)
+    pipe = assemble_pipeline(sd, scheduler, trained)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
 @torch.no_grad()
 def run_validation(args, sd, accelerator, trained, dtype, step: int) -> None:
-    pipe = inference_pipeline(args, sd, trained["unet"], trained.get("text_encoder", sd.text_encoder))
+    pipe = inference_pipeline(args, sd, trained)
     for model in trained.values():
         model.eval()
     generator = torch.Generator().manual_seed(args.seed)
-    images = pipe([args.validation_prompt] * args.num_validation_images, generator=generator,
-                  num_inference_steps=args.validation_inference_steps, height=args.resolution,
-                  width=args.resolution).images
+    with sdxl.sampling_precision(sd, accelerator.device, dtype):
+        images = pipe([args.validation_prompt] * args.num_validation_images, generator=generator,
+                      num_inference_steps=args.validation_inference_steps, height=args.resolution,
+                      width=args.resolution).images
     for model in trained.values():
         model.train()
     folder = Path(args.output_dir) / "validation"
@@ -336,7 +377,8 @@ def write_outputs(args, output_dir: Path, trained: dict, result: RunResult, sd=N
     for component, model in trained.items():
         dreamlora.save(model, checkpoints.adapter_file(output_dir, component))
     outputs.prepare_exports(args, trained)
-    tool_files = write_tool_files(output_dir, unet, text_encoder, kohya=not args.no_kohya_format)
+    tool_files = write_tool_files(output_dir, unet, text_encoder, kohya=not args.no_kohya_format,
+                                  text_encoder_2=trained.get("text_encoder_2"))
     config = dataclasses.asdict(dreamlora.adapter_config(unet, "default"))
     run = {
         "args": vars(args), "method": args.adapter, "adapter_config": config,
@@ -348,7 +390,7 @@ def write_outputs(args, output_dir: Path, trained: dict, result: RunResult, sd=N
     if ema is not None:  # ema/ gets this writer's files (not merged/), of the averaged weights
         run["ema"] = write_ema_output(ema, output_dir, lambda folder: write_outputs(args, folder, trained, result))
     if args.save_merged and sd is not None:
-        pipe = lambda: inference_pipeline(args, sd, unet, text_encoder or sd.text_encoder)  # noqa: E731
+        pipe = lambda: inference_pipeline(args, sd, trained)  # noqa: E731
         run["merged"] = str(outputs.save_merged(output_dir, trained, lambda folder: pipe().save_pretrained(folder)))
     atomic_write_json(output_dir / "run.json", run)
 

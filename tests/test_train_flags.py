@@ -239,18 +239,23 @@ def test_resolve_ramp_steps_rule(tmp_path):
 
 
 # --- class images ------------------------------------------------------------------------------------------------
-def test_class_images_come_from_the_components_already_loaded(tiny_model_dir, tmp_path, monkeypatch):
-    """No second copy of the model: the class-image pipeline wraps the trainer's UNet, VAE and text encoder."""
+@pytest.mark.parametrize("model", ["tiny_model_dir", "tiny_sdxl_dir"])
+def test_class_images_come_from_the_components_already_loaded(model, request, tmp_path, monkeypatch):
+    """No second copy of the model: the class-image pipeline wraps the trainer's UNet, VAE and text encoder(s)."""
     import diffusers
 
     def refuse(*a, **k):
         raise AssertionError("a second pipeline was loaded from disk")
 
-    monkeypatch.setattr(diffusers.StableDiffusionPipeline, "from_pretrained", refuse)
-    sd = load_components(str(tiny_model_dir))
-    args = argparse.Namespace(pretrained_model_name_or_path=str(tiny_model_dir), revision=None, variant=None)
-    pipe = train.inference_pipeline(args, sd, sd.unet, sd.text_encoder)
+    model_dir = request.getfixturevalue(model)
+    for cls in (diffusers.StableDiffusionPipeline, diffusers.StableDiffusionXLPipeline):
+        monkeypatch.setattr(cls, "from_pretrained", refuse)
+    sd = load_components(str(model_dir))
+    args = argparse.Namespace(pretrained_model_name_or_path=str(model_dir), revision=None, variant=None)
+    pipe = train.inference_pipeline(args, sd)
     assert pipe.unet is sd.unet and pipe.vae is sd.vae and pipe.text_encoder is sd.text_encoder
-    assert type(pipe.scheduler).__name__ == "PNDMScheduler"  # the model's own sampler, not the training DDPM
+    assert getattr(pipe, "text_encoder_2", None) is sd.text_encoder_2
+    # the model's own sampler, not the training DDPM
+    assert type(pipe.scheduler).__name__ == ("EulerDiscreteScheduler" if sd.is_sdxl else "PNDMScheduler")
     image = pipe("a photo of dog", num_inference_steps=2, output_type="np").images[0]
     assert image.shape == (64, 64, 3)

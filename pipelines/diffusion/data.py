@@ -171,21 +171,28 @@ def photo_mask(path: Path, size: tuple[int, int], alpha: Image.Image | None, sou
     return None
 
 
-def augment(image: Image.Image, resolution: int, center_crop: bool, random_flip: bool,
-            rng: random.Random, flip: bool | None = None) -> tuple[torch.Tensor, bool]:
-    """Resize the short side to `resolution`, crop a square, maybe flip; CHW float in [-1, 1], and whether
-    it was flipped. `flip` forces the flip decision (latent caching encodes both orientations)."""
-    pixels, flip, _ = augment_with_mask(image, None, resolution, center_crop, random_flip, rng, flip)
-    return pixels, flip
+@dataclass
+class View:
+    """One augmented training view: the pixels, its loss mask, and what SDXL's micro-conditioning says about it."""
+
+    pixels: torch.Tensor  # (3, resolution, resolution) in [-1, 1]
+    flipped: bool
+    original_size: tuple[int, int]  # (height, width) of the photo as decoded, before any resize
+    crop_top_left: tuple[int, int]  # (top, left) of the crop in the resized photo; mirrored when flipped
+    mask: torch.Tensor | None = None  # (1, resolution, resolution) in [0, 1], or None without a mask
 
 
-def augment_with_mask(image: Image.Image, mask: Image.Image | None, resolution: int, center_crop: bool,
-                      random_flip: bool, rng: random.Random, flip: bool | None = None
-                      ) -> tuple[torch.Tensor, bool, torch.Tensor | None]:
-    """`augment`, and the same resize, crop and flip applied to `mask` (the photo's size): (1, H, W) in [0, 1], or
-    None without a mask. The draws do not depend on the mask, so a photo gets the same view with or without one.
-    The mask is resampled with a box filter (an area average) down and bilinear up: the photo's Lanczos/bicubic
-    would ring past 0 and 1 at a mask's hard edges."""
+def crop_view(image: Image.Image, resolution: int, center_crop: bool, random_flip: bool, rng: random.Random,
+              flip: bool | None = None, mask: Image.Image | None = None) -> View:
+    """Resize the short side to `resolution`, crop a square, maybe flip (`flip` forces the decision: latent
+    caching encodes both orientations). A flip mirrors the crop's left edge as kohya's sd-scripts do: it is
+    measured in the mirrored photo, width - left - resolution (diffusers' SDXL example scripts write
+    resolution - left, measured on the crop, which is not where the crop sits).
+
+    `mask` (the photo's size) gets the same resize, crop and flip. The draws do not depend on the mask, so a photo
+    gets the same view with or without one. The mask is resampled with a box filter (an area average) down and
+    bilinear up: the photo's Lanczos/bicubic would ring past 0 and 1 at a mask's hard edges."""
+    original_size = (image.height, image.width)
     scale = resolution / min(image.size)
     size = (max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale)))
     image = image.resize(size, Image.Resampling.BICUBIC if scale > 1 else Image.Resampling.LANCZOS)
@@ -200,13 +207,29 @@ def augment_with_mask(image: Image.Image, mask: Image.Image | None, resolution: 
     if flip:
         image = ImageOps.mirror(image)
     pixels = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1)  # (3, H, W)
-    if mask is None:
-        return pixels / 127.5 - 1.0, flip, None
-    mask = mask.resize(size, Image.Resampling.BILINEAR if scale > 1 else Image.Resampling.BOX).crop(box)
-    if flip:
-        mask = ImageOps.mirror(mask)
-    weights = torch.from_numpy(np.asarray(mask, dtype=np.float32))[None] / 255.0  # (1, H, W)
-    return pixels / 127.5 - 1.0, flip, weights
+    weights = None
+    if mask is not None:
+        mask = mask.resize(size, Image.Resampling.BILINEAR if scale > 1 else Image.Resampling.BOX).crop(box)
+        if flip:
+            mask = ImageOps.mirror(mask)
+        weights = torch.from_numpy(np.asarray(mask, dtype=np.float32))[None] / 255.0  # (1, H, W)
+    crop_left = size[0] - left - resolution if flip else left
+    return View(pixels / 127.5 - 1.0, flip, original_size, (top, crop_left), weights)
+
+
+def augment(image: Image.Image, resolution: int, center_crop: bool, random_flip: bool,
+            rng: random.Random, flip: bool | None = None) -> tuple[torch.Tensor, bool]:
+    """`crop_view`'s CHW float pixels in [-1, 1] and whether it was flipped."""
+    view = crop_view(image, resolution, center_crop, random_flip, rng, flip)
+    return view.pixels, view.flipped
+
+
+def augment_with_mask(image: Image.Image, mask: Image.Image | None, resolution: int, center_crop: bool,
+                      random_flip: bool, rng: random.Random, flip: bool | None = None
+                      ) -> tuple[torch.Tensor, bool, torch.Tensor | None]:
+    """`crop_view`'s pixels, flip and mask ((1, H, W) in [0, 1], or None without a mask)."""
+    view = crop_view(image, resolution, center_crop, random_flip, rng, flip, mask)
+    return view.pixels, view.flipped, view.mask
 
 
 def center_crops(examples: list[Example], resolution: int) -> torch.Tensor:
@@ -239,16 +262,18 @@ class DreamBoothDataset(torch.utils.data.Dataset):
     def _view(self, examples: list[Example], index: int, stream: int) -> dict:
         rng = random.Random(stable_seed(self.seed, self.epoch, index, stream))
         example = examples[index % len(examples)]
-        pixels, flipped, mask = augment_with_mask(example.image, example.mask, self.resolution, self.center_crop,
-                                                  self.random_flip, rng)
+        view = crop_view(example.image, self.resolution, self.center_crop, self.random_flip, rng, mask=example.mask)
         prompt = example.prompt
         if stream == 0 and self.captions is not None and self.captions.active:
             prompt = self.captions(prompt, self.epoch, stream, index)
-        view = {"pixel_values": pixels, "prompt": prompt, "is_class": example.is_class,
-                "key": (stream, index % len(examples), flipped), "row": (stream, index)}
+        # SDXL's micro-conditioning: original (h, w), crop (top, left), target (h, w) of this very view
+        time_ids = torch.tensor([*view.original_size, *view.crop_top_left, self.resolution, self.resolution],
+                                dtype=torch.float32)  # (6,)
+        item = {"pixel_values": view.pixels, "prompt": prompt, "is_class": example.is_class,
+                "key": (stream, index % len(examples), view.flipped), "row": (stream, index), "time_ids": time_ids}
         if self.masked:
-            view["mask"] = torch.ones_like(pixels[:1]) if mask is None else mask
-        return view
+            item["mask"] = torch.ones_like(view.pixels[:1]) if view.mask is None else view.mask
+        return item
 
     def __getitem__(self, index: int) -> dict:
         item = {"instance": self._view(self.instances, index, 0)}
@@ -277,10 +302,12 @@ class DreamBoothDataset(torch.utils.data.Dataset):
 
 def collate(items: list[dict]) -> dict:
     """Instance rows first, then class rows: {"pixel_values": (B, 3, H, W), "prompts", "is_class": (B,),
-    "keys" (latent-cache keys), "rows" ((stream, dataset index): what seeds each row's noise)}, and with loss
-    masks "masks": (B, 1, H, W) in [0, 1]."""
+    "keys" (latent-cache keys), "rows" ((stream, dataset index): what seeds each row's noise), "time_ids": (B, 6)
+    (SDXL's original size, crop top-left and target size of each row)}, and with loss masks "masks": (B, 1, H, W) in
+    [0, 1]."""
     rows = [it["instance"] for it in items] + [it["class"] for it in items if "class" in it]
     batch = {"pixel_values": torch.stack([r["pixel_values"] for r in rows]),
+             "time_ids": torch.stack([r["time_ids"] for r in rows]),
              "prompts": [r["prompt"] for r in rows], "keys": [r["key"] for r in rows],
              "rows": [r["row"] for r in rows], "is_class": torch.tensor([r["is_class"] for r in rows])}
     if "mask" in rows[0]:

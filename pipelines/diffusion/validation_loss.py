@@ -33,7 +33,7 @@ import torch
 
 from dreamlora.atomic import atomic_write_json
 from dreamlora.errors import DataError
-from pipelines.diffusion.data import Example, augment_with_mask
+from pipelines.diffusion.data import Example, crop_view
 from pipelines.diffusion.loss import denoising_loss
 from pipelines.trainer.order import stable_seed
 from pipelines.trainer.progress import ProgressLog
@@ -84,27 +84,32 @@ def batch_slices(count: int, batch_size: int, max_batches: int | None) -> list[s
     return slices[:max_batches] if max_batches else slices
 
 
-def held_out_views(examples: list[Example], resolution: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(pixels (N, 3, R, R) in [-1, 1], masks (N, 1, R, R) or None when no held-out photo has one): center crops,
-    never flipped."""
-    views = [augment_with_mask(e.image, e.mask, resolution, True, False, random.Random(0), flip=False)
-             for e in examples]
-    pixels = torch.stack([v[0] for v in views])
-    if all(v[2] is None for v in views):
-        return pixels, None
-    return pixels, torch.stack([torch.ones_like(v[0][:1]) if v[2] is None else v[2] for v in views])
+def held_out_views(examples: list[Example], resolution: int
+                   ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """(pixels (N, 3, R, R) in [-1, 1], masks (N, 1, R, R) or None when no held-out photo has one, SDXL's time ids
+    (N, 6) of each view): center crops, never flipped."""
+    views = [crop_view(e.image, resolution, True, False, random.Random(0), flip=False, mask=e.mask) for e in examples]
+    pixels = torch.stack([v.pixels for v in views])
+    time_ids = torch.tensor([[*v.original_size, *v.crop_top_left, resolution, resolution] for v in views],
+                            dtype=torch.float32)
+    if all(v.mask is None for v in views):
+        return pixels, None, time_ids
+    return pixels, torch.stack([torch.ones_like(v.pixels[:1]) if v.mask is None else v.mask for v in views]), time_ids
 
 
 @torch.no_grad()
 def triples_loss_sum(unet, noise_scheduler, latents: torch.Tensor, states: torch.Tensor, masks: torch.Tensor | None,
-                     triples: Triples, rows: slice, snr_gamma: float | None = None) -> torch.Tensor:
-    """Sum over the triples `rows` of their denoising loss (the instance term of `denoising_loss`)."""
+                     triples: Triples, rows: slice, snr_gamma: float | None = None,
+                     added: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """Sum over the triples `rows` of their denoising loss (the instance term of `denoising_loss`). `added`: SDXL's
+    per-photo pooled embedding and time ids, or None."""
     image = triples.image[rows].to(latents.device)
     count = len(image)
     parts = denoising_loss(unet, noise_scheduler, latents[image], states[image],
                            torch.zeros(count, dtype=torch.bool), None, snr_gamma=snr_gamma,
                            timesteps=triples.timesteps[rows], noise=triples.noise[rows].to(latents),
-                           mask=None if masks is None else masks[image])
+                           mask=None if masks is None else masks[image],
+                           added_cond_kwargs=None if added is None else {k: v[image] for k, v in added.items()})
     return parts["instance_loss"].double() * count
 
 
@@ -124,7 +129,7 @@ class ValidationLoss:
         """Encode the held-out photos (`encode_latents`: pixels -> scaled latents), draw the triples, read the
         history a resumed checkpoint holds, and have every checkpoint save it."""
         self.accelerator, self.noise_scheduler = accelerator, noise_scheduler
-        pixels, masks = held_out_views(self.held_out, self.resolution)
+        pixels, masks, self.time_ids = held_out_views(self.held_out, self.resolution)
         self.latents = encode_latents(pixels)  # (N, C, h, w)
         self.masks = None if masks is None else masks.to(self.latents.device)
         self.triples = draw_triples(len(self.held_out), tuple(self.latents.shape[1:]),
@@ -143,10 +148,10 @@ class ValidationLoss:
     def due(self, step: int) -> bool:
         return step == self.max_steps or step % self.every == 0
 
-    def run(self, unet, encode_prompts: Callable[[list[str]], torch.Tensor], trained: Iterable[torch.nn.Module],
-            step: int) -> float:
+    def run(self, unet, encode_prompts: Callable, trained: Iterable[torch.nn.Module], step: int) -> float:
         """The validation loss at `step` (every process calls this; each gets the same value). `unet`: the
-        unwrapped UNet; `trained`: the modules whose adapters train (put in eval mode meanwhile)."""
+        unwrapped UNet; `encode_prompts(prompts, time_ids)` -> (context, SDXL's added conditioning or None);
+        `trained`: the modules whose adapters train (put in eval mode meanwhile)."""
         accelerator = self.accelerator
         trained = list(trained)
         for model in trained:
@@ -154,10 +159,11 @@ class ValidationLoss:
         total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)  # (sum of losses, triples)
         try:
             with torch.no_grad(), accelerator.autocast():
-                states = encode_prompts([e.prompt for e in self.held_out]).to(self.latents.dtype)
+                states, added = encode_prompts([e.prompt for e in self.held_out], self.time_ids)
+                states = states.to(self.latents.dtype)
                 for rows in self.batches[accelerator.process_index::accelerator.num_processes]:
                     total[0] += triples_loss_sum(unet, self.noise_scheduler, self.latents, states, self.masks,
-                                                 self.triples, rows, self.snr_gamma).to(total.device)
+                                                 self.triples, rows, self.snr_gamma, added).to(total.device)
                     total[1] += rows.stop - rows.start
         finally:
             for model in trained:
