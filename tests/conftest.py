@@ -78,6 +78,14 @@ def tiny_model_dir(tmp_path_factory):
     return tiny.write(tmp_path_factory.mktemp("tiny") / "model")
 
 
+@pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory):
+    """The tiny SDXL pipeline (`--preset sdxl`), written once per test session."""
+    from pipelines.diffusion import tiny_model as tiny
+
+    return tiny.write(tmp_path_factory.mktemp("tiny-sdxl") / "model", preset="sdxl")
+
+
 def tiny_unet():
     """A two-level SD-architecture UNet (cross-attention + ResNet convs), random init."""
     from diffusers import UNet2DConditionModel

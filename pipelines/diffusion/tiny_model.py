@@ -4,6 +4,10 @@ The architecture is SD 1.x's (UNet2DConditionModel with cross-attention, Autoenc
 CLIP text encoder, the real CLIP BPE tokenizer, SD's noise schedule) at a size that trains on a laptop CPU.
 Weights are random: it exercises every code path of training, sampling and loading, not image quality.
 `StableDiffusionPipeline.from_pretrained(OUT_DIR)` loads it like any diffusers folder.
+
+`--preset sdxl` builds a tiny SDXL pipeline the same way (`StableDiffusionXLPipeline.from_pretrained(OUT_DIR)`):
+SDXL's UNet layout with text_time micro-conditioning, two CLIP text encoders (the second with a projection, whose
+pooled output conditions the UNet), SDXL's two tokenizers, its VAE scale and its Euler scheduler.
 """
 
 from __future__ import annotations
@@ -18,13 +22,19 @@ from pathlib import Path
 
 import torch
 
-from pipelines.diffusion.sd_configs import SD15_UNET_CONFIG
+from pipelines.diffusion.sd_configs import SD15_UNET_CONFIG, SDXL_UNET_CONFIG, TINY_SDXL_UNET_CONFIG
 
 SOT, EOT = "<|startoftext|>", "<|endoftext|>"
 # SD 1.x's scheduler config (stable-diffusion-v1-5/stable-diffusion-v1-5 scheduler/scheduler_config.json).
 SD_SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
                "beta_schedule": "scaled_linear", "clip_sample": False, "set_alpha_to_one": False,
                "steps_offset": 1, "prediction_type": "epsilon"}
+# SDXL's (stabilityai/stable-diffusion-xl-base-1.0 scheduler/scheduler_config.json): the same betas, Euler sampling
+SDXL_SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
+                 "beta_schedule": "scaled_linear", "interpolation_type": "linear", "prediction_type": "epsilon",
+                 "steps_offset": 1, "timestep_spacing": "leading", "use_karras_sigmas": False}
+SDXL_VAE = {"scaling_factor": 0.13025, "force_upcast": True}  # SDXL's VAE: its own scale; overflows in fp16
+SDXL_PAD = "!"  # SDXL's second tokenizer (OpenCLIP's) pads with "!" (id 0), the first with <|endoftext|>
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -55,7 +65,7 @@ def clip_bpe_files() -> tuple[dict[str, int], list[str]]:
     return {t: i for i, t in enumerate(tokens)}, merges
 
 
-def build_tokenizer(folder: Path):
+def build_tokenizer(folder: Path, pad_token: str = EOT):
     from transformers import CLIPTokenizer
 
     vocab, merges = clip_bpe_files()
@@ -63,7 +73,7 @@ def build_tokenizer(folder: Path):
     (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
     tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77,
-                              bos_token=SOT, eos_token=EOT, unk_token=EOT, pad_token=EOT)
+                              bos_token=SOT, eos_token=EOT, unk_token=EOT, pad_token=pad_token)
     return tokenizer
 
 
@@ -86,7 +96,24 @@ SD15 = (
     {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
      "projection_dim": 768, "hidden_act": "quick_gelu"},
 )
-PRESETS = {"tiny": TINY, "sd15": SD15}
+# SDXL: (UNet, VAE, text encoder (CLIP ViT-L's role), text encoder 2 with projection (OpenCLIP bigG's role)).
+TINY_SDXL = (
+    TINY_SDXL_UNET_CONFIG,
+    {**TINY[1], **SDXL_VAE},
+    TINY[2],
+    # the same width as the first encoder (cross dim 64 = 32 + 32); bigG's plain gelu; the projection's 32 is the
+    # pooled part of the UNet's added embedding (80 = 32 + 6 time ids × 8)
+    {**TINY[2], "hidden_act": "gelu"},
+)
+SDXL_FULL = (
+    SDXL_UNET_CONFIG,
+    {**SD15[1], **SDXL_VAE, "sample_size": 1024},
+    SD15[2],  # CLIP ViT-L/14
+    {"hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32, "num_attention_heads": 20,
+     "projection_dim": 1280, "hidden_act": "gelu"},  # OpenCLIP ViT-bigG/14
+)
+PRESETS = {"tiny": TINY, "sd15": SD15, "sdxl": TINY_SDXL, "sdxl_full": SDXL_FULL}
+SDXL_PRESETS = ("sdxl", "sdxl_full")
 
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -95,16 +122,18 @@ PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 def build_pipeline(seed: int = 0, preset: str = "tiny", prediction_type: str = "epsilon"):
     """The pipeline in memory (random weights from `seed`): `tiny`, or `sd15` for the full SD 1.5
     architecture (860M-parameter UNet, SD VAE, CLIP ViT-L/14 text encoder) for benchmarks.
-    `prediction_type` v_prediction gives an SD 2.x-style v-prediction variant (same weights, its scheduler)."""
+    `prediction_type` v_prediction gives an SD 2.x-style v-prediction variant (same weights, its scheduler).
+    `sdxl` (tiny) and `sdxl_full` (the SDXL base architecture, 2.6B-parameter UNet) build SDXL pipelines."""
+    if preset in SDXL_PRESETS:
+        return build_sdxl_pipeline(seed, preset, prediction_type)
     from diffusers import AutoencoderKL, DDPMScheduler, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextModel
 
     unet_cfg, vae_cfg, text_cfg = PRESETS[preset]
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(**unet_cfg)
     vae = AutoencoderKL(**vae_cfg)
-    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, bos_token_id=49406,
-                                                eos_token_id=49407, pad_token_id=49407, **text_cfg))
+    text_encoder = CLIPTextModel(clip_text_config(text_cfg))
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = build_tokenizer(Path(tmp))
     if prediction_type not in PREDICTION_TYPES:
@@ -116,6 +145,36 @@ def build_pipeline(seed: int = 0, preset: str = "tiny", prediction_type: str = "
                                    requires_safety_checker=False)
     assert DDPMScheduler.from_config(pipe.scheduler.config).config.beta_schedule == "scaled_linear"
     return pipe
+
+
+def clip_text_config(text_cfg: dict, pad_token_id: int = 49407):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407,
+                          pad_token_id=pad_token_id, **text_cfg)
+
+
+def build_sdxl_pipeline(seed: int = 0, preset: str = "sdxl", prediction_type: str = "epsilon"):
+    """An SDXL pipeline in memory, random weights from `seed` (see `build_pipeline`)."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type must be one of {', '.join(PREDICTION_TYPES)}, got {prediction_type!r}")
+    unet_cfg, vae_cfg, text_cfg, text2_cfg = PRESETS[preset]
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**unet_cfg)
+    vae = AutoencoderKL(**vae_cfg)
+    text_encoder = CLIPTextModel(clip_text_config(text_cfg))
+    text_encoder_2 = CLIPTextModelWithProjection(clip_text_config(text2_cfg, pad_token_id=0))
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = build_tokenizer(Path(tmp) / "1")
+        tokenizer_2 = build_tokenizer(Path(tmp) / "2", pad_token=SDXL_PAD)
+    scheduler = EulerDiscreteScheduler.from_config({**SDXL_SCHEDULE, "prediction_type": prediction_type})
+    # add_watermarker=False: SDXL's invisible watermark is an optional package and would alter the pixels
+    return StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                     tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler,
+                                     force_zeros_for_empty_prompt=True, add_watermarker=False)
 
 
 def write(out_dir: str | os.PathLike, seed: int = 0, preset: str = "tiny", prediction_type: str = "epsilon") -> Path:
@@ -168,7 +227,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("out_dir", help="folder to create (must not exist or be empty)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny",
-                        help="tiny (default) or sd15: the full SD 1.5 architecture, random, for benchmarks")
+                        help="tiny (default), sdxl (a tiny SDXL pipeline), or the full architectures, random, for "
+                             "benchmarks: sd15 (SD 1.5), sdxl_full (SDXL base)")
     parser.add_argument("--prediction_type", choices=PREDICTION_TYPES, default="epsilon",
                         help="the scheduler's target: epsilon (SD 1.x), v_prediction (SD 2.x 768-v style) or sample")
     args = parser.parse_args(argv)
@@ -176,7 +236,8 @@ def main(argv: list[str] | None = None) -> None:
         path = write(args.out_dir, args.seed, args.preset, args.prediction_type)
     except FileExistsError as e:
         parser.exit(2, f"error: {e}\n")
-    print(f"{args.preset} Stable Diffusion pipeline (random weights) written to {path}")
+    print(f"{args.preset} Stable Diffusion{' XL' * (args.preset in SDXL_PRESETS)} pipeline (random weights) "
+          f"written to {path}")
 
 
 if __name__ == "__main__":
