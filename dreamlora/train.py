@@ -27,10 +27,18 @@ from dreamlora.atomic import atomic_write_json
 from dreamlora.errors import ArgError
 from dreamlora.train_args import method_options, parse_args, resolve_init
 from pipelines.diffusion import data as dbdata
+from pipelines.diffusion import sdxl
 from pipelines.diffusion.class_images import ensure_class_images
 from pipelines.diffusion.export import write_tool_files
 from pipelines.diffusion.loss import denoising_loss, draw_noise, prediction_type
-from pipelines.diffusion.models import encode_prompts, load_components
+from pipelines.diffusion.models import (
+    assemble_pipeline,
+    check_model_path,
+    encode_prompts,
+    is_sdxl_index,
+    load_components,
+    read_model_index,
+)
 from pipelines.trainer import checkpoints, launch, loop, order, outputs
 from pipelines.trainer.loop import Plan, RunResult
 from pipelines.trainer.method_options import check_optimizer, resolve_method_options
@@ -91,16 +99,34 @@ class LatentEncoder:
         return (mean + std * draw_noise(mean.shape, generators).to(mean)) * self.vae.config.scaling_factor
 
 
+def trains_unread_layers(args) -> bool:
+    """SDXL reads its first text encoder's penultimate hidden states: with --train_text_encoder the last layer's
+    adapters get no gradient (and stay at their init), which DDP must be told about."""
+    if not args.train_text_encoder:
+        return False
+    try:
+        check_model_path(args.pretrained_model_name_or_path)
+        return is_sdxl_index(read_model_index(args.pretrained_model_name_or_path, args.revision))
+    except (ValueError, OSError):
+        return False  # loading the model reports it
+
+
 def load_frozen_models(args, accelerator):
-    """The SD components, frozen, on the device, in the run's dtype (adapters added later stay fp32)."""
-    sd = load_components(args.pretrained_model_name_or_path, args.revision, args.variant)
+    """The SD components, frozen, on the device, in the run's dtype (adapters added later stay fp32). SDXL's own VAE
+    stays fp32: it overflows in fp16 (a VAE given by --pretrained_vae_model_name_or_path takes the run's dtype)."""
+    try:
+        sd = load_components(args.pretrained_model_name_or_path, args.revision, args.variant,
+                             args.pretrained_vae_model_name_or_path)
+    except ValueError as e:
+        raise ArgError(str(e)) from None
     try:
         prediction_type(sd.noise_scheduler)
     except ValueError as e:
         raise ArgError(f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path!r}: {e}") from None
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    for model in (sd.unet, sd.vae, sd.text_encoder):
-        model.requires_grad_(False).to(accelerator.device, weight_dtype)
+    vae_dtype = torch.float32 if sd.is_sdxl and not args.pretrained_vae_model_name_or_path else weight_dtype
+    for model in (sd.unet, sd.vae, *sd.text_encoders.values()):
+        model.requires_grad_(False).to(accelerator.device, vae_dtype if model is sd.vae else weight_dtype)
     return sd, weight_dtype
 
 
@@ -109,30 +135,31 @@ def class_examples(args, sd, accelerator) -> list:
     if not args.with_prior_preservation:
         return []
     if accelerator.is_main_process:
-        ensure_class_images(args.class_data_dir, args.class_prompt, args.num_class_images,
-                                     lambda: inference_pipeline(args, sd, sd.unet, sd.text_encoder),
-                                     args.sample_batch_size, args.seed)
+        with sdxl.sampling_precision(sd, accelerator.device, sd.unet.dtype):
+            ensure_class_images(args.class_data_dir, args.class_prompt, args.num_class_images,
+                                lambda: inference_pipeline(args, sd), args.sample_batch_size, args.seed)
     accelerator.wait_for_everyone()
     return dbdata.read_examples(args.class_data_dir, "--class_data_dir", args.class_prompt, args.resolution,
                                 is_class=True, use_captions=False)
 
 
 def attach_adapters(args, sd) -> tuple[dict, list[dict]]:
-    """Adapters on the UNet (and the text encoder): the only trainable weights. Returns them and the core's
-    optimizer groups (each method's own grouping, e.g. LoRA+'s λ for B)."""
+    """Adapters on the UNet (and the text encoder, both of SDXL's): the only trainable weights. Returns them and the
+    core's optimizer groups (each method's own grouping, e.g. LoRA+'s λ for B)."""
+    encoders = sd.text_encoders if args.train_text_encoder else {}
     with launch.adapter_input():
         dreamlora.attach(sd.unet, adapter_config(args, args.target_modules))
-        if args.train_text_encoder:
-            dreamlora.attach(sd.text_encoder, adapter_config(args, args.text_encoder_target_modules))
+        for encoder in encoders.values():
+            dreamlora.attach(encoder, adapter_config(args, args.text_encoder_target_modules))
     trained = {"unet": sd.unet}
     groups = dreamlora.param_groups(sd.unet, lr=args.learning_rate, weight_decay=args.adam_weight_decay)
-    if args.train_text_encoder:
-        trained["text_encoder"] = sd.text_encoder
-        groups += dreamlora.param_groups(sd.text_encoder, lr=args.text_encoder_lr, weight_decay=args.adam_weight_decay)
+    for name, encoder in encoders.items():
+        trained[name] = encoder
+        groups += dreamlora.param_groups(encoder, lr=args.text_encoder_lr, weight_decay=args.adam_weight_decay)
     if args.gradient_checkpointing:
         sd.unet.enable_gradient_checkpointing()
-        if args.train_text_encoder:
-            sd.text_encoder.gradient_checkpointing_enable()
+        for encoder in encoders.values():
+            encoder.gradient_checkpointing_enable()
     return trained, groups
 
 
@@ -198,18 +225,25 @@ class DreamBoothTask:
         self.evaluates, self.eval_every = bool(args.validation_prompt), args.validation_steps
 
     def start(self, models: dict) -> None:
-        self.latents = LatentEncoder(self.sd.vae, self.weight_dtype, self.args.cache_latents)
+        self.latents = LatentEncoder(self.sd.vae, self.sd.vae.dtype, self.args.cache_latents)
         if self.args.cache_latents:
             self.latents.fill_cache(self.dataset)
-        self.prompts = PromptEncoder(self.sd.tokenizer, models.get("text_encoder"), self.sd.text_encoder)
+        if self.sd.is_sdxl:
+            self.prompts = sdxl.PromptEncoderXL(self.sd, models, self.weight_dtype)
+        else:
+            self.prompts = PromptEncoder(self.sd.tokenizer, models.get("text_encoder"), self.sd.text_encoder)
 
     def loss(self, models: dict, batch, epoch: int, index: int):
         args = self.args
         generators = sample_generators(args.seed, epoch, batch["rows"])
-        parts = denoising_loss(models["unet"], self.sd.noise_scheduler, self.latents(batch, generators),
-                               self.prompts(batch["prompts"]).to(self.weight_dtype), batch["is_class"], generators,
-                               prior_loss_weight=args.prior_loss_weight, snr_gamma=args.snr_gamma,
-                               noise_offset=args.noise_offset)
+        if self.sd.is_sdxl:  # context, pooled embedding and the views' time ids
+            states, added = self.prompts(batch["prompts"], batch["time_ids"])
+        else:
+            states, added = self.prompts(batch["prompts"]).to(self.weight_dtype), None
+        parts = denoising_loss(models["unet"], self.sd.noise_scheduler,
+                               self.latents(batch, generators).to(self.weight_dtype), states, batch["is_class"],
+                               generators, prior_loss_weight=args.prior_loss_weight, snr_gamma=args.snr_gamma,
+                               noise_offset=args.noise_offset, added_cond_kwargs=added)
         return parts["loss"], {k: v for k, v in parts.items() if k != "loss"}
 
     def evaluate(self, models: dict, step: int, train_time_s: float) -> None:
@@ -227,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     # data first: bad input fails before anything is written
     instances = dbdata.read_examples(args.instance_data_dir, "--instance_data_dir", args.instance_prompt,
                                      args.resolution, is_class=False)
-    accelerator = launch.make_accelerator(args)
+    accelerator = launch.make_accelerator(args, find_unused_parameters=trains_unread_layers(args))
     from accelerate.utils import set_seed
 
     set_seed(args.seed)
@@ -236,30 +270,30 @@ def main(argv: list[str] | None = None) -> int:
     return loop.train(task, plan, args, accelerator, stop_requested, resume_from)
 
 
-def inference_pipeline(args, sd, unet, text_encoder):
-    """A sampling pipeline around the components already loaded on the device (class images, validation):
-    only the model's inference scheduler is read from disk, so no second copy of the weights is made."""
+def inference_pipeline(args, sd, trained: dict | None = None):
+    """A sampling pipeline (SD or SDXL, as the folder) around the components already loaded on the device (class
+    images, validation, --save_merged), `trained` replacing the base components by name: only the model's
+    inference scheduler is read from disk, so no second copy of the weights is made."""
     import diffusers
 
     path = args.pretrained_model_name_or_path
     _, name = diffusers.StableDiffusionPipeline.load_config(path, revision=args.revision)["scheduler"]
     scheduler = getattr(diffusers, name).from_pretrained(path, subfolder="scheduler", revision=args.revision)
-    pipe = diffusers.StableDiffusionPipeline(vae=sd.vae, text_encoder=text_encoder, tokenizer=sd.tokenizer,
-                                             unet=unet, scheduler=scheduler, safety_checker=None,
-                                             feature_extractor=None, requires_safety_checker=False)
+    pipe = assemble_pipeline(sd, scheduler, trained)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
 @torch.no_grad()
 def run_validation(args, sd, accelerator, trained, dtype, step: int) -> None:
-    pipe = inference_pipeline(args, sd, trained["unet"], trained.get("text_encoder", sd.text_encoder))
+    pipe = inference_pipeline(args, sd, trained)
     for model in trained.values():
         model.eval()
     generator = torch.Generator().manual_seed(args.seed)
-    images = pipe([args.validation_prompt] * args.num_validation_images, generator=generator,
-                  num_inference_steps=args.validation_inference_steps, height=args.resolution,
-                  width=args.resolution).images
+    with sdxl.sampling_precision(sd, accelerator.device, dtype):
+        images = pipe([args.validation_prompt] * args.num_validation_images, generator=generator,
+                      num_inference_steps=args.validation_inference_steps, height=args.resolution,
+                      width=args.resolution).images
     for model in trained.values():
         model.train()
     folder = Path(args.output_dir) / "validation"
@@ -280,7 +314,8 @@ def write_outputs(args, output_dir: Path, trained: dict, result: RunResult, sd=N
     for component, model in trained.items():
         dreamlora.save(model, checkpoints.adapter_file(output_dir, component))
     outputs.prepare_exports(args, trained)
-    tool_files = write_tool_files(output_dir, unet, text_encoder, kohya=not args.no_kohya_format)
+    tool_files = write_tool_files(output_dir, unet, text_encoder, kohya=not args.no_kohya_format,
+                                  text_encoder_2=trained.get("text_encoder_2"))
     config = dataclasses.asdict(dreamlora.adapter_config(unet, "default"))
     run = {
         "args": vars(args), "method": args.adapter, "adapter_config": config,
@@ -290,7 +325,7 @@ def write_outputs(args, output_dir: Path, trained: dict, result: RunResult, sd=N
         **outputs.method_figures(args, output_dir, trained),
     }
     if args.save_merged and sd is not None:
-        pipe = lambda: inference_pipeline(args, sd, unet, text_encoder or sd.text_encoder)  # noqa: E731
+        pipe = lambda: inference_pipeline(args, sd, trained)  # noqa: E731
         run["merged"] = str(outputs.save_merged(output_dir, trained, lambda folder: pipe().save_pretrained(folder)))
     atomic_write_json(output_dir / "run.json", run)
 

@@ -131,14 +131,24 @@ class ModelArgs:
     title: ClassVar[str] = "model"
 
     pretrained_model_name_or_path: str | None = None
-    """diffusers SD 1.x/2.x folder or hub id (required)"""
+    """diffusers SD 1.x/2.x or SDXL folder or hub id (required)"""
     revision: str | None = None
     """hub revision (branch, tag or commit) of the model"""
     variant: str | None = None
     """weights variant, e.g. fp16"""
+    pretrained_vae_model_name_or_path: str | None = None
+    """a VAE to use instead of the model's (a diffusers AutoencoderKL folder or hub id), e.g. an fp16-safe SDXL VAE
+    (madebyollin/sdxl-vae-fp16-fix): it runs in the --mixed_precision dtype, where SDXL's own VAE is kept fp32"""
 
     def __post_init__(self):
         require_given(self, "pretrained_model_name_or_path")
+        if self.pretrained_vae_model_name_or_path:
+            from pipelines.diffusion.models import check_vae_path
+
+            try:
+                check_vae_path(self.pretrained_vae_model_name_or_path)
+            except ValueError as e:
+                raise ArgError(str(e)) from None
 
 
 @dataclass

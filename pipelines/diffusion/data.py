@@ -110,10 +110,23 @@ def read_examples(folder: str | Path | None, flag: str, prompt: str, resolution:
     return examples
 
 
-def augment(image: Image.Image, resolution: int, center_crop: bool, random_flip: bool,
-            rng: random.Random, flip: bool | None = None) -> tuple[torch.Tensor, bool]:
-    """Resize the short side to `resolution`, crop a square, maybe flip; CHW float in [-1, 1], and whether
-    it was flipped. `flip` forces the flip decision (latent caching encodes both orientations)."""
+@dataclass
+class View:
+    """One augmented training view: the pixels and what SDXL's micro-conditioning says about them."""
+
+    pixels: torch.Tensor  # (3, resolution, resolution) in [-1, 1]
+    flipped: bool
+    original_size: tuple[int, int]  # (height, width) of the photo as decoded, before any resize
+    crop_top_left: tuple[int, int]  # (top, left) of the crop in the resized photo; mirrored when flipped
+
+
+def crop_view(image: Image.Image, resolution: int, center_crop: bool, random_flip: bool, rng: random.Random,
+              flip: bool | None = None) -> View:
+    """Resize the short side to `resolution`, crop a square, maybe flip (`flip` forces the decision: latent
+    caching encodes both orientations). A flip mirrors the crop's left edge as kohya's sd-scripts do: it is
+    measured in the mirrored photo, width - left - resolution (diffusers' SDXL example scripts write
+    resolution - left, measured on the crop, which is not where the crop sits)."""
+    original_size = (image.height, image.width)
     scale = resolution / min(image.size)
     size = (max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale)))
     image = image.resize(size, Image.Resampling.BICUBIC if scale > 1 else Image.Resampling.LANCZOS)
@@ -121,13 +134,22 @@ def augment(image: Image.Image, resolution: int, center_crop: bool, random_flip:
         left, top = (image.width - resolution) // 2, (image.height - resolution) // 2
     else:
         left, top = rng.randint(0, image.width - resolution), rng.randint(0, image.height - resolution)
+    width = image.width
     image = image.crop((left, top, left + resolution, top + resolution))
     if flip is None:
         flip = random_flip and rng.random() < 0.5
     if flip:
         image = ImageOps.mirror(image)
+        left = width - left - resolution
     pixels = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1)  # (3, H, W)
-    return pixels / 127.5 - 1.0, flip
+    return View(pixels / 127.5 - 1.0, flip, original_size, (top, left))
+
+
+def augment(image: Image.Image, resolution: int, center_crop: bool, random_flip: bool,
+            rng: random.Random, flip: bool | None = None) -> tuple[torch.Tensor, bool]:
+    """`crop_view`'s CHW float pixels in [-1, 1] and whether it was flipped."""
+    view = crop_view(image, resolution, center_crop, random_flip, rng, flip)
+    return view.pixels, view.flipped
 
 
 def center_crops(examples: list[Example], resolution: int) -> torch.Tensor:
@@ -157,9 +179,12 @@ class DreamBoothDataset(torch.utils.data.Dataset):
     def _view(self, examples: list[Example], index: int, stream: int) -> dict:
         rng = random.Random(stable_seed(self.seed, self.epoch, index, stream))
         example = examples[index % len(examples)]
-        pixels, flipped = augment(example.image, self.resolution, self.center_crop, self.random_flip, rng)
-        return {"pixel_values": pixels, "prompt": example.prompt, "is_class": example.is_class,
-                "key": (stream, index % len(examples), flipped), "row": (stream, index)}
+        view = crop_view(example.image, self.resolution, self.center_crop, self.random_flip, rng)
+        # SDXL's micro-conditioning: original (h, w), crop (top, left), target (h, w) of this very view
+        time_ids = torch.tensor([*view.original_size, *view.crop_top_left, self.resolution, self.resolution],
+                                dtype=torch.float32)  # (6,)
+        return {"pixel_values": view.pixels, "prompt": example.prompt, "is_class": example.is_class,
+                "key": (stream, index % len(examples), view.flipped), "row": (stream, index), "time_ids": time_ids}
 
     def __getitem__(self, index: int) -> dict:
         item = {"instance": self._view(self.instances, index, 0)}
@@ -178,8 +203,10 @@ class DreamBoothDataset(torch.utils.data.Dataset):
 
 def collate(items: list[dict]) -> dict:
     """Instance rows first, then class rows: {"pixel_values": (B, 3, H, W), "prompts", "is_class": (B,),
-    "keys" (latent-cache keys), "rows" ((stream, dataset index): what seeds each row's noise)}."""
+    "keys" (latent-cache keys), "rows" ((stream, dataset index): what seeds each row's noise), "time_ids": (B, 6)
+    (SDXL's original size, crop top-left and target size of each row)}."""
     rows = [it["instance"] for it in items] + [it["class"] for it in items if "class" in it]
     return {"pixel_values": torch.stack([r["pixel_values"] for r in rows]),
+            "time_ids": torch.stack([r["time_ids"] for r in rows]),
             "prompts": [r["prompt"] for r in rows], "keys": [r["key"] for r in rows],
             "rows": [r["row"] for r in rows], "is_class": torch.tensor([r["is_class"] for r in rows])}

@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm.auto import tqdm
 
     import dreamlora
-    from pipelines.diffusion.sample import apply_adapters, load_pipeline
+    from pipelines.diffusion.sample import apply_adapters, load_pipeline, pipeline_components
 
     args = build_parser().parse_args(argv)
     protocol = load_protocol()
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
                          height=args.height, width=args.width).images[0]
             save_png_atomic(image, out / job.file_name)
             bar.update(1)
-        for component in (pipe.unet, pipe.text_encoder):
+        for component in pipeline_components(pipe).values():
             for name in dreamlora.adapter_names(component):
                 dreamlora.detach(component, name)
     bar.close()

@@ -53,25 +53,29 @@ def has_adapter(model: nn.Module | None, name: str) -> bool:
 
 
 def write_diffusers_lora(output_dir: str | os.PathLike, unet: nn.Module, text_encoder: nn.Module | None = None,
-                         name: str = "default") -> Path:
+                         name: str = "default", text_encoder_2: nn.Module | None = None) -> Path:
     """`pytorch_lora_weights.safetensors` as diffusers' own `save_lora_weights` writes it (PEFT keys under
-    `unet.` / `text_encoder.`, LoraConfig metadata with each layer's rank), so `pipe.load_lora_weights(output_dir)`
-    reads it. Raises `ExportUnsupported` for a method that cannot be written as plain LoRA."""
-    from diffusers import StableDiffusionPipeline
+    `unet.` / `text_encoder.` / SDXL's `text_encoder_2.`, LoraConfig metadata with each layer's rank), so
+    `pipe.load_lora_weights(output_dir)` reads it. Raises `ExportUnsupported` for a method that cannot be written
+    as plain LoRA."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     unet_layers, unet_meta = dreamlora.peft_lora_state_dict(unet, name)
-    te_layers, te_meta = (_text_encoder_peft(text_encoder, name) if has_adapter(text_encoder, name)
-                          else (None, None))
-    # `rank_pattern`/`alpha_pattern` are always present, if empty: diffusers 0.34-0.3x index these LoraConfig
-    # fields unconditionally (KeyError 'rank_pattern' without them)
+    encoders = {"text_encoder": text_encoder, "text_encoder_2": text_encoder_2}
+    kwargs = {}
+    for component, model in encoders.items():
+        if has_adapter(model, name):
+            layers, meta = _text_encoder_peft(model, name)
+            kwargs.update({f"{component}_lora_layers": {k: v.contiguous() for k, v in layers.items()},
+                           f"{component}_lora_adapter_metadata": meta})
+    # SDXL's saver for a second encoder (the same file layout otherwise). `rank_pattern`/`alpha_pattern` are always
+    # present, if empty: diffusers 0.34-0.3x index these LoraConfig fields unconditionally (KeyError without them)
+    saver = StableDiffusionXLPipeline if "text_encoder_2_lora_layers" in kwargs else StableDiffusionPipeline
     with tempfile.TemporaryDirectory(dir=out, prefix=".export.") as tmp:
-        StableDiffusionPipeline.save_lora_weights(
-            tmp, unet_lora_layers={k: v.contiguous() for k, v in unet_layers.items()},
-            text_encoder_lora_layers=te_layers and {k: v.contiguous() for k, v in te_layers.items()},
-            unet_lora_adapter_metadata=unet_meta, text_encoder_lora_adapter_metadata=te_meta,
-        )
+        saver.save_lora_weights(tmp, unet_lora_layers={k: v.contiguous() for k, v in unet_layers.items()},
+                                unet_lora_adapter_metadata=unet_meta, **kwargs)
         os.replace(Path(tmp) / DIFFUSERS_WEIGHT_NAME, out / DIFFUSERS_WEIGHT_NAME)
     return out / DIFFUSERS_WEIGHT_NAME
 
@@ -213,7 +217,7 @@ def write_tool_files(output_dir: str | os.PathLike, unet: nn.Module, text_encode
     encoder) goes into the kohya and ComfyUI files as `lora_te2_…`."""
     files: dict = dict.fromkeys(("diffusers", "kohya", "lycoris", "comfyui", "a1111"))
     skipped: dict[str, str] = {}
-    if _try_write(skipped, write_diffusers_lora, output_dir, unet, text_encoder, name):
+    if _try_write(skipped, write_diffusers_lora, output_dir, unet, text_encoder, name, text_encoder_2):
         files["diffusers"] = DIFFUSERS_WEIGHT_NAME
     if kohya and (path := _try_write(skipped, write_kohya_lora, output_dir, unet, text_encoder, name,
                                      text_encoder_2)):

@@ -62,8 +62,10 @@ def target_of(noise_scheduler, latents: torch.Tensor, noise: torch.Tensor, times
 def denoising_loss(unet, noise_scheduler, latents: torch.Tensor, encoder_hidden_states: torch.Tensor,
                    is_class: torch.Tensor, generators: list[torch.Generator] | None, *,
                    prior_loss_weight: float = 1.0, snr_gamma: float | None = None, noise_offset: float = 0.0,
-                   timesteps: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> dict:
+                   timesteps: torch.Tensor | None = None, noise: torch.Tensor | None = None,
+                   added_cond_kwargs: dict | None = None) -> dict:
     """Loss of one batch: instance MSE + prior_loss_weight · class MSE. Returns the parts for logging.
+    `added_cond_kwargs`: SDXL's pooled text embedding and time ids (`pipelines.diffusion.sdxl`).
 
     Each row draws its noise and timestep from its own generator (`generators[i]`), so a sample's draws do
     not depend on the batch it lands in. With `snr_gamma` every row is weighted, class (prior) rows included,
@@ -75,7 +77,7 @@ def denoising_loss(unet, noise_scheduler, latents: torch.Tensor, encoder_hidden_
     timesteps = timesteps.to(latents.device)
     target = target_of(noise_scheduler, latents, noise, timesteps)
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-    pred = unet(noisy, timesteps, encoder_hidden_states).sample
+    pred = unet(noisy, timesteps, encoder_hidden_states, added_cond_kwargs=added_cond_kwargs).sample
     per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # (B,)
     if snr_gamma:
         per_sample = per_sample * snr_weights(noise_scheduler, timesteps, snr_gamma).to(per_sample)
@@ -102,11 +104,12 @@ def fixed_pairs(latents_shape: tuple[int, ...], num_train_timesteps: int, pairs:
 
 @torch.no_grad()
 def fixed_pairs_loss(unet, noise_scheduler, latents: torch.Tensor, encoder_hidden_states: torch.Tensor,
-                     pairs: int = 8, seed: int = 1234) -> float:
+                     pairs: int = 8, seed: int = 1234, added_cond_kwargs: dict | None = None) -> float:
     """Mean denoising loss of `latents` over a fixed set of (timestep, noise) pairs (`fixed_pairs`)."""
     total = 0.0
     is_class = torch.zeros(latents.shape[0], dtype=torch.bool)
     for timesteps, noise in fixed_pairs(tuple(latents.shape), noise_scheduler.config.num_train_timesteps, pairs, seed):
         total += denoising_loss(unet, noise_scheduler, latents, encoder_hidden_states, is_class, None,
-                                timesteps=timesteps, noise=noise.to(latents))["loss"].item()
+                                timesteps=timesteps, noise=noise.to(latents),
+                                added_cond_kwargs=added_cond_kwargs)["loss"].item()
     return total / pairs

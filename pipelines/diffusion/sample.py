@@ -5,7 +5,8 @@
         --prompt "a photo of sks dog on the beach" --num_images_per_prompt 4 --output_dir samples/
 
 `--adapter` takes a training output folder (its `unet_adapter.safetensors` and, if present,
-`text_encoder_adapter.safetensors`) or one native adapter file for the UNet, with an optional `:SCALE`.
+`text_encoder_adapter.safetensors` and SDXL's `text_encoder_2_adapter.safetensors`) or one native adapter file for
+the UNet, with an optional `:SCALE`. The model is an SD 1.x/2.x or an SDXL folder (read from its model_index.json).
 Output: PNGs named `<prompt index>_<k>.png` and `metadata.jsonl` (Hugging Face ImageFolder convention) with
 the prompt, seed and adapters of each image. Image k of every prompt uses seed `--seed + k`.
 """
@@ -25,6 +26,13 @@ import torch
 
 import dreamlora
 from dreamlora.atomic import atomic_write_text, save_png_atomic
+
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")  # what an adapter can sit on (text_encoder_2: SDXL)
+
+
+def pipeline_components(pipe) -> dict:
+    """The pipeline's adaptable components by name (SDXL's second text encoder included)."""
+    return {c: getattr(pipe, c) for c in COMPONENTS if getattr(pipe, c, None) is not None}
 
 
 @dataclass
@@ -46,7 +54,7 @@ class AdapterSpec:
     def files(self) -> dict[str, Path]:
         """component -> native adapter file."""
         if self.path.is_dir():
-            found = {c: self.path / f"{c}_adapter.safetensors" for c in ("unet", "text_encoder")}
+            found = {c: self.path / f"{c}_adapter.safetensors" for c in COMPONENTS}
             found = {c: f for c, f in found.items() if f.is_file()}
             if "unet" not in found:
                 raise FileNotFoundError(f"--adapter {str(self.path)!r}: no unet_adapter.safetensors in that folder")
@@ -59,11 +67,12 @@ class AdapterSpec:
 def load_pipeline(model: str, device: str | None = None, dtype: torch.dtype = torch.float32):
     from diffusers import StableDiffusionPipeline
 
-    from pipelines.diffusion.models import check_model_path, diffusers_dtype_kwargs
+    from pipelines.diffusion.models import check_model_path, diffusers_dtype_kwargs, pipeline_class
 
     check_model_path(model)
-    pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None, requires_safety_checker=False,
-                                                   **diffusers_dtype_kwargs(dtype))
+    cls = pipeline_class(model)
+    extra = {"safety_checker": None, "requires_safety_checker": False} if cls is StableDiffusionPipeline else {}
+    pipe = cls.from_pretrained(model, **extra, **diffusers_dtype_kwargs(dtype))
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return pipe.to(device)
 
@@ -71,17 +80,21 @@ def load_pipeline(model: str, device: str | None = None, dtype: torch.dtype = to
 def apply_adapters(pipe, specs: list[AdapterSpec], merge: bool = False) -> list[dict]:
     """Attach each adapter under its own name with its scale; `merge` folds them all into the weights."""
     applied = []
+    components = pipeline_components(pipe)
     for i, spec in enumerate(specs):
         name = f"adapter{i}"
         for component, file in spec.files().items():
-            model = getattr(pipe, component)
+            if component not in components:
+                raise ValueError(f"--adapter {str(spec.path)!r} has a {component} adapter, which this model has "
+                                 f"not (an SDXL adapter on an SD 1.x/2.x model?)")
+            model = components[component]
             dreamlora.load(model, file, name=name)
             dreamlora.set_scale(model, name, spec.scale)
         config = dreamlora.adapter_config(pipe.unet, name)
         applied.append({"path": str(spec.path), "scale": spec.scale, "method": config.method, "rank": config.rank})
     if merge:
-        for component in ("unet", "text_encoder"):
-            dreamlora.merge(getattr(pipe, component))
+        for model in components.values():
+            dreamlora.merge(model)
     return applied
 
 

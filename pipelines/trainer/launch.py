@@ -68,10 +68,12 @@ def device_type() -> str:
     return "mps" if mps is not None and mps.is_available() else "cpu"
 
 
-def make_accelerator(args):
-    """The run's accelerator from the shared flags (accumulation, precision, tracker, output folder)."""
+def make_accelerator(args, find_unused_parameters: bool = False):
+    """The run's accelerator from the shared flags (accumulation, precision, tracker, output folder).
+    `find_unused_parameters`: some trained weights get no gradient by design (SDXL's first text encoder: its
+    last layer's output is never read), which DDP otherwise refuses at the second step."""
     import accelerate
-    from accelerate.utils import ProjectConfiguration
+    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 
     output_dir = Path(args.output_dir)
     project = ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir))
@@ -81,6 +83,8 @@ def make_accelerator(args):
         log_with=args.report_to,
         project_config=project,
         cpu=device_type() == "cpu",  # without a GPU, `--multi_gpu` processes must still join over gloo
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)] if find_unused_parameters
+        else None,
     )
     if args.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         # accelerate installs no GradScaler on the CPU: fp16 there would train unscaled, half-precision weights
