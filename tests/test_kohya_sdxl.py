@@ -9,16 +9,21 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 from conftest import OneLayer, options_for, randomize_adapters, tiny_unet
+from PIL import Image
 from safetensors import safe_open
+from safetensors.torch import load_file
 from torch import nn
+from train_helpers import PROMPT, train_in_process
 
 import dreamlora
 from dreamlora import AdapterConfig, attach
 from pipelines.diffusion import export
 from pipelines.diffusion.kohya_names import NoKohyaName, ldm_unet_path
+from pipelines.diffusion.sample import main as sample_main
 from pipelines.diffusion.sd_configs import TINY_SDXL_UNET_CONFIG, build_sdxl_unet
 
 # kohya's default LoRA targets: the Linear layers of every Transformer2DModel (and CLIPAttention/CLIPMLP)
@@ -260,3 +265,49 @@ def test_diffusers_reads_the_sdxl_kohya_file_into_the_same_modules_and_outputs(m
     for name in want:
         assert (want[name] - base[name]).abs().max() > 1e-3, f"{name}: the adapter changes nothing visible"
         torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+
+
+# --- end to end: the trainer's kohya file in unmodified diffusers -------------------------------------------------
+
+# kohya's LoRA and LoCon layers: attention, projections, feed-forward, ResNet convs and time projections, samplers
+TRAIN_TARGETS = ",".join(KOHYA_UNET_TARGETS[:-2] + ["ff.net.0.proj", "ff.net.2", "conv1", "conv2", "conv_shortcut",
+                                                    "time_emb_proj", "downsamplers.0.conv", "upsamplers.0.conv"])
+STRONG_LR = {"adalora": 5e-2}  # AdaLoRA's update starts at third order (tests/test_train.py)
+
+
+def image_of(pipe) -> np.ndarray:
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(PROMPT, num_inference_steps=4, height=64, width=64, output_type="np", guidance_scale=7.5,
+               generator=torch.Generator().manual_seed(0)).images[0]  # pipelines.sample's guidance
+    return np.round(out * 255).astype(np.int16)
+
+
+@pytest.mark.parametrize(("method", "text_encoders"),
+                         [(m, True) for m in DIFFUSERS_READABLE] + [("lora", False)])
+def test_trained_sdxl_kohya_file_in_diffusers_gives_the_image_of_pipelines_sample(method, text_encoders,
+                                                                                  tiny_sdxl_dir, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    run = tmp_path / "run"
+    lr = STRONG_LR.get(method, 5e-3)
+    assert train_in_process(tiny_sdxl_dir, run, "--adapter", method, "--rank", 4, "--max_train_steps", 6,
+                            "--learning_rate", lr, "--text_encoder_lr", lr, "--singlora_ramp_steps", 2,
+                            "--relora_steps", 3, "--export_rank", "exact", "--target_modules", TRAIN_TARGETS,
+                            "--text_encoder_target_modules", ",".join(TE_TARGETS), "--checkpointing_steps", 100,
+                            *(["--train_text_encoder"] if text_encoders else [])) == 0
+    prefixes = {k.split("_")[1] for k in load_file(run / export.KOHYA_WEIGHT_NAME)}
+    assert prefixes == ({"unet", "te1", "te2"} if text_encoders else {"unet"})
+    assert sample_main(["--pretrained_model_name_or_path", str(tiny_sdxl_dir), "--adapter", str(run), "--prompt",
+                        PROMPT, "--num_inference_steps", "4", "--height", "64", "--width", "64", "--device", "cpu",
+                        "--output_dir", str(tmp_path / "images")]) == 0
+    ours = np.asarray(Image.open(tmp_path / "images" / "0000_0.png")).astype(np.int16)
+
+    reference = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir)
+    base = image_of(reference)
+    reference.load_lora_weights(run, weight_name=export.KOHYA_WEIGHT_NAME)  # diffusers' kohya converter
+    theirs = image_of(reference)
+    assert np.abs(ours - base).max() > 10  # the adapter visibly changes the image
+    assert np.abs(ours - theirs).max() <= 2
+    if text_encoders:
+        for name in ("text_encoder", "text_encoder_2"):
+            assert getattr(reference, name).peft_config, f"diffusers did not load the {name} adapter"
