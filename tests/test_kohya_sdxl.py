@@ -1,8 +1,9 @@
 """kohya sd-scripts' SDXL names in the kohya file (`pipelines/diffusion/kohya_names.py`): the UNet under its original
 LDM paths (`lora_unet_input_blocks_4_1_…`, `…middle_block_1_…`, `…output_blocks_2_2_conv`), the two text encoders as
-`lora_te1_…`/`lora_te2_…`, checked against the names kohya writes for the real SDXL architecture and read back by
+`lora_te1_…`/`lora_te2_…`, checked against the names kohya writes for the real SDXL architecture, read back by
 diffusers' own kohya converter (`StableDiffusionXLPipeline.load_lora_weights`) into the modules they came from,
-with the same outputs. SD 1.x files keep diffusers' names, as kohya writes them for SD 1.x.
+with the same outputs, and loaded by ComfyUI's real loader onto its own SDXL model (tests/comfyui_loader.py) with
+our weights. SD 1.x files keep diffusers' names, as kohya writes them for SD 1.x.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from conftest import OneLayer, options_for, randomize_adapters, tiny_unet
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
+from test_comfyui import STRENGTHS, assert_same_weights, our_weights, require_comfyui, run_comfyui, write_base
+from test_comfyui import adapted as comfy_adapted
 from torch import nn
 from train_helpers import PROMPT, train_in_process
 
@@ -265,6 +268,47 @@ def test_diffusers_reads_the_sdxl_kohya_file_into_the_same_modules_and_outputs(m
     for name in want:
         assert (want[name] - base[name]).abs().max() > 1e-3, f"{name}: the adapter changes nothing visible"
         torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+
+
+# --- ComfyUI's real loader: every method, LyCORIS keys and DoRA included ------------------------------------------
+
+# The tiny SDXL layout at widths ComfyUI's SDXL model builds: 64-channel heads and its 32-group norms
+COMFYUI_SDXL_UNET = {**TINY_SDXL_UNET_CONFIG, "block_out_channels": [64, 128, 192], "attention_head_dim": [1, 2, 3],
+                     "norm_num_groups": 32}
+
+
+@pytest.fixture(scope="module")
+def comfyui_sdxl(tmp_path_factory):
+    from diffusers import UNet2DConditionModel
+
+    require_comfyui()
+    folder = tmp_path_factory.mktemp("comfyui-sdxl")
+    torch.manual_seed(0)
+    base = UNet2DConditionModel(**COMFYUI_SDXL_UNET).eval()
+    models, files = {}, {}
+    for i, method in enumerate(KOHYA_METHODS):
+        models[method] = model = comfy_adapted(base, method, ALL_UNET_TARGETS, seed=i)
+        dreamlora.set_export_rank(model, "exact")
+        writer = export.write_comfyui_lora if method == "dora" else export.write_kohya_lora  # README: DoRA's file
+        files[method] = writer(folder / method, model)
+    patched, report = run_comfyui(folder, COMFYUI_SDXL_UNET, write_base(folder, "unet", base), files)
+    return models, files, patched, report
+
+
+@pytest.mark.parametrize("method", KOHYA_METHODS)
+def test_comfyui_loads_every_sdxl_key_and_patches_our_weights(method, comfyui_sdxl):
+    """ComfyUI's SDXL model is built in the LDM layout: its loader finds each name on its own modules (it would
+    also take diffusers-path names, so the names are checked to be kohya's first)."""
+    models, files, patched, report = comfyui_sdxl
+    with safe_open(str(files[method]), framework="pt") as f:
+        names = modules_of(dict.fromkeys(f.keys()))
+    assert "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q" in names and "lora_unet_out_2" in names
+    assert not any("down_blocks" in n or "up_blocks" in n or "mid_block" in n for n in names)
+    assert report[method]["not_loaded"] == []
+    assert report[method]["patched"] == len(dreamlora.adapter_layers(models[method], "default"))
+    for strength in STRENGTHS:
+        assert_same_weights(patched[method][strength], our_weights(models[method], "unet", strength),
+                            f"{method}@{strength}")
 
 
 # --- end to end: the trainer's kohya file in unmodified diffusers -------------------------------------------------
