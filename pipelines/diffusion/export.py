@@ -214,7 +214,7 @@ def write_tool_files(output_dir: str | os.PathLike, unet: nn.Module, text_encode
     Returns which file each tool reads (file names in `output_dir`; None: no file that tool reads right). A file
     in a format the method cannot be written in is skipped with a warning naming the format and the reason
     (also returned under `not_written`); the other files are still written. `text_encoder_2` (SDXL's second
-    encoder) goes into the kohya and ComfyUI files as `lora_te2_…`."""
+    encoder) goes into every file (`text_encoder_2.…` in the diffusers file, `lora_te2_…` in the kohya files)."""
     files: dict = dict.fromkeys(("diffusers", "kohya", "lycoris", "comfyui", "a1111"))
     skipped: dict[str, str] = {}
     if _try_write(skipped, write_diffusers_lora, output_dir, unet, text_encoder, name, text_encoder_2):
