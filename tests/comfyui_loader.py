@@ -7,7 +7,8 @@ test-only dependency installed with `pip install --no-deps`): this script only c
 process of its own because ComfyUI puts top-level modules named `utils`, `nodes`, `server` and `app` on the path.
 
 job.json:
-    unet_config  diffusers UNet2DConditionModel config (an SD 1.x architecture)
+    unet_config  diffusers UNet2DConditionModel config (an SD 1.x architecture, or SDXL's: addition_embed_type
+                 "text_time", built as ComfyUI's SDXL model)
     unet         safetensors of the UNet's state dict, diffusers keys
     clip         (optional) safetensors of a CLIP ViT-L/14 text encoder, transformers keys
     loras        {label: path of a LoRA file}
@@ -48,16 +49,20 @@ class Captured(logging.Handler):
 
 
 def ldm_layout(config: dict) -> dict:
-    """The ldm (original SD) layout fields of a diffusers SD 1.x UNet config, as ComfyUI's key map wants them."""
+    """The ldm (original SD) layout fields of a diffusers SD 1.x or SDXL UNet config, as ComfyUI's key map wants
+    them (transformer depths per level from `transformer_layers_per_block`, 1 for SD 1.x)."""
     widths, per_level = list(config["block_out_channels"]), config["layers_per_block"]
     if any(w % widths[0] for w in widths):
         raise ValueError(f"block_out_channels {widths}: ldm needs every width a multiple of the first")
+    depth = config.get("transformer_layers_per_block", 1)
+    depth = list(depth) if isinstance(depth, (list, tuple)) else [depth] * len(widths)
     attn_down = ["CrossAttn" in t for t in config["down_block_types"]]
     attn_up = ["CrossAttn" in t for t in reversed(config["up_block_types"])]  # shallow level first
     return {"num_res_blocks": [per_level] * len(widths), "channel_mult": [w // widths[0] for w in widths],
-            "transformer_depth": [int(a) for a in attn_down for _ in range(per_level)],
-            "transformer_depth_output": [int(a) for a in attn_up for _ in range(per_level + 1)],
-            "transformer_depth_middle": 1}
+            "transformer_depth": [d * a for d, a in zip(depth, attn_down, strict=True) for _ in range(per_level)],
+            "transformer_depth_output": [d * a for d, a in zip(depth, attn_up, strict=True)
+                                         for _ in range(per_level + 1)],
+            "transformer_depth_middle": depth[-1]}
 
 
 def build_unet(job: dict, torch):
@@ -79,15 +84,17 @@ def build_unet(job: dict, torch):
 
         patcher = comfy.sd.load_diffusion_model_state_dict(dict(ldm_sd), model_options={"dtype": torch.float32})
     else:
-        # ComfyUI's model detection refuses tiny widths; its SD 1.5 model class takes the detected config.
+        # ComfyUI's model detection refuses tiny widths; its SD 1.5 / SDXL model class takes the detected config.
         unet_config = comfy.model_detection.detect_unet_config(ldm_sd, "")
-        model_config = comfy.supported_models.SD15(unet_config)
+        sdxl = job["unet_config"].get("addition_embed_type") == "text_time"
+        model_config = (comfy.supported_models.SDXL if sdxl else comfy.supported_models.SD15)(unet_config)
         model_config.set_inference_dtype(torch.float32, None)
         model = model_config.get_model(ldm_sd, "")
         model.load_model_weights(dict(ldm_sd), "")
         cpu = torch.device("cpu")
         patcher = comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
-    return patcher, {v: k for k, v in to_ldm.items()}
+    # the map names label_emb both class_embedding (SD's) and add_embedding (SDXL's): keep the model's own name
+    return patcher, {v: k for k, v in to_ldm.items() if k in diffusers_sd}
 
 
 def build_clip(job: dict, torch):

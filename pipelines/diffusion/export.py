@@ -8,7 +8,8 @@ written under a temporary name and renamed.
 
 Which tool reads which file (also recorded in run.json by `write_tool_files`):
 - diffusers `pipe.load_lora_weights(run_dir)`: `pytorch_lora_weights.safetensors` (PEFT keys + LoraConfig metadata);
-- kohya sd-scripts, LyCORIS, A1111/Forge and ComfyUI: `kohya_lora.safetensors` (`lora_unet_…`/`lora_te_…` keys);
+- kohya sd-scripts, LyCORIS, A1111/Forge and ComfyUI: `kohya_lora.safetensors` (`lora_unet_…`/`lora_te_…` keys;
+  for SDXL kohya's own names: the UNet's original LDM paths and `lora_te1_…`/`lora_te2_…`, see `kohya_names`);
 - ComfyUI with DoRA: `comfyui_lora.safetensors`, the kohya file with `dora_scale` compensated for ComfyUI's rule.
   ComfyUI does not read PEFT-keyed attention weights (`…attn1.to_q.lora_A.weight`): it drops them with
   "lora key not loaded", so the diffusers file is never the one to give it.
@@ -28,6 +29,7 @@ from torch import nn
 import dreamlora
 from dreamlora.io import atomic_save_file
 from dreamlora.methods.base import ExportUnsupported, per_row
+from pipelines.diffusion.kohya_names import SDXL_BASE_MODEL_VERSION, SDXL_PREFIXES, is_sdxl_layout, kohya_sdxl_unet_key
 
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 KOHYA_WEIGHT_NAME = "kohya_lora.safetensors"
@@ -41,6 +43,8 @@ def text_encoder_path(path: str) -> str:
     """A CLIP text-encoder module path in transformers 4's form (`text_model.encoder.layers.0…`), whichever
     transformers built the model: the form kohya names, A1111/ComfyUI/LyCORIS look up and every diffusers
     release reads (diffusers strips the level again on transformers 5)."""
+    if path.split(".")[0] == "text_projection":  # CLIPTextModelWithProjection's, beside `text_model`, not in it
+        return path
     return CLIP_TEXT_LEVEL + path.removeprefix(CLIP_TEXT_LEVEL)
 
 
@@ -93,41 +97,59 @@ def _text_encoder_peft(text_encoder: nn.Module, name: str) -> tuple[dict[str, to
     return layers, meta
 
 
-def kohya_state_dict(model: nn.Module, component: str, name: str = "default") -> dict[str, torch.Tensor]:
+def kohya_state_dict(model: nn.Module, component: str, name: str = "default",
+                     sdxl: bool | None = None) -> dict[str, torch.Tensor]:
     """`lora_unet_<path>.<suffix>` for each layer, the suffixes and tensors being the method's own
     (`AdapterLayer.kohya_tensors`), each with its own `.alpha`: for LoRA-shaped methods `lora_down`/`lora_up`
     at the layer's own rank and `alpha` (= the `rank` option, `lora_up` rescaled to match); DoRA adds
     `.dora_scale`, the per-output-row magnitude shaped (d_out, 1[, 1, 1]): LyCORIS's `wd_on_output` form (its
     default since 4.x), which LyCORIS and kohya merge exactly as PEFT does. ComfyUI reads it differently
     (`comfyui_state_dict`); A1111 normalises per input column and cannot express it (README). Raises
-    `ExportUnsupported` for a method that has no kohya form."""
+    `ExportUnsupported` for a method that has no kohya form.
+
+    `component`: "unet", "text_encoder" or (SDXL) "text_encoder_2". `sdxl`: name the layers as kohya does for SDXL
+    (`kohya_names`: LDM paths for the UNet, `lora_te1_`/`lora_te2_`); None decides from the model: a UNet by its
+    config (`addition_embed_type="text_time"`), the second text encoder always, the first never (the writers pass
+    the UNet's answer for both encoders)."""
+    sdxl = _sdxl_names(model, component) if sdxl is None else sdxl
     out = {}
     for path, layer in dreamlora.adapter_layers(model, name).items():
         type(layer).check_format("kohya")
         if layer.kind.is_embedding:
             raise ValueError(f"{path}: embedding adapters have no kohya LoRA form")
-        key = _kohya_key(component, path)
+        key = _kohya_key(component, path, sdxl, model)
         out.update({f"{key}.{suffix}": t for suffix, t in layer.kohya_tensors().items()})
     return out
 
 
-def _kohya_key(component: str, path: str) -> str:
-    if component == "text_encoder":
+def _sdxl_names(model: nn.Module, component: str) -> bool:
+    return component == "text_encoder_2" or (component == "unet" and is_sdxl_layout(getattr(model, "config", None)))
+
+
+def _kohya_key(component: str, path: str, sdxl: bool, model: nn.Module) -> str:
+    if component == "unet" and sdxl:
+        return kohya_sdxl_unet_key(path, model.config)
+    if component != "unet":
         path = text_encoder_path(path)
-    return f"{KOHYA_PREFIXES[component]}_{path.replace('.', '_')}"
+    prefixes = SDXL_PREFIXES if sdxl else KOHYA_PREFIXES
+    if component not in prefixes:
+        raise ValueError(f"{component}: only SDXL has a second text encoder (lora_te2_)")
+    return f"{prefixes[component]}_{path.replace('.', '_')}"
 
 
 @torch.no_grad()
-def comfyui_state_dict(model: nn.Module, component: str, name: str = "default") -> dict[str, torch.Tensor]:
+def comfyui_state_dict(model: nn.Module, component: str, name: str = "default",
+                       sdxl: bool | None = None) -> dict[str, torch.Tensor]:
     """The kohya tensors, with each DoRA `dora_scale` rewritten for ComfyUI (0.3.x).
 
     ComfyUI merges a per-row `dora_scale` as dora_scale·(W0+ΔW)/‖W0‖ — the norm of the *original* weight —
     where DoRA (PEFT, LyCORIS, dreamlora) divides by ‖W0+ΔW‖. Writing m·‖W0‖/‖W0+ΔW‖ per row makes ComfyUI's
     rule give DoRA's weight exactly. (Valid while ComfyUI keeps that rule; its open PR #15458 would change it.)
     Other methods have no `dora_scale`: the result equals `kohya_state_dict`."""
-    out = kohya_state_dict(model, component, name)
+    sdxl = _sdxl_names(model, component) if sdxl is None else sdxl
+    out = kohya_state_dict(model, component, name, sdxl)
     for path, layer in dreamlora.adapter_layers(model, name).items():
-        key = f"{_kohya_key(component, path)}.dora_scale"
+        key = f"{_kohya_key(component, path, sdxl, model)}.dora_scale"
         if key not in out:
             continue
         w0 = layer.kind.weight_matrix().float()  # (d_out, d_in)
@@ -138,10 +160,17 @@ def comfyui_state_dict(model: nn.Module, component: str, name: str = "default") 
     return out
 
 
-def _tool_tensors(unet: nn.Module, text_encoder: nn.Module | None, name: str, builder) -> dict[str, torch.Tensor]:
-    tensors = builder(unet, "unet", name)
-    if has_adapter(text_encoder, name):
-        tensors.update(builder(text_encoder, "text_encoder", name))
+def _tool_tensors(unet: nn.Module, text_encoder: nn.Module | None, name: str, builder,
+                  text_encoder_2: nn.Module | None = None) -> dict[str, torch.Tensor]:
+    """Every component's tensors, named for the UNet's family: SDXL (kohya's LDM names, `lora_te1_`/`lora_te2_`)
+    or SD 1.x (diffusers paths, `lora_te_`)."""
+    sdxl = is_sdxl_layout(getattr(unet, "config", None))
+    if has_adapter(text_encoder_2, name) and not sdxl:
+        raise ValueError("a second text encoder's adapter needs an SDXL UNet (addition_embed_type='text_time')")
+    tensors = builder(unet, "unet", name, sdxl)
+    for component, model in (("text_encoder", text_encoder), ("text_encoder_2", text_encoder_2)):
+        if has_adapter(model, name):
+            tensors.update(builder(model, component, name, sdxl))
     return tensors
 
 
@@ -149,6 +178,8 @@ def _kohya_metadata(unet: nn.Module, name: str, tensors: dict[str, torch.Tensor]
     """kohya's header: the layers' dim/alpha when they all agree, "Dynamic" when they differ (as kohya's
     resize_lora writes), the `rank` option for keys without a `lora_down` (a method's native LyCORIS keys)."""
     config = dreamlora.adapter_config(unet, name)
+    if is_sdxl_layout(getattr(unet, "config", None)):
+        extra = {"ss_base_model_version": SDXL_BASE_MODEL_VERSION, **extra}  # A1111 lists it for SDXL models
     dims = {str(t.shape[0]) for k, t in tensors.items() if k.endswith(".lora_down.weight")} or {str(config.rank)}
     alphas = {f"{t.item():g}" for k, t in tensors.items() if k.endswith(".alpha")} or {f"{config.alpha:g}"}
     return {"ss_network_module": dreamlora.METHODS[config.method].kohya_network_module,
@@ -158,18 +189,19 @@ def _kohya_metadata(unet: nn.Module, name: str, tensors: dict[str, torch.Tensor]
 
 
 def write_kohya_lora(output_dir: str | os.PathLike, unet: nn.Module, text_encoder: nn.Module | None = None,
-                     name: str = "default") -> Path:
+                     name: str = "default", text_encoder_2: nn.Module | None = None) -> Path:
+    """`kohya_lora.safetensors`: `kohya_state_dict` of each adapted component (SDXL: `text_encoder_2` too)."""
     path = Path(output_dir) / KOHYA_WEIGHT_NAME
-    tensors = _tool_tensors(unet, text_encoder, name, kohya_state_dict)
+    tensors = _tool_tensors(unet, text_encoder, name, kohya_state_dict, text_encoder_2)
     atomic_save_file(tensors, path, _kohya_metadata(unet, name, tensors))
     return path
 
 
 def write_comfyui_lora(output_dir: str | os.PathLike, unet: nn.Module, text_encoder: nn.Module | None = None,
-                       name: str = "default") -> Path:
+                       name: str = "default", text_encoder_2: nn.Module | None = None) -> Path:
     """`comfyui_lora.safetensors`: the kohya file with ComfyUI's DoRA compensation (`comfyui_state_dict`)."""
     path = Path(output_dir) / COMFYUI_WEIGHT_NAME
-    tensors = _tool_tensors(unet, text_encoder, name, comfyui_state_dict)
+    tensors = _tool_tensors(unet, text_encoder, name, comfyui_state_dict, text_encoder_2)
     meta = _kohya_metadata(unet, name, tensors,
                            dreamlora_target="ComfyUI 0.3.x (dora_scale compensated for its DoRA rule)")
     atomic_save_file(tensors, path, meta)
@@ -181,15 +213,18 @@ def write_tool_files(output_dir: str | os.PathLike, unet: nn.Module, text_encode
     """Write the diffusers file and (unless `kohya` is False) the kohya file, plus the ComfyUI file for DoRA.
     Returns which file each tool reads (file names in `output_dir`; None: no file that tool reads right). A file
     in a format the method cannot be written in is skipped with a warning naming the format and the reason
-    (also returned under `not_written`); the other files are still written."""
+    (also returned under `not_written`); the other files are still written. `text_encoder_2` (SDXL's second
+    encoder) goes into every file (`text_encoder_2.…` in the diffusers file, `lora_te2_…` in the kohya files)."""
     files: dict = dict.fromkeys(("diffusers", "kohya", "lycoris", "comfyui", "a1111"))
     skipped: dict[str, str] = {}
     if _try_write(skipped, write_diffusers_lora, output_dir, unet, text_encoder, name, text_encoder_2):
         files["diffusers"] = DIFFUSERS_WEIGHT_NAME
-    if kohya and (path := _try_write(skipped, write_kohya_lora, output_dir, unet, text_encoder, name)):
+    if kohya and (path := _try_write(skipped, write_kohya_lora, output_dir, unet, text_encoder, name,
+                                     text_encoder_2)):
         with safe_open(str(path), framework="pt") as f:
             is_dora = any(k.endswith(".dora_scale") for k in f.keys())
-        comfy = write_comfyui_lora(output_dir, unet, text_encoder, name).name if is_dora else KOHYA_WEIGHT_NAME
+        comfy = (write_comfyui_lora(output_dir, unet, text_encoder, name, text_encoder_2).name if is_dora
+                 else KOHYA_WEIGHT_NAME)
         files.update(kohya=KOHYA_WEIGHT_NAME, lycoris=KOHYA_WEIGHT_NAME, comfyui=comfy,
                      a1111=None if is_dora else KOHYA_WEIGHT_NAME)  # A1111 cannot express per-row DoRA (README)
     return {**files, "not_written": skipped} if skipped else files
