@@ -402,6 +402,35 @@ class ValidationLossArgs:
 
 
 @dataclass
+class PivotalArgs:
+    title: ClassVar[str] = "pivotal tuning"
+
+    train_text_encoder_ti: bool = False
+    """pivotal tuning: train new tokens' embeddings (textual inversion) with the adapter; --token_abstraction in the
+    prompts and captions becomes the new tokens (SDXL: in both text encoders); written as <output_dir>_emb.safetensors
+    (diffusers' load_textual_inversion), bundled in the kohya file (A1111) and as embeddings/<abstraction>.safetensors
+    (ComfyUI)"""
+    train_text_encoder_ti_frac: float = 0.5
+    """train the embeddings during this fraction of the optimizer steps (the first ceil(frac*steps)), then freeze
+    them"""
+    token_abstraction: str = "TOK"
+    """the word that stands for the new tokens in --instance_prompt, captions and --validation_prompt (several:
+    comma-separated); each becomes --num_new_tokens_per_abstraction tokens <s0><s1>..."""
+    num_new_tokens_per_abstraction: int | None = None
+    """new tokens per abstraction (default 2; with --initializer_concept: as many as the concept has tokens)"""
+    initializer_concept: str | None = None
+    """start the new tokens from this word's or phrase's embeddings (token j from its token j mod their count)
+    instead of random ones with the vocabulary's std"""
+
+    def __post_init__(self):
+        if not 0.0 < self.train_text_encoder_ti_frac <= 1.0:
+            raise ArgError(f"--train_text_encoder_ti_frac must be in (0, 1], got {self.train_text_encoder_ti_frac}")
+        require_positive(self, "num_new_tokens_per_abstraction")
+        if self.initializer_concept is not None and not self.train_text_encoder_ti:
+            raise ArgError("--initializer_concept given without --train_text_encoder_ti")
+
+
+@dataclass
 class KohyaOutputArgs(OutputArgs):
     no_kohya_format: bool = False
     """skip kohya_lora.safetensors (kohya, LyCORIS, A1111, ComfyUI) and DoRA's comfyui_lora file"""
@@ -417,7 +446,7 @@ class KohyaOutputArgs(OutputArgs):
 
 GROUPS = (ModelArgs, DataArgs, UNetAdapterArgs, ImageArgs, OptimisationArgs, MemoryArgs, CheckpointArgs,
           ValidationArgs, EMAArgs, LogArgs, KohyaOutputArgs, CaptionArgs, OptimizerArgs, MaskedLossArgs,
-          ValidationLossArgs)
+          ValidationLossArgs, PivotalArgs)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -434,6 +463,10 @@ def validate(args: argparse.Namespace) -> None:
     if args.cache_latents and not args.center_crop:
         raise ArgError("--cache_latents fixes each image's crop: add --center_crop (random crops cannot be cached)")
     check_optimizer_flags(args)
+    if args.train_text_encoder_ti:  # reads the model's tokenizers (no weights): conflicts fail before loading
+        from pipelines.diffusion.pivotal import resolve_flags
+
+        resolve_flags(args)
     if args.use_ema:
         from dreamlora.methods import METHODS
         from pipelines.trainer.ema import refusal
