@@ -45,6 +45,8 @@ FLAGS_BEFORE = {
         "--no-prodigy_use_bias_correction", "--prodigy_safeguard_warmup", "--no-prodigy_safeguard_warmup",
         "--masked_loss", "--alpha_mask",  # issue #14
         "--validation_split", "--validate_every_n_steps", "--max_validation_steps", "--validation_seed",
+        "--train_text_encoder_ti", "--train_text_encoder_ti_frac", "--token_abstraction",  # issue #14: pivotal
+        "--num_new_tokens_per_abstraction", "--initializer_concept",
     ],
     "train_text": [
         "--adapter", "--alpha", "--checkpointing_steps", "--checkpoints_total_limit", "--config", "--data_format",
@@ -84,6 +86,8 @@ DEFAULTS_BEFORE = {
         "prodigy_safeguard_warmup": True,
         "masked_loss": False, "alpha_mask": False,  # issue #14
         "validation_split": 0.0, "validate_every_n_steps": None, "max_validation_steps": None, "validation_seed": None,
+        "train_text_encoder_ti": False, "train_text_encoder_ti_frac": 0.5, "token_abstraction": "TOK",
+        "num_new_tokens_per_abstraction": None, "initializer_concept": None,
     },
     "train_text": {
         "adapter": "lora", "alpha": None, "checkpointing_steps": None, "checkpoints_total_limit": None,
