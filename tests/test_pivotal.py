@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import glob
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from comfyui_loader import comfyui_root
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
-from train_helpers import INSTANCE_DIR, train_in_process
+from train_helpers import INSTANCE_DIR, ROOT, launch_two, train_cmd, train_in_process
 
 from dreamlora.errors import ArgError
 from dreamlora.train_args import parse_args
@@ -243,6 +244,26 @@ def test_resume_is_exact_across_the_pivot(tiny_model_dir, tmp_path):
         a = load_file(tmp_path / "whole" / name)
         b = load_file(resumed / name.replace("whole", "resumed"))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_two_processes_train_the_rows_one_process_with_their_batch_trains(tiny_model_dir, tmp_path):
+    """DDP all-reduces the rows' gradient like the adapters': two processes at batch 1 write the rows (and adapter)
+    of one process at batch 2 (measured: 2e-7 on rows that move by ~8e-2, 7e-6 on the UNet's adapter)."""
+    flags = ("--instance_prompt", PROMPT, *FAST, "--max_train_steps", 3, "--train_text_encoder_ti_frac", 1.0,
+             "--checkpointing_steps", 100, "--no_kohya_format")
+    cmd = [*launch_two(), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           *train_cmd(tiny_model_dir, tmp_path / "two", *flags)[1:]]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((tmp_path / "two" / "run.json").read_text())["world_size"] == 2
+    assert train_in_process(tiny_model_dir, tmp_path / "one", *flags, "--train_batch_size", 2) == 0
+    two, one = load_file(emb_file(tmp_path / "two"))["clip_l"], load_file(emb_file(tmp_path / "one"))["clip_l"]
+    unet = [load_file(tmp_path / run / "unet_adapter.safetensors") for run in ("two", "one")]
+    rows_difference = (two - one).abs().max().item()
+    unet_difference = max((unet[0][k] - unet[1][k]).abs().max().item() for k in unet[0])
+    print(f"rows: {rows_difference:.1e} (largest {two.abs().max().item():.1e}), unet adapter: {unet_difference:.1e}")
+    assert rows_difference <= 1e-6 and unet_difference <= 1e-4
 
 
 # --- bad input ---------------------------------------------------------------------------------------------------
