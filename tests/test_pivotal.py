@@ -151,6 +151,35 @@ def test_diffusers_load_textual_inversion_gives_the_image_of_pipelines_sample(sd
     assert np.abs(theirs - after_one_step).max() > 0  # the trained rows, not the first step's, make the image
 
 
+def test_the_app_loads_two_pivotal_runs_and_gives_the_tokenizer_back(sd_run, tiny_model_dir, tmp_path):
+    """The app's Sample tab keeps one pipeline: a request loads its runs' embeddings (a second pivotal run's tokens
+    renamed, each abstraction its own) and takes them out again, so the next request starts from the base."""
+    from app_backend.safety import AppInputError
+    from app_backend.sampling import adapters_attached
+    from pipelines.diffusion.sample import AdapterSpec, load_pipeline
+
+    style = tmp_path / "style"
+    assert train_in_process(tiny_model_dir, style, "--instance_prompt", "a dog in STY style", "--token_abstraction",
+                            "STY", *FAST[:2], "--train_text_encoder_ti", "--checkpointing_steps", 100) == 0
+    pipe = load_pipeline(str(tiny_model_dir), "cpu")
+    tokenizer, embedding = pipe.tokenizer, pipe.text_encoder.get_input_embeddings()
+    for _ in range(2):
+        with adapters_attached(pipe, [AdapterSpec(sd_run), AdapterSpec(style)], str(tiny_model_dir)) as (_, applied):
+            abstractions = pivotal.merged_abstractions(applied)
+            assert abstractions == {"TOK": "<s0><s1>", "STY": "<adapter1.s0><adapter1.s1>"}
+            ids = pipe.tokenizer(pivotal.replace_abstractions("TOK STY", abstractions)).input_ids
+            assert ids[1:5] == [VOCAB, VOCAB + 1, VOCAB + 2, VOCAB + 3]
+            rows = pipe.text_encoder.get_input_embeddings().weight[VOCAB:]
+            assert torch.equal(rows[:2], load_file(emb_file(sd_run))["clip_l"])
+            assert torch.equal(rows[2:], load_file(emb_file(style))["clip_l"])
+        assert pipe.tokenizer is tokenizer and len(tokenizer) == VOCAB
+        assert pipe.text_encoder.get_input_embeddings() is embedding and pipe.text_encoder.config.vocab_size == VOCAB
+    with pytest.raises(AppInputError, match="both trained the token abstraction 'TOK'"):
+        with adapters_attached(pipe, [AdapterSpec(sd_run), AdapterSpec(sd_run)], str(tiny_model_dir)):
+            pass
+    assert len(pipe.tokenizer) == VOCAB
+
+
 def test_kohya_file_bundles_the_embedding_and_comfyui_gets_its_own_file(sd_run):
     rows = load_file(emb_file(sd_run))["clip_l"]
     kohya = load_file(sd_run / "kohya_lora.safetensors")
