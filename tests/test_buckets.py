@@ -122,6 +122,33 @@ def test_batches_are_one_bucket_and_processes_split_the_epoch_evenly(sizes, batc
             assert set(rows) == set(range(len(groups))) and len(rows) - len(groups) < processes
 
 
+@pytest.mark.parametrize("settings", [
+    buckets.BucketSettings("kohya", 64, 16, 32, 128),
+    buckets.BucketSettings("kohya", 64, 16, 32, 128, no_upscale=True),
+    buckets.BucketSettings("list", 64, listed=((48, 80), (80, 48), (64, 64))),
+    buckets.BucketSettings("ladder", 64, 16),
+], ids=["enable_bucket", "bucket_no_upscale", "aspect_ratio_buckets", "use_aspect_ratio_buckets"])
+def test_each_flags_form_loads_every_photo_once_per_epoch_in_batches_of_one_shape(settings, tmp_path):
+    """The real loader (dataset + batch sampler + collate) over photos of five shapes, batch 2, three epochs."""
+    folder = photos(tmp_path / "p", [*MIXED, (200, 90), (90, 200)])
+    examples = dbdata.read_examples(folder, "--instance_data_dir", PROMPT, 0, is_class=False)
+    placements = [buckets.place(settings, e.image.height, e.image.width) for e in examples]
+    assert len({p.bucket for p in placements}) >= 3
+    dataset = buckets.BucketDataset(examples, [], placements, 64, center_crop=False, random_flip=True, seed=0)
+    loader, sampler = buckets.bucketed_loader(dataset, 2, 1, seed=0)
+    for epoch in range(3):
+        dataset.select_epoch(epoch)
+        sampler.select_epoch(epoch)
+        batches = list(loader)
+        assert len(batches) == len(sampler)
+        rows = sorted(index for b in batches for _, index in b["rows"])
+        assert rows == list(range(len(examples)))
+        for b in batches:
+            index = b["rows"][0][1]
+            assert b["pixel_values"].shape[2:] == placements[index].bucket
+            assert all(placements[i].bucket == placements[index].bucket for _, i in b["rows"])
+
+
 def test_the_order_is_a_function_of_seed_and_epoch():
     groups = [0] * 6 + [1] * 5
     a, b = BucketBatchSampler(groups, 2, 1, 3), BucketBatchSampler(groups, 2, 1, 3)
