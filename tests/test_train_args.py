@@ -46,6 +46,8 @@ FLAGS_BEFORE = {
         "--no-prodigy_use_bias_correction", "--prodigy_safeguard_warmup", "--no-prodigy_safeguard_warmup",
         "--masked_loss", "--alpha_mask",  # issue #14
         "--validation_split", "--validate_every_n_steps", "--max_validation_steps", "--validation_seed",
+        "--enable_bucket", "--min_bucket_reso", "--max_bucket_reso", "--bucket_reso_steps", "--bucket_no_upscale",
+        "--use_aspect_ratio_buckets", "--aspect_ratio_buckets",  # issue #14
     ],
     "train_text": [
         "--adapter", "--alpha", "--checkpointing_steps", "--checkpoints_total_limit", "--config", "--data_format",
@@ -86,6 +88,8 @@ DEFAULTS_BEFORE = {
         "prodigy_safeguard_warmup": True,
         "masked_loss": False, "alpha_mask": False,  # issue #14
         "validation_split": 0.0, "validate_every_n_steps": None, "max_validation_steps": None, "validation_seed": None,
+        "enable_bucket": False, "min_bucket_reso": 256, "max_bucket_reso": 1024, "bucket_reso_steps": 64,
+        "bucket_no_upscale": False, "use_aspect_ratio_buckets": False, "aspect_ratio_buckets": None,  # issue #14
     },
     "train_text": {
         "adapter": "lora", "alpha": None, "checkpointing_steps": None, "checkpoints_total_limit": None,
