@@ -27,8 +27,8 @@ from dreamlora import AdapterConfig
 from dreamlora.atomic import atomic_write_json
 from dreamlora.errors import ArgError
 from dreamlora.train_args import method_options, parse_args, resolve_init
+from pipelines.diffusion import buckets, sdxl
 from pipelines.diffusion import data as dbdata
-from pipelines.diffusion import sdxl
 from pipelines.diffusion.captions import CaptionAugment
 from pipelines.diffusion.class_images import ensure_class_images
 from pipelines.diffusion.export import write_tool_files
@@ -82,9 +82,8 @@ class LatentEncoder:
         for key, pixels in tqdm(list(dataset.all_views()), desc="caching latents", unit="img"):
             dist = self._dist(pixels[None])
             self.stats[key] = (dist.mean[0], dist.std[0])
-        if dataset.masked:
-            size = next(iter(self.stats.values()))[0].shape[-2:]
-            self.mask_cache = {key: latent_mask(mask[None], size)[0].to(self.vae.device)
+        if dataset.masked:  # each at its own latent's size (buckets differ)
+            self.mask_cache = {key: latent_mask(mask[None], self.stats[key][0].shape[-2:])[0].to(self.vae.device)
                                for key, mask in dataset.all_masks()}
 
     def masks(self, batch: dict) -> torch.Tensor | None:
@@ -193,23 +192,31 @@ class PromptEncoder:
 
 
 def build(args, accelerator, instances: list, resume_from: Path | None,
-          held_out: list = ()) -> tuple[DreamBoothTask, Plan]:
+          held_out: list = (), placements: list | None = None) -> tuple[DreamBoothTask, Plan]:
     """Models, data and adapters for the loop: the frozen SD components, the class images, the seeded data
-    order, the adapters with their run-dependent options (SingLoRA's ramp follows the run's length), and the
-    optimizer and LR schedule built from the core's groups."""
+    order (with `placements`, each instance photo's aspect-ratio bucket: batches of one bucket each), the adapters
+    with their run-dependent options (SingLoRA's ramp follows the run's length), and the optimizer and LR schedule
+    built from the core's groups."""
     sd, weight_dtype = load_frozen_models(args, accelerator)
     # pivotal tuning's new tokens, before the class images: --class_prompt may hold them
     embeddings = PivotalEmbeddings(args, sd) if args.train_text_encoder_ti else None
     classes = class_examples(args, sd, accelerator)
     captions = CaptionAugment(args.seed, args.caption_dropout_rate, args.shuffle_caption, args.keep_tokens,
                               args.keep_tokens_separator)
-    dataset = dbdata.DreamBoothDataset(instances, classes, args.resolution, args.center_crop, args.random_flip,
-                                       args.seed, captions)
-    sampler = order.EpochShuffle(len(dataset), args.seed)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=args.train_batch_size, sampler=sampler,
-                                         collate_fn=dbdata.collate)
-    batches_per_epoch, epoch_steps = steps_per_epoch(
-        len(dataset), args.train_batch_size, accelerator.num_processes, args.gradient_accumulation_steps)
+    if placements is None:
+        dataset = dbdata.DreamBoothDataset(instances, classes, args.resolution, args.center_crop, args.random_flip,
+                                           args.seed, captions)
+        sampler = order.EpochShuffle(len(dataset), args.seed)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=args.train_batch_size, sampler=sampler,
+                                             collate_fn=dbdata.collate)
+        batches_per_epoch, epoch_steps = steps_per_epoch(
+            len(dataset), args.train_batch_size, accelerator.num_processes, args.gradient_accumulation_steps)
+    else:
+        dataset = buckets.BucketDataset(instances, classes, placements, args.resolution, args.center_crop,
+                                        args.random_flip, args.seed, captions)
+        loader, sampler = buckets.bucketed_loader(dataset, args.train_batch_size, accelerator.num_processes, args.seed)
+        batches_per_epoch = sampler.batches_per_process()
+        epoch_steps = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
     max_steps = args.max_train_steps or args.num_train_epochs * epoch_steps
     resolve_method_options(args, max_steps, resume_from and checkpoints.adapter_file(resume_from, "unet"))
     trained, groups = attach_adapters(args, sd)
@@ -302,6 +309,8 @@ class DreamBoothTask:
 
     def write_outputs(self, result: RunResult) -> None:
         extra = {"validation_loss": self.validation.summary()} if self.validation is not None else {}
+        if isinstance(self.dataset, buckets.BucketDataset):
+            extra["buckets"] = self.dataset.summary()
         write_outputs(self.args, Path(self.args.output_dir), self.trained, result, self.sd, self.ema, extra,
                       self.embeddings)
 
@@ -331,17 +340,20 @@ def main(argv: list[str] | None = None) -> int:
     stop_requested = launch.install_stop_signal()  # first: a Stop during loading still ends cleanly
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     # data first: bad input fails before anything is written
+    bucketing = args.enable_bucket or args.use_aspect_ratio_buckets  # then buckets.plan warns of enlargements
     instances = dbdata.read_examples(args.instance_data_dir, "--instance_data_dir", args.instance_prompt,
-                                     args.resolution, is_class=False, mask_source=mask_source(args))
+                                     0 if bucketing else args.resolution, is_class=False,
+                                     mask_source=mask_source(args))
     rewrite_prompts(args, instances, args.instance_data_dir)  # pivotal tuning: TOK -> <s0><s1> (captions too)
     instances, held_out = split_held_out(instances, args.validation_split, validation_seed(args),
                                          args.instance_data_dir)
+    instances, placements = buckets.plan(args, instances)
     accelerator = launch.make_accelerator(args, find_unused_parameters=trains_unread_layers(args))
     from accelerate.utils import set_seed
 
     set_seed(args.seed)
     resume_from = checkpoints.resolve_resume(Path(args.output_dir), args.resume_from_checkpoint)
-    task, plan = build(args, accelerator, instances, resume_from, held_out)
+    task, plan = build(args, accelerator, instances, resume_from, held_out, placements)
     return loop.train(task, plan, args, accelerator, stop_requested, resume_from)
 
 

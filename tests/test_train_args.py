@@ -48,6 +48,8 @@ FLAGS_BEFORE = {
         "--validation_split", "--validate_every_n_steps", "--max_validation_steps", "--validation_seed",
         "--train_text_encoder_ti", "--train_text_encoder_ti_frac", "--token_abstraction",  # issue #14: pivotal
         "--num_new_tokens_per_abstraction", "--initializer_concept",
+        "--enable_bucket", "--min_bucket_reso", "--max_bucket_reso", "--bucket_reso_steps", "--bucket_no_upscale",
+        "--use_aspect_ratio_buckets", "--aspect_ratio_buckets",  # issue #14
     ],
     "train_text": [
         "--adapter", "--alpha", "--checkpointing_steps", "--checkpoints_total_limit", "--config", "--data_format",
@@ -90,6 +92,8 @@ DEFAULTS_BEFORE = {
         "validation_split": 0.0, "validate_every_n_steps": None, "max_validation_steps": None, "validation_seed": None,
         "train_text_encoder_ti": False, "train_text_encoder_ti_frac": 0.5, "token_abstraction": "TOK",
         "num_new_tokens_per_abstraction": None, "initializer_concept": None,
+        "enable_bucket": False, "min_bucket_reso": 256, "max_bucket_reso": 1024, "bucket_reso_steps": 64,
+        "bucket_no_upscale": False, "use_aspect_ratio_buckets": False, "aspect_ratio_buckets": None,  # issue #14
     },
     "train_text": {
         "adapter": "lora", "alpha": None, "checkpointing_steps": None, "checkpoints_total_limit": None,
