@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-from train_helpers import INSTANCE_DIR, PROMPT, ROOT, launch_two, train_cmd, train_in_process
+from train_helpers import INSTANCE_DIR, PROMPT, ROOT, kill_after_checkpoint, launch_two, train_cmd, train_in_process
 
 from dreamlora.errors import ArgError
 from dreamlora.train_args import parse_args
@@ -351,15 +349,7 @@ def test_sigkill_then_resume_with_buckets_matches_an_uninterrupted_run(tiny_mode
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     reference, killed = tmp_path / "uninterrupted", tmp_path / "killed"
     subprocess.run(cmd(reference), env=env, check=True, capture_output=True, timeout=600)
-    proc = subprocess.Popen(cmd(killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    progress = killed / "progress.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        if progress.is_file() and '"event": "checkpoint", "step": 4' in progress.read_text():
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_after_checkpoint(cmd(killed), killed, 4, env)
     assert (killed / "checkpoint-4").is_dir() and not (killed / "unet_adapter.safetensors").exists()
     assert json.loads((killed / "checkpoint-4" / "progress.json").read_text())["batch_in_epoch"] == 1  # mid-epoch
     subprocess.run(cmd(killed, "--resume_from_checkpoint", "latest"), env=env, check=True, capture_output=True,

@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import time
 
 import numpy as np
 import pytest
@@ -15,7 +11,7 @@ from conftest import METHOD_NAMES
 from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
-from train_helpers import PROMPT, run_train, train_cmd, train_in_process
+from train_helpers import PROMPT, kill_after_checkpoint, run_train, train_cmd, train_in_process
 
 import dreamlora
 from dreamlora import AdapterConfig, attach
@@ -135,17 +131,7 @@ def test_sigkill_after_a_checkpoint_then_resume_gives_the_uninterrupted_runs_ema
     run_train(tiny_model_dir, reference, *common)
 
     killed = tmp_path / "killed"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen(train_cmd(tiny_model_dir, killed, *common), env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    progress = killed / "progress.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        if progress.is_file() and '"event": "checkpoint", "step": 3' in progress.read_text():
-            break
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_after_checkpoint(train_cmd(tiny_model_dir, killed, *common), killed, 3)
     assert (killed / "checkpoint-3" / CHECKPOINT_FILE).is_file() and not (killed / EMA_DIR).exists()
     run_train(tiny_model_dir, killed, *common, "--resume_from_checkpoint", "latest")
 

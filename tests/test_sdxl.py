@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
-import time
 from importlib.metadata import version
 
 import numpy as np
@@ -18,7 +16,7 @@ from conftest import METHOD_NAMES
 from packaging.version import Version
 from PIL import Image
 from safetensors.torch import load_file
-from train_helpers import PROMPT, ROOT, launch_two, run_train, train_cmd, train_in_process
+from train_helpers import PROMPT, ROOT, kill_after_checkpoint, launch_two, run_train, train_cmd, train_in_process
 
 import dreamlora
 from pipelines.diffusion import data as dbdata
@@ -235,17 +233,7 @@ def test_sdxl_sigkill_then_resume_latest_matches_an_uninterrupted_run(tiny_sdxl_
     run_train(tiny_sdxl_dir, reference, *common)
 
     killed = tmp_path / "killed"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen(train_cmd(tiny_sdxl_dir, killed, *common), env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    progress = killed / "progress.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        if progress.is_file() and '"event": "checkpoint", "step": 3' in progress.read_text():
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_after_checkpoint(train_cmd(tiny_sdxl_dir, killed, *common), killed, 3)
     assert (killed / "checkpoint-3").is_dir() and not (killed / "unet_adapter.safetensors").exists()
     assert {p.name for p in (killed / "checkpoint-3").glob("*_adapter.safetensors")} == {
         "unet_adapter.safetensors", "text_encoder_adapter.safetensors", "text_encoder_2_adapter.safetensors"}

@@ -18,6 +18,7 @@ from train_helpers import (
     PROMPT,
     ROOT,
     instance_latents,
+    kill_after_checkpoint,
     launch_two,
     prompt_states,
     run_train,
@@ -186,17 +187,7 @@ def test_sigkill_then_resume_latest_matches_an_uninterrupted_run(tiny_model_dir,
     run_train(tiny_model_dir, reference, *common)
 
     killed = tmp_path / "killed"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen(train_cmd(tiny_model_dir, killed, *common), env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    progress = killed / "progress.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        if progress.is_file() and '"event": "checkpoint", "step": 4' in progress.read_text():
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_after_checkpoint(train_cmd(tiny_model_dir, killed, *common), killed, 4)
     assert (killed / "checkpoint-4").is_dir() and not (killed / "unet_adapter.safetensors").exists()
     run_train(tiny_model_dir, killed, *common, "--resume_from_checkpoint", "latest")
 

@@ -76,3 +76,22 @@ def prompt_states(pipe, prompt: str, n: int) -> torch.Tensor:
 
     with torch.no_grad():
         return encode_prompts(pipe.tokenizer, pipe.text_encoder, [prompt] * n)
+
+
+def kill_after_checkpoint(cmd: list[str], output_dir: Path, step: int, env: dict | None = None) -> None:
+    """Start the train.py command `cmd` (writing to `output_dir`) and SIGKILL it as soon as its progress file reports
+    the checkpoint of `step`: the crash an exact resume must recover from. Fails if that checkpoint never came."""
+    import signal
+    import time
+
+    env = env or {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    progress, mark = Path(output_dir) / "progress.jsonl", f'"event": "checkpoint", "step": {step}'
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if progress.is_file() and mark in progress.read_text():
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (Path(output_dir) / f"checkpoint-{step}").is_dir(), f"the run never wrote checkpoint-{step}"
