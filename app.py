@@ -2,6 +2,7 @@
 it, try prompts, compare methods, and compose past adapters for a new subject, without typing an accelerate command.
 
     python app.py                       # http://127.0.0.1:7860, the embedded tiny model, runs in ./runs/app
+    python app.py --base_model tiny-sdxl    # the embedded tiny SDXL model (tiny-sd2: SD 2.x); the page picks too
     python app.py --base_model stable-diffusion-v1-5/stable-diffusion-v1-5 --runs_dir /data/runs --port 8080
     python app.py --host 0.0.0.0 --auth_file logins.txt   # beyond this machine: logins required
 
