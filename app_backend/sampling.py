@@ -67,6 +67,7 @@ class Sampler:
                negative_prompt: str = "", seed: int = 0, num_images: int = 1, steps: int = 30,
                guidance: float = 7.5, size: int = 512) -> tuple[Path, list[Path]]:
         """Generate; returns the output folder and its PNGs."""
+        from pipelines.diffusion.pivotal import merged_abstractions
         from pipelines.diffusion.sample import generate
 
         prompt = (prompt or "").strip()
@@ -87,7 +88,8 @@ class Sampler:
                      "prompt_for_clip_t": " ".join(w for w in prompt.split() if w != token)}
             generate(pipe, [prompt], out, negative_prompt=(negative_prompt or "").strip() or None, seed=seed,
                      num_images_per_prompt=values["num_images"], num_inference_steps=values["steps"],
-                     guidance_scale=guidance, height=values["size"], width=values["size"], extra=extra)
+                     guidance_scale=guidance, height=values["size"], width=values["size"], extra=extra,
+                     abstractions=merged_abstractions(applied))  # a pivotal run's "TOK" -> its trained tokens
         run = {"base_model": model, "adapters": applied, "prompt": prompt,
                "references": str(specs[0].path / "data") if specs else None}
         atomic_write_text(out / "run.json", json.dumps(run, indent=1))
@@ -103,14 +105,17 @@ class Sampler:
 
 @contextmanager
 def adapters_attached(pipe, specs: list, model: str):
-    """The pipeline with `specs` attached (each under its own name and scale), detached again after."""
+    """The pipeline with `specs` attached (each under its own name and scale, a pivotal run's embeddings too),
+    detached again after."""
     import dreamlora
+    from pipelines.diffusion.pivotal import unload_embeddings
     from pipelines.diffusion.sample import apply_adapters
 
     def detach_all():
         for component in (pipe.unet, pipe.text_encoder):
             for name in dreamlora.adapter_names(component):
                 dreamlora.detach(component, name)
+        unload_embeddings(pipe)
 
     try:
         applied = apply_adapters(pipe, specs)

@@ -27,8 +27,8 @@ from dreamlora import AdapterConfig
 from dreamlora.atomic import atomic_write_json
 from dreamlora.errors import ArgError
 from dreamlora.train_args import method_options, parse_args, resolve_init
+from pipelines.diffusion import buckets, sdxl
 from pipelines.diffusion import data as dbdata
-from pipelines.diffusion import sdxl
 from pipelines.diffusion.captions import CaptionAugment
 from pipelines.diffusion.class_images import ensure_class_images
 from pipelines.diffusion.export import write_tool_files
@@ -43,6 +43,7 @@ from pipelines.diffusion.models import (
     read_model_index,
     save_pipeline_fp32,
 )
+from pipelines.diffusion.pivotal import PivotalEmbeddings, rewrite_prompts
 from pipelines.diffusion.validation_loss import ValidationLoss, split_held_out
 from pipelines.trainer import checkpoints, launch, loop, order, outputs
 from pipelines.trainer.ema import AdapterEMA, ema_weights, write_ema_output
@@ -83,9 +84,8 @@ class LatentEncoder:
         for key, pixels in tqdm(list(dataset.all_views()), desc="caching latents", unit="img"):
             dist = self._dist(pixels[None])
             self.stats[key] = (dist.mean[0], dist.std[0])
-        if dataset.masked:
-            size = next(iter(self.stats.values()))[0].shape[-2:]
-            self.mask_cache = {key: latent_mask(mask[None], size)[0].to(self.vae.device)
+        if dataset.masked:  # each at its own latent's size (buckets differ)
+            self.mask_cache = {key: latent_mask(mask[None], self.stats[key][0].shape[-2:])[0].to(self.vae.device)
                                for key, mask in dataset.all_masks()}
 
     def masks(self, batch: dict) -> torch.Tensor | None:
@@ -194,25 +194,40 @@ class PromptEncoder:
 
 
 def build(args, accelerator, instances: list, resume_from: Path | None,
-          held_out: list = ()) -> tuple[DreamBoothTask, Plan]:
+          held_out: list = (), placements: list | None = None) -> tuple[DreamBoothTask, Plan]:
     """Models, data and adapters for the loop: the frozen SD components, the class images, the seeded data
-    order, the adapters with their run-dependent options (SingLoRA's ramp follows the run's length), and the
-    optimizer and LR schedule built from the core's groups."""
+    order (with `placements`, each instance photo's aspect-ratio bucket: batches of one bucket each), the adapters
+    with their run-dependent options (SingLoRA's ramp follows the run's length), and the optimizer and LR schedule
+    built from the core's groups."""
     sd, weight_dtype = load_frozen_models(args, accelerator)
+    # pivotal tuning's new tokens, before the class images: --class_prompt may hold them
+    embeddings = PivotalEmbeddings(args, sd) if args.train_text_encoder_ti else None
     classes = class_examples(args, sd, accelerator)
     captions = CaptionAugment(args.seed, args.caption_dropout_rate, args.shuffle_caption, args.keep_tokens,
                               args.keep_tokens_separator)
-    dataset = dbdata.DreamBoothDataset(instances, classes, args.resolution, args.center_crop, args.random_flip,
-                                       args.seed, captions)
-    sampler = order.EpochShuffle(len(dataset), args.seed)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=args.train_batch_size, sampler=sampler,
-                                         collate_fn=dbdata.collate)
-    batches_per_epoch, epoch_steps = steps_per_epoch(
-        len(dataset), args.train_batch_size, accelerator.num_processes, args.gradient_accumulation_steps)
+    if placements is None:
+        dataset = dbdata.DreamBoothDataset(instances, classes, args.resolution, args.center_crop, args.random_flip,
+                                           args.seed, captions)
+        sampler = order.EpochShuffle(len(dataset), args.seed)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=args.train_batch_size, sampler=sampler,
+                                             collate_fn=dbdata.collate)
+        batches_per_epoch, epoch_steps = steps_per_epoch(
+            len(dataset), args.train_batch_size, accelerator.num_processes, args.gradient_accumulation_steps)
+    else:
+        dataset = buckets.BucketDataset(instances, classes, placements, args.resolution, args.center_crop,
+                                        args.random_flip, args.seed, captions)
+        loader, sampler = buckets.bucketed_loader(dataset, args.train_batch_size, accelerator.num_processes, args.seed)
+        batches_per_epoch = sampler.batches_per_process()
+        epoch_steps = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
     max_steps = args.max_train_steps or args.num_train_epochs * epoch_steps
     resolve_method_options(args, max_steps, resume_from and checkpoints.adapter_file(resume_from, "unet"))
     trained, groups = attach_adapters(args, sd)
-    ema = AdapterEMA(trained, args.ema_decay) if args.use_ema else None
+    models = dict(trained)  # what the loop trains: the adapters' components, and the encoders of new tokens
+    if embeddings is not None:
+        embeddings.plan(max_steps)
+        models.update(embeddings.encoders)
+        groups += embeddings.param_groups(text_encoder_lr(args), args.adam_weight_decay)
+    ema = AdapterEMA(models, args.ema_decay) if args.use_ema else None
     optimizer = make_optimizer(args, groups)
     check_optimizer(args, optimizer)
     from diffusers.optimization import get_scheduler
@@ -227,8 +242,10 @@ def build(args, accelerator, instances: list, resume_from: Path | None,
         sampler.select_epoch(epoch)
 
     task = DreamBoothTask(args, accelerator, sd, weight_dtype, dataset, trained, ema, max_steps=max_steps,
-                          validation=validation_loss(args, held_out, epoch_steps, max_steps, resume_from))
-    return task, Plan(trained, optimizer, lr_scheduler, loader, select_epoch, batches_per_epoch, max_steps, ema)
+                          validation=validation_loss(args, held_out, epoch_steps, max_steps, resume_from),
+                          embeddings=embeddings)
+    return task, Plan(models, optimizer, lr_scheduler, loader, select_epoch, batches_per_epoch, max_steps, ema,
+                      step_hooks=[embeddings] if embeddings is not None else [])
 
 
 class DreamBoothTask:
@@ -239,8 +256,10 @@ class DreamBoothTask:
     checkpoint_at_end = True
 
     def __init__(self, args, accelerator, sd, weight_dtype, dataset, trained: dict, ema: AdapterEMA | None = None,
-                 max_steps: int = 0, validation: ValidationLoss | None = None):
+                 max_steps: int = 0, validation: ValidationLoss | None = None,
+                 embeddings: PivotalEmbeddings | None = None):
         self.args, self.accelerator, self.sd, self.weight_dtype = args, accelerator, sd, weight_dtype
+        self.embeddings = embeddings
         self.dataset, self.trained, self.ema = dataset, trained, ema
         self.max_steps, self.validation = max_steps, validation
         # two cadences, preview images and validation loss: the loop calls at their gcd, `evaluate` picks
@@ -292,7 +311,10 @@ class DreamBoothTask:
 
     def write_outputs(self, result: RunResult) -> None:
         extra = {"validation_loss": self.validation.summary()} if self.validation is not None else {}
-        write_outputs(self.args, Path(self.args.output_dir), self.trained, result, self.sd, self.ema, extra)
+        if isinstance(self.dataset, buckets.BucketDataset):
+            extra["buckets"] = self.dataset.summary()
+        write_outputs(self.args, Path(self.args.output_dir), self.trained, result, self.sd, self.ema, extra,
+                      self.embeddings)
 
 
 def validation_loss(args, held_out: list, epoch_steps: int, max_steps: int, resume_from: Path | None):
@@ -320,16 +342,20 @@ def main(argv: list[str] | None = None) -> int:
     stop_requested = launch.install_stop_signal()  # first: a Stop during loading still ends cleanly
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     # data first: bad input fails before anything is written
+    bucketing = args.enable_bucket or args.use_aspect_ratio_buckets  # then buckets.plan warns of enlargements
     instances = dbdata.read_examples(args.instance_data_dir, "--instance_data_dir", args.instance_prompt,
-                                     args.resolution, is_class=False, mask_source=mask_source(args))
+                                     0 if bucketing else args.resolution, is_class=False,
+                                     mask_source=mask_source(args))
+    rewrite_prompts(args, instances, args.instance_data_dir)  # pivotal tuning: TOK -> <s0><s1> (captions too)
     instances, held_out = split_held_out(instances, args.validation_split, validation_seed(args),
                                          args.instance_data_dir)
+    instances, placements = buckets.plan(args, instances)
     accelerator = launch.make_accelerator(args, find_unused_parameters=trains_unread_layers(args))
     from accelerate.utils import set_seed
 
     set_seed(args.seed)
     resume_from = checkpoints.resolve_resume(Path(args.output_dir), args.resume_from_checkpoint)
-    task, plan = build(args, accelerator, instances, resume_from, held_out)
+    task, plan = build(args, accelerator, instances, resume_from, held_out, placements)
     return loop.train(task, plan, args, accelerator, stop_requested, resume_from)
 
 
@@ -371,10 +397,11 @@ def run_validation(args, sd, accelerator, trained, dtype, step: int) -> None:
 
 
 def write_outputs(args, output_dir: Path, trained: dict, result: RunResult, sd=None, ema=None,
-                  extra: dict | None = None) -> None:
+                  extra: dict | None = None, embeddings: PivotalEmbeddings | None = None) -> None:
     """The adapter files, the files for other tools, run.json (plus `extra`'s entries), with --use_ema the same files
     of the averaged weights under ema/, and with --save_merged (last: it folds the adapters into the loaded weights)
-    the merged pipeline under merged/ (`sd`: the loaded components)."""
+    the merged pipeline under merged/ (`sd`: the loaded components). `embeddings`: pivotal tuning's new tokens,
+    written beside the adapters (`PivotalEmbeddings.write`) and folded into merged/'s text encoders."""
     unet, text_encoder = trained["unet"], trained.get("text_encoder")
     for component, model in trained.items():
         dreamlora.save(model, checkpoints.adapter_file(output_dir, component))
@@ -386,14 +413,21 @@ def write_outputs(args, output_dir: Path, trained: dict, result: RunResult, sd=N
     config = dataclasses.asdict(dreamlora.adapter_config(unet, "default"))
     run = {
         "args": vars(args), "method": args.adapter, "adapter_config": config,
-        "trainable_params": sum(dreamlora.trainable_parameter_count(m) for m in trained.values()),
+        "trainable_params": sum(dreamlora.trainable_parameter_count(m) for m in trained.values())
+        + (embeddings.parameter_count() if embeddings is not None else 0),
         "steps": result.steps, "finished": result.finished, "wall_time_s": result.wall_time_s,
         "final_loss": result.final_loss, "files_for_tools": tool_files, **result.environment,
         **outputs.method_figures(args, output_dir, trained), **(extra or {}),
     }
+    if embeddings is not None:
+        kohya_file = output_dir / tool_files["kohya"] if tool_files["kohya"] else None
+        run["pivotal"] = embeddings.record(embeddings.write(output_dir, not args.no_kohya_format, kohya_file))
     if ema is not None:  # ema/ gets this writer's files (not merged/), of the averaged weights
-        run["ema"] = write_ema_output(ema, output_dir, lambda folder: write_outputs(args, folder, trained, result))
+        run["ema"] = write_ema_output(ema, output_dir, lambda folder: write_outputs(args, folder, trained, result,
+                                                                                   embeddings=embeddings))
     if args.save_merged and sd is not None:
+        if embeddings is not None:
+            embeddings.bake()
         pipe = lambda: inference_pipeline(args, sd, trained)  # noqa: E731
         run["merged"] = str(outputs.save_merged(output_dir, trained, lambda folder: save_pipeline_fp32(pipe(), folder)))
     atomic_write_json(output_dir / "run.json", run)

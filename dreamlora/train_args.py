@@ -402,6 +402,97 @@ class ValidationLossArgs:
 
 
 @dataclass
+class PivotalArgs:
+    title: ClassVar[str] = "pivotal tuning"
+
+    train_text_encoder_ti: bool = False
+    """pivotal tuning: train new tokens' embeddings (textual inversion) with the adapter; --token_abstraction in the
+    prompts and captions becomes the new tokens (SDXL: in both text encoders); written as <output_dir>_emb.safetensors
+    (diffusers' load_textual_inversion), bundled in the kohya file (A1111) and as embeddings/<abstraction>.safetensors
+    (ComfyUI)"""
+    train_text_encoder_ti_frac: float = 0.5
+    """train the embeddings during this fraction of the optimizer steps (the first ceil(frac*steps)), then freeze
+    them"""
+    token_abstraction: str = "TOK"
+    """the word that stands for the new tokens in --instance_prompt, captions and --validation_prompt (several:
+    comma-separated); each becomes --num_new_tokens_per_abstraction tokens <s0><s1>..."""
+    num_new_tokens_per_abstraction: int | None = None
+    """new tokens per abstraction (default 2; with --initializer_concept: as many as the concept has tokens)"""
+    initializer_concept: str | None = None
+    """start the new tokens from this word's or phrase's embeddings (token j from its token j mod their count)
+    instead of random ones with the vocabulary's std"""
+
+    def __post_init__(self):
+        if not 0.0 < self.train_text_encoder_ti_frac <= 1.0:
+            raise ArgError(f"--train_text_encoder_ti_frac must be in (0, 1], got {self.train_text_encoder_ti_frac}")
+        require_positive(self, "num_new_tokens_per_abstraction")
+        if self.initializer_concept is not None and not self.train_text_encoder_ti:
+            raise ArgError("--initializer_concept given without --train_text_encoder_ti")
+
+
+@dataclass
+class BucketArgs:
+    title: ClassVar[str] = "aspect-ratio buckets"
+
+    enable_bucket: bool = False
+    """kohya's aspect-ratio buckets: each photo trains at the bucket nearest its aspect ratio (sides multiples of
+    --bucket_reso_steps, area at most --resolution squared) instead of a square crop; every batch is one bucket"""
+    min_bucket_reso: int | None = None
+    """with --enable_bucket: the shortest bucket side (default 256, kohya's); at most --resolution"""
+    max_bucket_reso: int | None = None
+    """with --enable_bucket: the longest bucket side (default 1024, kohya's); at least --resolution"""
+    bucket_reso_steps: int | None = None
+    """bucket sides are multiples of this (default 64, kohya's); a multiple of the model's factor: 64 for SD 1.x/2.x,
+    32 for SDXL"""
+    bucket_no_upscale: bool = False
+    """with --enable_bucket: never enlarge a photo; its bucket is its own size (shrunk to --resolution squared if
+    larger) rounded down to --bucket_reso_steps; photos whose bucket falls under --min_bucket_reso are left out"""
+    use_aspect_ratio_buckets: bool = False
+    """diffusers' aspect-ratio buckets: with --aspect_ratio_buckets those; alone, per photo the nearest of diffusers'
+    eleven aspect ratios at about min(--resolution, the photo's own size) squared pixels"""
+    aspect_ratio_buckets: str | None = None
+    """with --use_aspect_ratio_buckets: the buckets, 'height,width;height,width;...' (diffusers' form); each photo
+    takes the nearest in aspect ratio, resized to cover it and cropped"""
+
+    def __post_init__(self):
+        require_positive(self, "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps")
+        kohya = [f"--{name}" for name in ("min_bucket_reso", "max_bucket_reso", "bucket_no_upscale")
+                 if getattr(self, name)]
+        if kohya and not self.enable_bucket:
+            raise ArgError(f"{', '.join(kohya)} given without --enable_bucket")
+        if self.enable_bucket and self.use_aspect_ratio_buckets:
+            raise ArgError("--enable_bucket (kohya's buckets) and --use_aspect_ratio_buckets (diffusers') are two ways "
+                           "to the same thing: give one")
+        if self.aspect_ratio_buckets is not None:
+            if not self.use_aspect_ratio_buckets:
+                raise ArgError("--aspect_ratio_buckets needs --use_aspect_ratio_buckets (as in diffusers' scripts)")
+            if self.bucket_reso_steps is not None:
+                raise ArgError("--bucket_reso_steps has no effect with an explicit --aspect_ratio_buckets list")
+            from pipelines.diffusion.buckets import parse_bucket_list
+
+            try:
+                parse_bucket_list(self.aspect_ratio_buckets)
+            except ValueError as e:
+                raise ArgError(str(e)) from None
+        elif self.bucket_reso_steps is not None and not (self.enable_bucket or self.use_aspect_ratio_buckets):
+            raise ArgError("--bucket_reso_steps given without --enable_bucket or --use_aspect_ratio_buckets")
+        self.min_bucket_reso = self.min_bucket_reso or 256
+        self.max_bucket_reso = self.max_bucket_reso or 1024
+        self.bucket_reso_steps = self.bucket_reso_steps or 64
+        if self.bucket_reso_steps % 8:
+            raise ArgError(f"--bucket_reso_steps must be a multiple of 8 (the VAE's factor), got "
+                           f"{self.bucket_reso_steps}")
+        if self.enable_bucket:
+            if self.min_bucket_reso > self.max_bucket_reso:
+                raise ArgError(f"--min_bucket_reso {self.min_bucket_reso} is above --max_bucket_reso "
+                               f"{self.max_bucket_reso}")
+            for name in ("min_bucket_reso", "max_bucket_reso"):
+                if getattr(self, name) % self.bucket_reso_steps:
+                    raise ArgError(f"--{name} {getattr(self, name)} must be a multiple of --bucket_reso_steps "
+                                   f"{self.bucket_reso_steps}")
+
+
+@dataclass
 class KohyaOutputArgs(OutputArgs):
     no_kohya_format: bool = False
     """skip kohya_lora.safetensors (kohya, LyCORIS, A1111, ComfyUI) and DoRA's comfyui_lora file"""
@@ -417,7 +508,7 @@ class KohyaOutputArgs(OutputArgs):
 
 GROUPS = (ModelArgs, DataArgs, UNetAdapterArgs, ImageArgs, OptimisationArgs, MemoryArgs, CheckpointArgs,
           ValidationArgs, EMAArgs, LogArgs, KohyaOutputArgs, CaptionArgs, OptimizerArgs, MaskedLossArgs,
-          ValidationLossArgs)
+          ValidationLossArgs, PivotalArgs, BucketArgs)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -434,6 +525,13 @@ def validate(args: argparse.Namespace) -> None:
     if args.cache_latents and not args.center_crop:
         raise ArgError("--cache_latents fixes each image's crop: add --center_crop (random crops cannot be cached)")
     check_optimizer_flags(args)
+    if args.train_text_encoder_ti:  # reads the model's tokenizers (no weights): conflicts fail before loading
+        from pipelines.diffusion.pivotal import resolve_flags
+
+        resolve_flags(args)
+    if args.enable_bucket and not args.min_bucket_reso <= args.resolution <= args.max_bucket_reso:
+        raise ArgError(f"--enable_bucket: --resolution {args.resolution} must lie between --min_bucket_reso "
+                       f"{args.min_bucket_reso} and --max_bucket_reso {args.max_bucket_reso} (as kohya's)")
     if args.use_ema:
         from dreamlora.methods import METHODS
         from pipelines.trainer.ema import refusal

@@ -33,7 +33,8 @@ FLAGS_BEFORE = {
         "--num_train_epochs", "--num_validation_images", "--output_dir", "--output_kohya_format",
         "--export_rank", "--save_merged",
         "--use_ema", "--ema_decay",
-        "--pretrained_model_name_or_path", "--prior_loss_weight", "--progress_file", "--random_flip", "--rank",
+        "--pretrained_model_name_or_path", "--pretrained_vae_model_name_or_path",
+        "--prior_loss_weight", "--progress_file", "--random_flip", "--rank",
         "--report_to", "--resolution", "--resume_from_checkpoint", "--revision", "--sample_batch_size", "--seed",
         "--snr_gamma", "--target_modules", "--text_encoder_lr", "--text_encoder_target_modules",
         "--train_batch_size", "--train_text_encoder", "--use_8bit_adam", "--use_rslora",
@@ -45,6 +46,10 @@ FLAGS_BEFORE = {
         "--no-prodigy_use_bias_correction", "--prodigy_safeguard_warmup", "--no-prodigy_safeguard_warmup",
         "--masked_loss", "--alpha_mask",  # issue #14
         "--validation_split", "--validate_every_n_steps", "--max_validation_steps", "--validation_seed",
+        "--train_text_encoder_ti", "--train_text_encoder_ti_frac", "--token_abstraction",  # issue #14: pivotal
+        "--num_new_tokens_per_abstraction", "--initializer_concept",
+        "--enable_bucket", "--min_bucket_reso", "--max_bucket_reso", "--bucket_reso_steps", "--bucket_no_upscale",
+        "--use_aspect_ratio_buckets", "--aspect_ratio_buckets",  # issue #14
     ],
     "train_text": [
         "--adapter", "--alpha", "--checkpointing_steps", "--checkpoints_total_limit", "--config", "--data_format",
@@ -71,6 +76,7 @@ DEFAULTS_BEFORE = {
         "noise_offset": 0.0, "num_class_images": 100, "num_train_epochs": 1, "num_validation_images": 2,
         "output_dir": "o",
         "export_rank": None, "save_merged": False, "output_kohya_format": False, "pretrained_model_name_or_path": "m",
+        "pretrained_vae_model_name_or_path": None,
         "use_ema": False, "ema_decay": 0.999,
         "prior_loss_weight": 1.0, "progress_file": "progress.jsonl", "random_flip": False, "rank": 4,
         "report_to": "tensorboard", "resolution": 512, "resume_from_checkpoint": None, "revision": None,
@@ -84,6 +90,10 @@ DEFAULTS_BEFORE = {
         "prodigy_safeguard_warmup": True,
         "masked_loss": False, "alpha_mask": False,  # issue #14
         "validation_split": 0.0, "validate_every_n_steps": None, "max_validation_steps": None, "validation_seed": None,
+        "train_text_encoder_ti": False, "train_text_encoder_ti_frac": 0.5, "token_abstraction": "TOK",
+        "num_new_tokens_per_abstraction": None, "initializer_concept": None,
+        "enable_bucket": False, "min_bucket_reso": 256, "max_bucket_reso": 1024, "bucket_reso_steps": 64,
+        "bucket_no_upscale": False, "use_aspect_ratio_buckets": False, "aspect_ratio_buckets": None,  # issue #14
     },
     "train_text": {
         "adapter": "lora", "alpha": None, "checkpointing_steps": None, "checkpoints_total_limit": None,

@@ -175,34 +175,46 @@ def photo_mask(path: Path, size: tuple[int, int], alpha: Image.Image | None, sou
 class View:
     """One augmented training view: the pixels, its loss mask, and what SDXL's micro-conditioning says about it."""
 
-    pixels: torch.Tensor  # (3, resolution, resolution) in [-1, 1]
+    pixels: torch.Tensor  # (3, H, W) in [-1, 1]: (resolution, resolution), or an aspect-ratio bucket's (h, w)
     flipped: bool
     original_size: tuple[int, int]  # (height, width) of the photo as decoded, before any resize
     crop_top_left: tuple[int, int]  # (top, left) of the crop in the resized photo; mirrored when flipped
-    mask: torch.Tensor | None = None  # (1, resolution, resolution) in [0, 1], or None without a mask
+    mask: torch.Tensor | None = None  # (1, H, W) in [0, 1], or None without a mask
+
+    @property
+    def target_size(self) -> tuple[int, int]:
+        """(height, width) of the view: SDXL's target size."""
+        return tuple(self.pixels.shape[-2:])
 
 
-def crop_view(image: Image.Image, resolution: int, center_crop: bool, random_flip: bool, rng: random.Random,
-              flip: bool | None = None, mask: Image.Image | None = None) -> View:
-    """Resize the short side to `resolution`, crop a square, maybe flip (`flip` forces the decision: latent
-    caching encodes both orientations). A flip mirrors the crop's left edge as kohya's sd-scripts do: it is
-    measured in the mirrored photo, width - left - resolution (diffusers' SDXL example scripts write
-    resolution - left, measured on the crop, which is not where the crop sits).
+def crop_view(image: Image.Image, resolution: int | tuple[int, int], center_crop: bool, random_flip: bool,
+              rng: random.Random, flip: bool | None = None, mask: Image.Image | None = None,
+              resized: tuple[int, int] | None = None) -> View:
+    """Resize the photo to cover `resolution` (a square side, or an aspect-ratio bucket's (height, width)), crop
+    it to that size, maybe flip (`flip` forces the decision: latent caching encodes both orientations); `resized`
+    (width, height) sets the resize instead (kohya's --bucket_no_upscale crops without enlarging). A flip mirrors
+    the crop's left edge as kohya's sd-scripts do: it is measured in the mirrored photo, width - left - crop width
+    (diffusers' SDXL example scripts write resolution - left, measured on the crop, which is not where the crop
+    sits).
 
     `mask` (the photo's size) gets the same resize, crop and flip. The draws do not depend on the mask, so a photo
     gets the same view with or without one. The mask is resampled with a box filter (an area average) down and
     bilinear up: the photo's Lanczos/bicubic would ring past 0 and 1 at a mask's hard edges."""
     original_size = (image.height, image.width)
-    scale = resolution / min(image.size)
-    size = (max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale)))
+    height, width = (resolution, resolution) if isinstance(resolution, int) else resolution
+    if resized is None:  # the smallest scale that covers the target (for a square: the short side to it)
+        scale = max(height / image.height, width / image.width)
+        size = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
+    else:
+        scale, size = resized[0] / image.width, resized
     image = image.resize(size, Image.Resampling.BICUBIC if scale > 1 else Image.Resampling.LANCZOS)
     if center_crop:
-        left, top = (image.width - resolution) // 2, (image.height - resolution) // 2
+        left, top = (image.width - width) // 2, (image.height - height) // 2
     else:
-        left, top = rng.randint(0, image.width - resolution), rng.randint(0, image.height - resolution)
+        left, top = rng.randint(0, image.width - width), rng.randint(0, image.height - height)
     if flip is None:
         flip = random_flip and rng.random() < 0.5
-    box = (left, top, left + resolution, top + resolution)
+    box = (left, top, left + width, top + height)
     image = image.crop(box)
     if flip:
         image = ImageOps.mirror(image)
@@ -213,7 +225,7 @@ def crop_view(image: Image.Image, resolution: int, center_crop: bool, random_fli
         if flip:
             mask = ImageOps.mirror(mask)
         weights = torch.from_numpy(np.asarray(mask, dtype=np.float32))[None] / 255.0  # (1, H, W)
-    crop_left = size[0] - left - resolution if flip else left
+    crop_left = size[0] - left - width if flip else left
     return View(pixels / 127.5 - 1.0, flip, original_size, (top, crop_left), weights)
 
 
@@ -259,15 +271,19 @@ class DreamBoothDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return max(len(self.instances), len(self.classes))
 
+    def _crop(self, example: Example, index: int, rng: random.Random) -> View:
+        """The view of `example` for dataset row `index` (`buckets.BucketDataset` crops to the row's bucket)."""
+        return crop_view(example.image, self.resolution, self.center_crop, self.random_flip, rng, mask=example.mask)
+
     def _view(self, examples: list[Example], index: int, stream: int) -> dict:
         rng = random.Random(stable_seed(self.seed, self.epoch, index, stream))
         example = examples[index % len(examples)]
-        view = crop_view(example.image, self.resolution, self.center_crop, self.random_flip, rng, mask=example.mask)
+        view = self._crop(example, index, rng)
         prompt = example.prompt
         if stream == 0 and self.captions is not None and self.captions.active:
             prompt = self.captions(prompt, self.epoch, stream, index)
         # SDXL's micro-conditioning: original (h, w), crop (top, left), target (h, w) of this very view
-        time_ids = torch.tensor([*view.original_size, *view.crop_top_left, self.resolution, self.resolution],
+        time_ids = torch.tensor([*view.original_size, *view.crop_top_left, *view.target_size],
                                 dtype=torch.float32)  # (6,)
         item = {"pixel_values": view.pixels, "prompt": prompt, "is_class": example.is_class,
                 "key": (stream, index % len(examples), view.flipped), "row": (stream, index), "time_ids": time_ids}

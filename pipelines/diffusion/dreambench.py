@@ -117,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm.auto import tqdm
 
     import dreamlora
+    from pipelines.diffusion import pivotal
     from pipelines.diffusion.sample import apply_adapters, load_pipeline, pipeline_components
 
     args = build_parser().parse_args(argv)
@@ -146,10 +147,12 @@ def main(argv: list[str] | None = None) -> int:
         work = [j for j in todo if j.subject == subject]
         if not work:
             continue
-        apply_adapters(pipe, subject_specs(args, subject))  # this subject's adapters, then off again
+        applied = apply_adapters(pipe, subject_specs(args, subject))  # this subject's adapters, then off again
+        abstractions = pivotal.merged_abstractions(applied)  # a pivotal run: --token "TOK" -> its trained tokens
         pipe.set_progress_bar_config(disable=True)
         for job in work:
-            image = pipe(job.prompt, generator=torch.Generator().manual_seed(job.seed),
+            image = pipe(pivotal.replace_abstractions(job.prompt, abstractions),
+                         generator=torch.Generator().manual_seed(job.seed),
                          num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
                          height=args.height, width=args.width).images[0]
             save_png_atomic(image, out / job.file_name)
@@ -157,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         for component in pipeline_components(pipe).values():
             for name in dreamlora.adapter_names(component):
                 dreamlora.detach(component, name)
+        pivotal.unload_embeddings(pipe)
     bar.close()
     state.wait_for_everyone()
     if state.is_main_process:

@@ -89,7 +89,8 @@ def denoising_loss(unet, noise_scheduler, latents: torch.Tensor, encoder_hidden_
     timesteps = timesteps.to(latents.device)
     target = target_of(noise_scheduler, latents, noise, timesteps)
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-    pred = unet(noisy, timesteps, encoder_hidden_states, added_cond_kwargs=added_cond_kwargs).sample
+    extra = {} if added_cond_kwargs is None else {"added_cond_kwargs": added_cond_kwargs}  # SDXL's only
+    pred = unet(noisy, timesteps, encoder_hidden_states, **extra).sample
     squared = F.mse_loss(pred.float(), target.float(), reduction="none")  # (B, C, h, w)
     if mask is not None:
         squared = squared * latent_mask(mask.to(squared.device), squared.shape[-2:])

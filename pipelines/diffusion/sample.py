@@ -7,6 +7,9 @@
 `--adapter` takes a training output folder (its `unet_adapter.safetensors` and, if present,
 `text_encoder_adapter.safetensors` and SDXL's `text_encoder_2_adapter.safetensors`) or one native adapter file for
 the UNet, with an optional `:SCALE`. The model is an SD 1.x/2.x or an SDXL folder (read from its model_index.json).
+A folder of a pivotal-tuning run (`--train_text_encoder_ti`) also brings its new tokens' embeddings: its token
+abstraction ("TOK") in a prompt becomes the trained tokens (the metadata keeps the prompt as written and adds
+`encoded_prompt`).
 Output: PNGs named `<prompt index>_<k>.png` and `metadata.jsonl` (Hugging Face ImageFolder convention) with
 the prompt, seed and adapters of each image. Image k of every prompt uses seed `--seed + k`.
 """
@@ -26,6 +29,7 @@ import torch
 
 import dreamlora
 from dreamlora.atomic import atomic_write_text, save_png_atomic
+from pipelines.diffusion import pivotal
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")  # what an adapter can sit on (text_encoder_2: SDXL)
 
@@ -78,7 +82,9 @@ def load_pipeline(model: str, device: str | None = None, dtype: torch.dtype = to
 
 
 def apply_adapters(pipe, specs: list[AdapterSpec], merge: bool = False) -> list[dict]:
-    """Attach each adapter under its own name with its scale; `merge` folds them all into the weights."""
+    """Attach each adapter under its own name with its scale; `merge` folds them all into the weights. A pivotal run's
+    embeddings are loaded too (`pivotal.load_embeddings`; `pivotal.unload_embeddings` takes them out again), and its
+    row gets `token_abstraction`: {abstraction: tokens} for `pivotal.merged_abstractions`."""
     applied = []
     components = pipeline_components(pipe)
     for spec in specs:  # before anything loads
@@ -93,6 +99,10 @@ def apply_adapters(pipe, specs: list[AdapterSpec], merge: bool = False) -> list[
             dreamlora.set_scale(model, name, spec.scale)
         config = dreamlora.adapter_config(pipe.unet, name)
         applied.append({"path": str(spec.path), "scale": spec.scale, "method": config.method, "rank": config.rank})
+        embeddings = pivotal.embedding_file(spec.path) if spec.path.is_dir() else None
+        if embeddings is not None:
+            applied[-1]["token_abstraction"] = pivotal.load_embeddings(pipe, embeddings, name)
+    pivotal.merged_abstractions(applied)  # one abstraction in two adapters: refused here
     if merge:
         for model in components.values():
             dreamlora.merge(model)
@@ -101,8 +111,10 @@ def apply_adapters(pipe, specs: list[AdapterSpec], merge: bool = False) -> list[
 
 def generate(pipe, prompts: list[str], output_dir: Path, *, negative_prompt: str | None = None, seed: int = 0,
              num_images_per_prompt: int = 1, num_inference_steps: int = 30, guidance_scale: float = 7.5,
-             height: int | None = None, width: int | None = None, extra: dict | None = None) -> list[dict]:
-    """Write `<i>_<k>.png` for every prompt i and image k (seed + k), plus metadata.jsonl; returns the rows."""
+             height: int | None = None, width: int | None = None, extra: dict | None = None,
+             abstractions: dict[str, str] | None = None) -> list[dict]:
+    """Write `<i>_<k>.png` for every prompt i and image k (seed + k), plus metadata.jsonl; returns the rows.
+    `abstractions` ({"TOK": "<s0><s1>"}, from `pivotal.merged_abstractions`) are replaced in the prompts."""
     from tqdm.auto import tqdm
 
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -111,7 +123,9 @@ def generate(pipe, prompts: list[str], output_dir: Path, *, negative_prompt: str
     for i, prompt in enumerate(tqdm(prompts, desc="sampling", unit="prompt")):
         seeds = [seed + k for k in range(num_images_per_prompt)]
         generators = [torch.Generator().manual_seed(s) for s in seeds]
-        images = pipe(prompt, negative_prompt=negative_prompt, num_images_per_prompt=num_images_per_prompt,
+        encoded = pivotal.replace_abstractions(prompt, abstractions or {})
+        images = pipe(encoded, negative_prompt=pivotal.replace_abstractions(negative_prompt, abstractions or {}),
+                      num_images_per_prompt=num_images_per_prompt,
                       generator=generators, num_inference_steps=num_inference_steps,
                       guidance_scale=guidance_scale, height=height, width=width).images
         for k, (image, s) in enumerate(zip(images, seeds, strict=True)):
@@ -119,7 +133,8 @@ def generate(pipe, prompts: list[str], output_dir: Path, *, negative_prompt: str
             save_png_atomic(image, output_dir / name)
             rows.append({"file_name": name, "prompt": prompt, "negative_prompt": negative_prompt, "seed": s,
                          "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale,
-                         "height": image.height, "width": image.width, **(extra or {})})
+                         "height": image.height, "width": image.width,
+                         **({"encoded_prompt": encoded} if encoded != prompt else {}), **(extra or {})})
     atomic_write_text(output_dir / "metadata.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     return rows
 
@@ -169,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = generate(pipe, prompts, Path(args.output_dir), negative_prompt=args.negative_prompt, seed=args.seed,
                     num_images_per_prompt=args.num_images_per_prompt, num_inference_steps=args.num_inference_steps,
                     guidance_scale=args.guidance_scale, height=args.height, width=args.width,
-                    extra={"adapters": applied, "merged": args.merge})
+                    extra={"adapters": applied, "merged": args.merge},
+                    abstractions=pivotal.merged_abstractions(applied))
     print(f"{len(rows)} images in {args.output_dir}")
     return 0
 

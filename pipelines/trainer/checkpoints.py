@@ -143,7 +143,8 @@ def trained_outside_adapters(model: torch.nn.Module) -> dict[str, torch.nn.Param
 
 def register_adapter_hooks(accelerator, components: dict[str, torch.nn.Module]) -> None:
     """Checkpoints hold only the adapters (not the frozen base): accelerate's model weights are replaced by
-    dreamlora's native files, one per trained component (parameters and method state, `dreamlora.save`)."""
+    dreamlora's native files, one per trained component (parameters and method state, `dreamlora.save`), and the
+    component's weights trained outside adapters (a classifier head, pivotal tuning's token rows)."""
     def owner(model):
         unwrapped = accelerator.unwrap_model(model)
         return next(name for name, m in components.items() if m is unwrapped)
@@ -152,7 +153,8 @@ def register_adapter_hooks(accelerator, components: dict[str, torch.nn.Module]) 
         for model in models:
             if accelerator.is_main_process:
                 unwrapped, name = accelerator.unwrap_model(model), owner(model)
-                dreamlora.save(unwrapped, adapter_file(output_dir, name))
+                if dreamlora.adapter_names(unwrapped):  # a text encoder trained for its new tokens only has none
+                    dreamlora.save(unwrapped, adapter_file(output_dir, name))
                 extra = trained_outside_adapters(unwrapped)
                 if extra:
                     save_parameters(unwrapped, list(extra), full_weights_file(output_dir, name))
@@ -162,7 +164,8 @@ def register_adapter_hooks(accelerator, components: dict[str, torch.nn.Module]) 
         while models:
             model = models.pop()
             unwrapped, name = accelerator.unwrap_model(model), owner(model)
-            dreamlora.load_weights(unwrapped, adapter_file(input_dir, name))
+            if dreamlora.adapter_names(unwrapped):
+                dreamlora.load_weights(unwrapped, adapter_file(input_dir, name))
             if trained_outside_adapters(unwrapped):
                 load_parameters(unwrapped, full_weights_file(input_dir, name))
 

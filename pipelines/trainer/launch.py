@@ -102,8 +102,8 @@ def check_distributed(distributed_type: str, components: list[str]) -> None:
     MB and its base fits one GPU, so DDP or DeepSpeed ZeRO-2 are the tools for it)."""
     if distributed_type == "DEEPSPEED" and len(components) > 1:
         raise ArgError(f"DeepSpeed (your accelerate config) prepares one model per plugin, and this run trains "
-                       f"{' and '.join(components)}: drop --train_text_encoder, or launch with plain DDP "
-                       f"(accelerate launch --multi_gpu)")
+                       f"{' and '.join(components)}: drop --train_text_encoder (and --train_text_encoder_ti), or "
+                       f"launch with plain DDP (accelerate launch --multi_gpu)")
     if distributed_type == "FSDP":
         raise ArgError("FSDP (your accelerate config) is not supported by dreamlora's trainer: it shards the frozen "
                        "base, and writing or resuming the adapters would need their tensors gathered, which is not "

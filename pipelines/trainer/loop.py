@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -41,6 +41,18 @@ class Plan:
     ema: AdapterEMA | None = None
     """The EMA of the trained weights (`pipelines.trainer.ema`), updated after each real optimizer step and kept
     in every checkpoint; None without --use_ema."""
+    step_hooks: list[StepHook] = field(default_factory=list)
+    """Weights with a step rule of their own (pivotal tuning's token rows: `pipelines.diffusion.pivotal`)."""
+
+
+class StepHook(Protocol):
+    """Called around each real optimizer step with its number (1-based, as `global_step` after it)."""
+
+    def before_step(self, step: int) -> None:
+        """After backward and the gradients' all-reduce, before clipping: a hook may drop gradients."""
+
+    def after_step(self, step: int) -> None:
+        """After an update that happened (not a skipped fp16 step), after the core's hooks, before the EMA."""
 
 
 @dataclass
@@ -81,13 +93,16 @@ def every(step: int, n: int | None) -> bool:
 
 
 def optimizer_step(accelerator, optimizer, lr_scheduler, params, max_grad_norm: float, models: Iterable,
-                   total_steps: int | None = None, ema: AdapterEMA | None = None) -> None:
+                   total_steps: int | None = None, ema: AdapterEMA | None = None, hooks: Iterable = (),
+                   step: int = 0) -> None:
     """Clip, step, schedule, then the core's per-step hook (SingLoRA's ramp; it gets the optimizer and the
     scheduler) and the EMA update, after the hook so it averages the weights the next step starts from, only on
     real updates: not during gradient accumulation, and not when the fp16 GradScaler skipped the step (inf/NaN
     gradients), which advances neither the ramp, the EMA nor the LR schedule. The loop's `global_step` still
-    counts such a step."""
+    counts such a step. `hooks` (`StepHook`) run around the update of step number `step`."""
     if accelerator.sync_gradients:
+        for hook in hooks:
+            hook.before_step(step)
         accelerator.clip_grad_norm_(params, max_grad_norm)
     optimizer.step()
     skipped = accelerator.sync_gradients and accelerator.optimizer_step_was_skipped
@@ -96,6 +111,8 @@ def optimizer_step(accelerator, optimizer, lr_scheduler, params, max_grad_norm: 
         if accelerator.sync_gradients:
             for model in models:
                 dreamlora.on_optimizer_step(model, optimizer, lr_scheduler, total_steps)
+            for hook in hooks:
+                hook.after_step(step)
             if ema is not None:
                 ema.update()
     optimizer.zero_grad(set_to_none=True)
@@ -129,7 +146,7 @@ def train(task: Task, plan: Plan, args, accelerator, stop_requested, resume_from
             loss = loss + sum(dreamlora.regularization_loss(m) for m in plan.models.values())
             accelerator.backward(loss)
             optimizer_step(accelerator, optimizer, lr_scheduler, params, args.max_grad_norm, plan.models.values(),
-                           max_steps, plan.ema)
+                           max_steps, plan.ema, plan.step_hooks, state.global_step + 1)
         if not accelerator.sync_gradients:
             continue  # a micro-batch of gradient accumulation: no optimizer step yet
         state.global_step += 1
