@@ -2,6 +2,7 @@
 it, try prompts, compare methods, and compose past adapters for a new subject, without typing an accelerate command.
 
     python app.py                       # http://127.0.0.1:7860, the embedded tiny model, runs in ./runs/app
+    python app.py --base_model tiny-sdxl    # the embedded tiny SDXL model (tiny-sd2: SD 2.x); the page picks too
     python app.py --base_model stable-diffusion-v1-5/stable-diffusion-v1-5 --runs_dir /data/runs --port 8080
     python app.py --host 0.0.0.0 --auth_file logins.txt   # beyond this machine: logins required
 
@@ -45,7 +46,7 @@ from app_backend.scoring import (  # noqa: E402
     default_scorer,
     scorer_status,
 )
-from app_backend.settings import TrainSettings, native_resolution  # noqa: E402
+from app_backend.settings import TINY_LABELS, TrainSettings, native_resolution  # noqa: E402
 from dreamlora.methods import METHODS  # noqa: E402
 from dreamlora.options import option_specs, unique_specs  # noqa: E402
 
@@ -396,9 +397,11 @@ def build(runs_dir: Path, base_model: str = "tiny", allow_server_folders: bool =
     app = App(runs_dir, base_model, allow_server_folders, quota)
     with gr.Blocks(title="dreamlora") as demo:
         gr.Markdown(INTRO)
-        base = gr.Textbox(base_model, label="Base model", interactive=allow_server_folders,
-                          info="tiny = the embedded tiny model (random weights: to try the app in seconds); or a local "
-                               "diffusers folder, or a hub id such as stable-diffusion-v1-5/stable-diffusion-v1-5")
+        base = gr.Dropdown(base_choices(base_model), value=base_model, label="Base model",
+                           allow_custom_value=True, interactive=allow_server_folders,
+                           info="an embedded tiny model (SD 1.x, SD 2.x or SDXL; random weights: to try the app in "
+                                "seconds), or type a local diffusers folder or a hub id such as "
+                                "stable-diffusion-v1-5/stable-diffusion-v1-5")
         with gr.Tab("Train"):
             train_tab(app, base)
         with gr.Tab("Sample"):
@@ -411,6 +414,13 @@ def build(runs_dir: Path, base_model: str = "tiny", allow_server_folders: bool =
             compose_tab(app)
         wire_load(app, demo)
     return demo
+
+
+def base_choices(base_model: str) -> list[tuple[str, str]]:
+    """The base-model picker's entries (label, value): the embedded tiny models, then the server's default when it is
+    a folder or hub id."""
+    choices = [(f"{label} ({name})", name) for name, label in TINY_LABELS.items()]
+    return choices if base_model in TINY_LABELS else [(base_model, base_model), *choices]
 
 
 def train_tab(app: App, base) -> None:
@@ -460,6 +470,8 @@ def more_train_settings(base, c: dict) -> None:
         c["num_class_images"] = gr.Number(50, label="Class images", precision=0, minimum=1)
     with gr.Row():
         c["resolution"] = gr.Number(native_resolution(base.value), label="Resolution", precision=0)
+        base.change(lambda value: gr.update(value=native_resolution(value)), base, c["resolution"],
+                    show_progress="hidden")
         c["seed"] = gr.Number(0, label="Seed", precision=0)
     c["validation_prompt"] = gr.Textbox("a photo of sks dog on the beach", label="Preview prompt",
                                         info="drawn every 'preview every' steps; empty: no previews")
@@ -532,7 +544,8 @@ def sample_tab(app: App, base) -> None:
         num = gr.Slider(1, 8, value=2, step=1, label="Images")
         steps = gr.Slider(1, 150, value=20 if native_resolution(base.value) <= 64 else 30, step=1, label="Steps")
         guidance = gr.Slider(1, 15, value=7.5, step=0.5, label="Guidance")
-        size = gr.Dropdown([64, 128, 256, 512, 768], value=native_resolution(base.value), label="Size")
+        size = gr.Dropdown([64, 128, 256, 512, 768, 1024], value=native_resolution(base.value), label="Size")
+        base.change(lambda value: gr.update(value=native_resolution(value)), base, size, show_progress="hidden")
     go = gr.Button("Generate", variant="primary")
     gallery = gr.Gallery(label="Images", columns=4, height=320, buttons=["download", "download_all", "fullscreen"],
                          elem_id="sample-gallery")
@@ -701,7 +714,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "anyone who reaches it can train, sample and download")
     p.add_argument("--runs_dir", default=str(ROOT / "runs" / "app"), help="where runs, samples and scores live; the "
                    "app serves only the copies of what the page shows, in RUNS/_served")
-    p.add_argument("--base_model", default="tiny", help="default base model: tiny (embedded), a folder or a hub id")
+    p.add_argument("--base_model", default="tiny", help="default base model: an embedded tiny model (tiny: SD 1.x, "
+                   "tiny-sd2, tiny-sdxl), a folder or a hub id")
     p.add_argument("--max_queue", type=int, default=32, help="requests waiting for the GPU beyond this are refused")
     p.add_argument("--max_run_gb", type=float, default=20.0, help="disk one run may use (photos, class images, "
                    "checkpoints, previews, evaluation images); a run that grows past it is stopped (default 20)")

@@ -17,6 +17,10 @@ SUBJECT = "subject"  # the photos' folder under data/: also the reference folder
 TOKEN = re.compile(r"[A-Za-z0-9]{1,24}")
 CLASS_NOUN = re.compile(r"[A-Za-z][A-Za-z0-9 _-]{0,39}")
 _TINY_LOCK = threading.Lock()  # two first requests must not both build the tiny model
+# The embedded tiny models the base-model picker offers by name -> (their `python -m dreamlora.tiny` preset, the folder
+# under RUNS/_models they are built into on first use). Random weights: they try every path in seconds.
+TINY_MODELS = {"tiny": ("tiny", "tiny-sd"), "tiny-sd2": ("sd2", "tiny-sd2"), "tiny-sdxl": ("sdxl", "tiny-sdxl")}
+TINY_LABELS = {"tiny": "tiny SD 1.x", "tiny-sd2": "tiny SD 2.x (v-prediction)", "tiny-sdxl": "tiny SDXL"}
 
 
 @dataclass
@@ -101,24 +105,27 @@ class TrainSettings:
 
 
 def resolve_base_model(runs_dir: Path, value: str | None) -> str:
-    """`tiny` (or empty) is the embedded tiny model, built once into RUNS/_models/tiny-sd; anything else is a
-    local diffusers folder or a hub id, passed on as given."""
-    value = (value or "").strip()
-    if value not in ("", "tiny"):
+    """`tiny` (or empty), `tiny-sd2` and `tiny-sdxl` are the embedded tiny SD 1.x, SD 2.x and SDXL models, each built
+    once into RUNS/_models/ (`TINY_MODELS`); anything else is a local diffusers folder or a hub id, passed on as
+    given."""
+    value = (value or "").strip() or "tiny"
+    if value not in TINY_MODELS:
         return value
-    folder = Path(runs_dir) / "_models" / "tiny-sd"
+    preset, name = TINY_MODELS[value]
+    folder = Path(runs_dir) / "_models" / name
     with _TINY_LOCK:
         if not (folder / "model_index.json").is_file():
             from pipelines.diffusion import tiny_model as tiny
 
             shutil.rmtree(folder, ignore_errors=True)
-            tiny.write(folder)
+            tiny.write(folder, preset=preset)
     return str(folder)
 
 
 def native_resolution(base_model: str) -> int:
-    """The resolution a base model was trained at: its UNet's sample size × 8 (64 for tiny, 512 for SD 1.5)."""
-    if base_model in ("", "tiny"):
+    """The resolution a base model was trained at: its UNet's sample size × 8 (64 for the tiny models, 512 for
+    SD 1.5, 768 for SD 2.1, 1024 for SDXL); 512 when it cannot be read (a hub id not on disk)."""
+    if (base_model or "").strip() in ("", *TINY_MODELS):
         return 64
     try:
         config = json.loads((Path(base_model) / "unet" / "config.json").read_text())

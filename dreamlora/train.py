@@ -35,11 +35,13 @@ from pipelines.diffusion.export import write_tool_files
 from pipelines.diffusion.loss import denoising_loss, draw_noise, latent_mask, prediction_type
 from pipelines.diffusion.models import (
     assemble_pipeline,
+    base_prediction_type,
     check_model_path,
     encode_prompts,
     is_sdxl_index,
     load_components,
     read_model_index,
+    save_pipeline_fp32,
 )
 from pipelines.diffusion.pivotal import PivotalEmbeddings, rewrite_prompts
 from pipelines.diffusion.validation_loss import ValidationLoss, split_held_out
@@ -405,7 +407,9 @@ def write_outputs(args, output_dir: Path, trained: dict, result: RunResult, sd=N
         dreamlora.save(model, checkpoints.adapter_file(output_dir, component))
     outputs.prepare_exports(args, trained)
     tool_files = write_tool_files(output_dir, unet, text_encoder, kohya=not args.no_kohya_format,
-                                  text_encoder_2=trained.get("text_encoder_2"))
+                                  text_encoder_2=trained.get("text_encoder_2"),
+                                  prediction_type=base_prediction_type(args.pretrained_model_name_or_path,
+                                                                       args.revision))
     config = dataclasses.asdict(dreamlora.adapter_config(unet, "default"))
     run = {
         "args": vars(args), "method": args.adapter, "adapter_config": config,
@@ -425,7 +429,7 @@ def write_outputs(args, output_dir: Path, trained: dict, result: RunResult, sd=N
         if embeddings is not None:
             embeddings.bake()
         pipe = lambda: inference_pipeline(args, sd, trained)  # noqa: E731
-        run["merged"] = str(outputs.save_merged(output_dir, trained, lambda folder: pipe().save_pretrained(folder)))
+        run["merged"] = str(outputs.save_merged(output_dir, trained, lambda folder: save_pipeline_fp32(pipe(), folder)))
     atomic_write_json(output_dir / "run.json", run)
 
 

@@ -1,6 +1,7 @@
 """`make demo`: the whole job on the embedded tiny model, offline, in a few minutes on a laptop CPU.
 
-1. builds the tiny SD pipeline (`python -m dreamlora.tiny`),
+1. builds the tiny SD pipeline (`python -m dreamlora.tiny`; `--preset sd2` or `--preset sdxl` runs the whole demo on
+   the tiny SD 2.x or SDXL pipeline instead, into runs/demo-sd2 or runs/demo-sdxl),
 2. trains each registered method (lora, loraplus, dora, singlora, ...) briefly on four real photos of a dog
    (tests/assets/dog, CC BY 4.0, see tests/assets/LICENSE.md) with `dreamlora/train.py`,
 3. samples every adapter with the same prompts and seeds (`pipelines.diffusion.sample`),
@@ -23,6 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PHOTOS = ROOT / "tests" / "assets" / "dog"
 PROMPTS = ("a photo of sks dog", "a photo of sks dog on the beach")
+PRESETS = {"tiny": "tiny-sd", "sd2": "tiny-sd2", "sdxl": "tiny-sdxl"}  # demo preset -> the model's folder name
 
 
 def run(cmd: list[str]) -> None:
@@ -52,13 +54,16 @@ def grid(rows: dict[str, list[Path]], out: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output_dir", default=str(ROOT / "runs" / "demo"))
+    parser.add_argument("--preset", choices=list(PRESETS), default="tiny",
+                        help="the embedded tiny model to run on: tiny (SD 1.x, default), sd2 (SD 2.x: v-prediction, "
+                             "an OpenCLIP-style text encoder) or sdxl (two text encoders, micro-conditioning)")
+    parser.add_argument("--output_dir", default=None, help="default: runs/demo (runs/demo-sd2, runs/demo-sdxl)")
     parser.add_argument("--steps", type=int, default=100, help="training steps per method")
     args = parser.parse_args(argv)
-    out = Path(args.output_dir)
-    model = out / "tiny-sd"
+    out = Path(args.output_dir or ROOT / "runs" / ("demo" if args.preset == "tiny" else f"demo-{args.preset}"))
+    model = out / PRESETS[args.preset]
     if not (model / "model_index.json").is_file():
-        run([sys.executable, "-m", "dreamlora.tiny", str(model)])
+        run([sys.executable, "-m", "dreamlora.tiny", str(model), "--preset", args.preset])
 
     summary, samples = [], {}
     from dreamlora.methods import METHODS

@@ -86,6 +86,14 @@ def tiny_sdxl_dir(tmp_path_factory):
     return tiny.write(tmp_path_factory.mktemp("tiny-sdxl") / "model", preset="sdxl")
 
 
+@pytest.fixture(scope="session")
+def tiny_sd2_dir(tmp_path_factory):
+    """The tiny SD 2.x pipeline (`--preset sd2`: v-prediction, OpenCLIP-style encoder), written once per session."""
+    from pipelines.diffusion import tiny_model as tiny
+
+    return tiny.write(tmp_path_factory.mktemp("tiny-sd2") / "model", preset="sd2")
+
+
 def tiny_unet():
     """A two-level SD-architecture UNet (cross-attention + ResNet convs), random init."""
     from diffusers import UNet2DConditionModel

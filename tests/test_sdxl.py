@@ -275,8 +275,8 @@ def test_sdxl_two_processes_train_what_one_process_with_their_global_batch_train
 
 
 def test_vae_stays_fp32_under_bf16_unless_another_vae_is_given(tiny_sdxl_dir, tmp_path, monkeypatch):
-    """bf16 training on the CPU with validation images, class images and --save_merged: SDXL's VAE in fp32 (the
-    merged folder keeps it so), the UNet in bf16; a --pretrained_vae_model_name_or_path VAE runs in bf16."""
+    """bf16 training on the CPU with validation images, class images and --save_merged: SDXL's VAE in fp32, the UNet
+    in bf16 (the merged folder is saved in fp32); a --pretrained_vae_model_name_or_path VAE runs in bf16."""
     from dreamlora import train
 
     common = ["--mixed_precision", "bf16", "--max_train_steps", 2, "--validation_prompt", PROMPT,
@@ -303,15 +303,13 @@ def test_vae_stays_fp32_under_bf16_unless_another_vae_is_given(tiny_sdxl_dir, tm
     assert len(list((out / "validation").glob("*.png"))) == 1
     from diffusers import StableDiffusionXLPipeline
 
-    from pipelines.diffusion.models import diffusers_dtype_kwargs
-
-    # a whole SDXL folder that draws (in one dtype: without one, transformers 5 keeps the encoders' saved bf16 while
-    # diffusers loads the UNet in fp32, and the pooled embedding meets fp32 weights)
-    merged = StableDiffusionXLPipeline.from_pretrained(out / "merged", **diffusers_dtype_kwargs(torch.float32))
+    # a whole SDXL folder that draws with a plain from_pretrained: it is saved in fp32 (in bf16, transformers 5 would
+    # keep the encoders' bf16 while diffusers loads the UNet in fp32, and the pooled embedding meets fp32 weights)
+    merged = StableDiffusionXLPipeline.from_pretrained(out / "merged")
     assert np.isfinite(image_of(merged)).all() and len(list(out.glob("merged/*/model.safetensors"))) == 2
     dtypes = {part: {t.dtype for t in load_file(out / "merged" / part / "diffusion_pytorch_model.safetensors").values()}
               for part in ("vae", "unet")}
-    assert dtypes == {"vae": {torch.float32}, "unet": {torch.bfloat16}}
+    assert dtypes == {"vae": {torch.float32}, "unet": {torch.float32}}
 
 
 def test_dreambench_on_sdxl_with_an_adapter(sdxl_runs, tiny_sdxl_dir, tmp_path):

@@ -134,12 +134,13 @@ def image_setup(args, accelerator) -> Setup:
     except ValueError as e:
         raise ArgError(f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path!r}: {e}") from None
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    for model in (sd.unet, sd.vae, sd.text_encoder):
-        model.requires_grad_(False).to(accelerator.device, dtype).eval()
+    for model in (sd.unet, sd.vae, *sd.text_encoders.values()):  # SDXL's VAE stays fp32 (it overflows in fp16)
+        model.requires_grad_(False).to(accelerator.device, torch.float32 if sd.is_sdxl and model is sd.vae
+                                       else dtype).eval()
     objective = DenoisingObjective(sd, args.instance_data_dir, args.instance_prompt, args.resolution, args.num_pairs,
                                    args.seed, args.batch_size, accelerator, dtype)
-    return Setup("image", {"unet": sd.unet, "text_encoder": sd.text_encoder}, objective,
-                 extra={"photos": objective.photos})
+    return Setup("image", {"unet": sd.unet, **sd.text_encoders}, objective,
+                 extra={"photos": objective.photos, "prediction_type": sd.noise_scheduler.config.prediction_type})
 
 
 def text_setup(args, accelerator, library: list[lib.LibraryAdapter]) -> Setup:

@@ -1,5 +1,6 @@
 """The adapters to compose, as given by `--adapter`: a DreamBooth output folder (`unet_adapter.safetensors`, and
-`text_encoder_adapter.safetensors` when the text encoder was trained), one native UNet adapter file, or a
+`text_encoder_adapter.safetensors` when the text encoder was trained, with SDXL's `text_encoder_2_adapter.safetensors`
+beside it), one native UNet adapter file, or a
 text-classifier output folder (`adapter.safetensors`, `head.safetensors`, `run.json` with its labels).
 
 Each is checked before anything is computed or written, with one error naming the adapter: a file that is no
@@ -22,7 +23,7 @@ from dreamlora.io import base_mismatch, read_metadata
 
 log = logging.getLogger("dreamlora.compose")
 
-IMAGE_COMPONENTS = ("unet", "text_encoder")
+IMAGE_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 TEXT_ADAPTER, TEXT_HEAD = "adapter.safetensors", "head.safetensors"
 
 
@@ -117,6 +118,11 @@ def check_labels(library: list[LibraryAdapter], labels: list[str], flag: str, pa
 def attach(models: dict, library: list[LibraryAdapter], base: str) -> list[str]:
     """Load every adapter onto its component under its own name (`lib0`, `lib1`, ...); check each against the base's
     fingerprint. Returns the names."""
+    for adapter in library:  # before any is loaded: an SDXL run's second encoder on an SD base
+        for component in adapter.files:
+            if component not in models:
+                raise DataError(f"--adapter {adapter.label!r} has a {component} adapter and {base!r} has no "
+                                f"{component}: it was trained on SDXL, which this base is not")
     names = []
     for i, adapter in enumerate(library):
         name = f"lib{i}"

@@ -3,8 +3,9 @@ across processes (`rows[rank::world]`) and summed back, so one process and sever
 
 - Diffusion: the denoising loss of the subject's photos (center-cropped at --resolution, VAE means) over a fixed
   set of (timestep, noise) pairs per photo, drawn from --seed: the measure of the trainer's learning test
-  (`pipelines.diffusion.loss.fixed_pairs`). The instance prompt is encoded again per candidate when the text encoder
-  carries adapters.
+  (`pipelines.diffusion.loss.fixed_pairs`). The instance prompt is encoded again per candidate (the text encoders
+  may carry adapters). On SDXL the UNet is conditioned as in training: both encoders' states, the pooled embedding,
+  and each photo's time ids (its original size, the center crop's top-left, the target size).
 - Classifier: the cross-entropy of the labelled examples.
 """
 
@@ -25,39 +26,61 @@ def reduce_mean(total: float, count: int, accelerator) -> float:
 class DenoisingObjective:
     def __init__(self, sd, photos: str, prompt: str, resolution: int, pairs: int, seed: int, batch_size: int,
                  accelerator, dtype: torch.dtype):
-        from pipelines.diffusion.data import center_crops, read_examples
+        import random
+
+        from pipelines.diffusion.data import crop_view, read_examples
         from pipelines.diffusion.loss import fixed_pairs
 
-        self.sd, self.prompt, self.batch_size, self.accelerator = sd, prompt, batch_size, accelerator
+        self.sd, self.prompt, self.batch_size, self.accelerator, self.dtype = sd, prompt, batch_size, accelerator, dtype
         examples = read_examples(photos, "--instance_data_dir", prompt, resolution, is_class=False,
                                  use_captions=False)
         self.photos = [str(e.path) for e in examples]
-        pixels = center_crops(examples, resolution)
+        views = [crop_view(e.image, resolution, True, False, random.Random(0), flip=False) for e in examples]
+        pixels = torch.stack([v.pixels for v in views])  # (N, 3, R, R): `data.center_crops`
+        time_ids = torch.tensor([[*v.original_size, *v.crop_top_left, resolution, resolution] for v in views],
+                                dtype=torch.float32)  # (N, 6): SDXL's micro-conditioning of each view
         with torch.no_grad():
-            vae = sd.vae
-            latents = vae.encode(pixels.to(vae.device, dtype)).latent_dist.mean * vae.config.scaling_factor
+            vae = sd.vae  # SDXL's own stays fp32
+            latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mean * vae.config.scaling_factor
+        latents = latents.to(dtype)
         draws = fixed_pairs(tuple(latents.shape), sd.noise_scheduler.config.num_train_timesteps, pairs, seed)
         rows = [(i, t[i], noise[i]) for t, noise in draws for i in range(latents.shape[0])]
         mine = rows[accelerator.process_index::accelerator.num_processes]
         self.latents = torch.stack([latents[i] for i, _, _ in mine]) if mine else latents[:0]
         self.timesteps = torch.stack([t for _, t, _ in mine]) if mine else torch.zeros(0, dtype=torch.long)
         self.noise = torch.stack([n for _, _, n in mine]).to(latents) if mine else latents[:0]
+        self.time_ids = time_ids[[i for i, _, _ in mine]].to(latents.device, dtype)  # (rows, 6)
         self.rows = len(rows)
+
+    def condition(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The prompt's context (1, 77, d) and, on SDXL, its pooled embedding (1, p), through the encoders as they
+        are now (with the candidate's adapters)."""
+        from pipelines.diffusion.models import encode_prompts
+        from pipelines.diffusion.sdxl import encode_prompts_xl
+
+        sd = self.sd
+        if sd.is_sdxl:
+            states, pooled = encode_prompts_xl([sd.tokenizer, sd.tokenizer_2], [sd.text_encoder, sd.text_encoder_2],
+                                               [self.prompt])
+            return states.to(self.dtype), pooled.to(self.dtype)
+        return encode_prompts(sd.tokenizer, sd.text_encoder, [self.prompt]), None
 
     @torch.no_grad()
     def __call__(self) -> float:
         from pipelines.diffusion.loss import denoising_loss
-        from pipelines.diffusion.models import encode_prompts
 
         sd = self.sd
-        states = encode_prompts(sd.tokenizer, sd.text_encoder, [self.prompt])
+        states, pooled = self.condition()
         total, count = 0.0, 0
         for start in range(0, self.latents.shape[0], self.batch_size):
             latents = self.latents[start:start + self.batch_size]
             n = latents.shape[0]
             is_class = torch.zeros(n, dtype=torch.bool)
+            added = None if pooled is None else {"text_embeds": pooled.expand(n, -1),
+                                                 "time_ids": self.time_ids[start:start + n]}
             parts = denoising_loss(sd.unet, sd.noise_scheduler, latents, states.expand(n, -1, -1), is_class, None,
-                                   timesteps=self.timesteps[start:start + n], noise=self.noise[start:start + n])
+                                   timesteps=self.timesteps[start:start + n], noise=self.noise[start:start + n],
+                                   added_cond_kwargs=added)
             total += float(parts["loss"]) * n
             count += n
         return reduce_mean(total, count, self.accelerator)

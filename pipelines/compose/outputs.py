@@ -1,7 +1,8 @@
 """What a composition writes: the search as it runs (`search.jsonl`, one evaluation per line: what the app's Compose
 view follows; tensorboard's `compose/objective`), then the composed adapter as a normal output folder.
 
-- images: `unet_adapter.safetensors` (and `text_encoder_adapter.safetensors`), diffusers' `pytorch_lora_weights`
+- images: `unet_adapter.safetensors` (and `text_encoder_adapter.safetensors`, SDXL's
+  `text_encoder_2_adapter.safetensors`), diffusers' `pytorch_lora_weights`
   and the kohya file, as `dreamlora/train.py` writes them, so `pipelines.sample`, DreamBench, scoring, the app and
   `pipe.load_lora_weights(output_dir)` take it like a trained adapter;
 - classifiers: `adapter.safetensors`, `head.safetensors` (the heads mixed with the same weights) and the PEFT
@@ -115,8 +116,10 @@ def _write_image(args, output_dir: Path, setup, components: dict) -> dict:
 
     for component in components:
         dreamlora.save(setup.models[component], adapter_file(output_dir, component))
-    text_encoder = setup.models["text_encoder"] if "text_encoder" in components else None
-    files = write_tool_files(output_dir, setup.models["unet"], text_encoder, kohya=not args.no_kohya_format)
+    encoders = {c: setup.models[c] if c in components else None for c in ("text_encoder", "text_encoder_2")}
+    files = write_tool_files(output_dir, setup.models["unet"], encoders["text_encoder"], kohya=not args.no_kohya_format,
+                             text_encoder_2=encoders["text_encoder_2"],
+                             prediction_type=setup.extra.get("prediction_type"))
     return {"files_for_tools": files, "instance_prompt": args.instance_prompt, "photos": setup.extra["photos"],
             "pretrained_model_name_or_path": args.pretrained_model_name_or_path}
 

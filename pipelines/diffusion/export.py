@@ -29,7 +29,14 @@ from torch import nn
 import dreamlora
 from dreamlora.io import atomic_save_file
 from dreamlora.methods.base import ExportUnsupported, per_row
-from pipelines.diffusion.kohya_names import SDXL_BASE_MODEL_VERSION, SDXL_PREFIXES, is_sdxl_layout, kohya_sdxl_unet_key
+from pipelines.diffusion.kohya_names import (
+    SDXL_BASE_MODEL_VERSION,
+    SDXL_PREFIXES,
+    is_sd2_layout,
+    is_sdxl_layout,
+    kohya_sdxl_unet_key,
+    sd2_header,
+)
 
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 KOHYA_WEIGHT_NAME = "kohya_lora.safetensors"
@@ -174,12 +181,17 @@ def _tool_tensors(unet: nn.Module, text_encoder: nn.Module | None, name: str, bu
     return tensors
 
 
-def _kohya_metadata(unet: nn.Module, name: str, tensors: dict[str, torch.Tensor], **extra: str) -> dict[str, str]:
+def _kohya_metadata(unet: nn.Module, name: str, tensors: dict[str, torch.Tensor], prediction_type: str | None = None,
+                    **extra: str) -> dict[str, str]:
     """kohya's header: the layers' dim/alpha when they all agree, "Dynamic" when they differ (as kohya's
-    resize_lora writes), the `rank` option for keys without a `lora_down` (a method's native LyCORIS keys)."""
+    resize_lora writes), the `rank` option for keys without a `lora_down` (a method's native LyCORIS keys); the base's
+    family for SDXL and SD 2.x (`prediction_type`: the base's scheduler's, which kohya's SD 2.x version string
+    records)."""
     config = dreamlora.adapter_config(unet, name)
     if is_sdxl_layout(getattr(unet, "config", None)):
         extra = {"ss_base_model_version": SDXL_BASE_MODEL_VERSION, **extra}  # A1111 lists it for SDXL models
+    elif is_sd2_layout(getattr(unet, "config", None)):
+        extra = {**sd2_header(prediction_type), **extra}
     dims = {str(t.shape[0]) for k, t in tensors.items() if k.endswith(".lora_down.weight")} or {str(config.rank)}
     alphas = {f"{t.item():g}" for k, t in tensors.items() if k.endswith(".alpha")} or {f"{config.alpha:g}"}
     return {"ss_network_module": dreamlora.METHODS[config.method].kohya_network_module,
@@ -189,42 +201,46 @@ def _kohya_metadata(unet: nn.Module, name: str, tensors: dict[str, torch.Tensor]
 
 
 def write_kohya_lora(output_dir: str | os.PathLike, unet: nn.Module, text_encoder: nn.Module | None = None,
-                     name: str = "default", text_encoder_2: nn.Module | None = None) -> Path:
+                     name: str = "default", text_encoder_2: nn.Module | None = None,
+                     prediction_type: str | None = None) -> Path:
     """`kohya_lora.safetensors`: `kohya_state_dict` of each adapted component (SDXL: `text_encoder_2` too)."""
     path = Path(output_dir) / KOHYA_WEIGHT_NAME
     tensors = _tool_tensors(unet, text_encoder, name, kohya_state_dict, text_encoder_2)
-    atomic_save_file(tensors, path, _kohya_metadata(unet, name, tensors))
+    atomic_save_file(tensors, path, _kohya_metadata(unet, name, tensors, prediction_type))
     return path
 
 
 def write_comfyui_lora(output_dir: str | os.PathLike, unet: nn.Module, text_encoder: nn.Module | None = None,
-                       name: str = "default", text_encoder_2: nn.Module | None = None) -> Path:
+                       name: str = "default", text_encoder_2: nn.Module | None = None,
+                       prediction_type: str | None = None) -> Path:
     """`comfyui_lora.safetensors`: the kohya file with ComfyUI's DoRA compensation (`comfyui_state_dict`)."""
     path = Path(output_dir) / COMFYUI_WEIGHT_NAME
     tensors = _tool_tensors(unet, text_encoder, name, comfyui_state_dict, text_encoder_2)
-    meta = _kohya_metadata(unet, name, tensors,
+    meta = _kohya_metadata(unet, name, tensors, prediction_type,
                            dreamlora_target="ComfyUI 0.3.x (dora_scale compensated for its DoRA rule)")
     atomic_save_file(tensors, path, meta)
     return path
 
 
 def write_tool_files(output_dir: str | os.PathLike, unet: nn.Module, text_encoder: nn.Module | None = None,
-                     name: str = "default", kohya: bool = True, text_encoder_2: nn.Module | None = None) -> dict:
+                     name: str = "default", kohya: bool = True, text_encoder_2: nn.Module | None = None,
+                     prediction_type: str | None = None) -> dict:
     """Write the diffusers file and (unless `kohya` is False) the kohya file, plus the ComfyUI file for DoRA.
     Returns which file each tool reads (file names in `output_dir`; None: no file that tool reads right). A file
     in a format the method cannot be written in is skipped with a warning naming the format and the reason
     (also returned under `not_written`); the other files are still written. `text_encoder_2` (SDXL's second
-    encoder) goes into every file (`text_encoder_2.…` in the diffusers file, `lora_te2_…` in the kohya files)."""
+    encoder) goes into every file (`text_encoder_2.…` in the diffusers file, `lora_te2_…` in the kohya files).
+    `prediction_type`: the base's (its scheduler's), for the kohya header of an SD 2.x base (`sd_v2_v`)."""
     files: dict = dict.fromkeys(("diffusers", "kohya", "lycoris", "comfyui", "a1111"))
     skipped: dict[str, str] = {}
     if _try_write(skipped, write_diffusers_lora, output_dir, unet, text_encoder, name, text_encoder_2):
         files["diffusers"] = DIFFUSERS_WEIGHT_NAME
     if kohya and (path := _try_write(skipped, write_kohya_lora, output_dir, unet, text_encoder, name,
-                                     text_encoder_2)):
+                                     text_encoder_2, prediction_type)):
         with safe_open(str(path), framework="pt") as f:
             is_dora = any(k.endswith(".dora_scale") for k in f.keys())
-        comfy = (write_comfyui_lora(output_dir, unet, text_encoder, name, text_encoder_2).name if is_dora
-                 else KOHYA_WEIGHT_NAME)
+        comfy = (write_comfyui_lora(output_dir, unet, text_encoder, name, text_encoder_2, prediction_type).name
+                 if is_dora else KOHYA_WEIGHT_NAME)
         files.update(kohya=KOHYA_WEIGHT_NAME, lycoris=KOHYA_WEIGHT_NAME, comfyui=comfy,
                      a1111=None if is_dora else KOHYA_WEIGHT_NAME)  # A1111 cannot express per-row DoRA (README)
     return {**files, "not_written": skipped} if skipped else files

@@ -52,6 +52,20 @@ class NoKohyaName(ExportUnsupported):
     and the other files are still written (`export.write_tool_files`)."""
 
 
+def is_sd2_layout(config: Mapping | None) -> bool:
+    """Whether a diffusers UNet config is SD 2.x's family: linear projections in and out of its transformers
+    (SD 1.x's are 1×1 convolutions; kohya builds its UNet the same way when told `--v2`), and no SDXL
+    micro-conditioning."""
+    return config is not None and bool(dict(config).get("use_linear_projection")) and not is_sdxl_layout(config)
+
+
+def sd2_header(prediction_type: str | None) -> dict[str, str]:
+    """kohya's header entries for an SD 2.x base: `ss_v2` (A1111 lists the LoRA under SD 2.x checkpoints only with
+    it: any other kohya header reads as SD 1.x there and is hidden from SD 2.x users by default) and
+    `ss_base_model_version` as kohya spells it (`sd_v2`, `sd_v2_v` for a v-prediction base)."""
+    return {"ss_v2": "True", "ss_base_model_version": "sd_v2_v" if prediction_type == "v_prediction" else "sd_v2"}
+
+
 def is_sdxl_layout(config: Mapping | None) -> bool:
     """Whether a diffusers UNet config is SDXL's family (micro-conditioning on text and time ids): the UNets kohya
     trains, and names, in the LDM layout."""

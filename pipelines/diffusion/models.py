@@ -122,6 +122,17 @@ def assemble_pipeline(sd: SDComponents, scheduler, models: dict | None = None):
                                             requires_safety_checker=False)
 
 
+def save_pipeline_fp32(pipe, folder) -> None:
+    """`pipe.save_pretrained(folder)` with every model in fp32, moved to the CPU first (no GPU memory is added; the
+    models are not used after). A folder of mixed dtypes does not load with a plain `from_pretrained`: diffusers
+    loads the UNet in fp32 while transformers 5 keeps the encoders' saved bf16/fp16, and the first cross-attention
+    fails on the dtype. diffusers' own full fine-tuning scripts save fp32 pipelines too; upcasting loses nothing."""
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.to("cpu", torch.float32)
+    pipe.save_pretrained(folder)
+
+
 def pipeline_class(path: str):
     """The diffusers pipeline class a folder's model_index.json names: SDXL's or Stable Diffusion's."""
     import diffusers
@@ -131,8 +142,24 @@ def pipeline_class(path: str):
     return diffusers.StableDiffusionPipeline
 
 
+def base_prediction_type(path: str, revision: str | None = None) -> str | None:
+    """The prediction type of a model folder's (or hub id's) scheduler, None when it cannot be read."""
+    from diffusers import DDPMScheduler
+
+    try:
+        return DDPMScheduler.load_config(path, subfolder="scheduler", revision=revision).get("prediction_type")
+    except (OSError, ValueError):
+        return None
+
+
+def encoder_device(model: torch.nn.Module) -> torch.device:
+    """Where a text encoder's weights are: a DDP-wrapped encoder (several processes) has no `.device`."""
+    return next(model.parameters()).device
+
+
 def encode_prompts(tokenizer, text_encoder: torch.nn.Module, prompts: list[str]) -> torch.Tensor:
-    """CLIP last hidden states for `prompts`, padded to the tokenizer's 77 tokens as SD does."""
+    """CLIP last hidden states for `prompts`, padded to the tokenizer's 77 tokens as SD does (with the tokenizer's
+    own pad token: SD 2.x's pads with "!")."""
     ids = tokenizer(prompts, padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
                     return_tensors="pt").input_ids
-    return text_encoder(ids.to(text_encoder.device))[0]
+    return text_encoder(ids.to(encoder_device(text_encoder)))[0]

@@ -15,9 +15,7 @@ from contextlib import nullcontext
 
 import torch
 
-
-def encoder_device(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device  # a DDP-wrapped encoder has no `.device`
+from pipelines.diffusion.models import encoder_device
 
 
 def encode_prompts_xl(tokenizers: list, text_encoders: list[torch.nn.Module],

@@ -8,6 +8,13 @@ Weights are random: it exercises every code path of training, sampling and loadi
 `--preset sdxl` builds a tiny SDXL pipeline the same way (`StableDiffusionXLPipeline.from_pretrained(OUT_DIR)`):
 SDXL's UNet layout with text_time micro-conditioning, two CLIP text encoders (the second with a projection, whose
 pooled output conditions the UNet), SDXL's two tokenizers, its VAE scale and its Euler scheduler.
+
+`--preset sd2` builds a tiny SD 2.x pipeline (`StableDiffusionPipeline.from_pretrained(OUT_DIR)`), with SD 2.1's traits
+as its diffusers folder ships them: a v-prediction DDIM scheduler, an OpenCLIP-style text encoder saved as a
+`CLIPTextModel` (plain gelu, its token ids as SD 2.1's config.json gives them: the final layer already dropped in
+the real one, whose last hidden state is OpenCLIP's penultimate), a tokenizer that pads with "!", and a UNet with
+head counts per level, linear projections and upcast attention. `--prediction_type epsilon` makes it SD 2.x-base-like
+(the 512 px base models predict noise).
 """
 
 from __future__ import annotations
@@ -22,7 +29,13 @@ from pathlib import Path
 
 import torch
 
-from pipelines.diffusion.sd_configs import SD15_UNET_CONFIG, SDXL_UNET_CONFIG, TINY_SDXL_UNET_CONFIG
+from pipelines.diffusion.sd_configs import (
+    SD15_UNET_CONFIG,
+    SD21_UNET_CONFIG,
+    SDXL_UNET_CONFIG,
+    TINY_SD2_UNET_CONFIG,
+    TINY_SDXL_UNET_CONFIG,
+)
 
 SOT, EOT = "<|startoftext|>", "<|endoftext|>"
 # SD 1.x's scheduler config (stable-diffusion-v1-5/stable-diffusion-v1-5 scheduler/scheduler_config.json).
@@ -33,6 +46,10 @@ SD_SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0
 SDXL_SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
                  "beta_schedule": "scaled_linear", "interpolation_type": "linear", "prediction_type": "epsilon",
                  "steps_offset": 1, "timestep_spacing": "leading", "use_karras_sigmas": False}
+# SD 2.1's (stabilityai/stable-diffusion-2-1 scheduler/scheduler_config.json): SD's betas, DDIM, v-prediction
+SD2_SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
+                "beta_schedule": "scaled_linear", "clip_sample": False, "set_alpha_to_one": False,
+                "skip_prk_steps": True, "steps_offset": 1, "prediction_type": "v_prediction"}
 SDXL_VAE = {"scaling_factor": 0.13025, "force_upcast": True}  # SDXL's VAE: its own scale; overflows in fp16
 SDXL_PAD = "!"  # SDXL's second tokenizer (OpenCLIP's) pads with "!" (id 0), the first with <|endoftext|>
 
@@ -112,21 +129,58 @@ SDXL_FULL = (
     {"hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32, "num_attention_heads": 20,
      "projection_dim": 1280, "hidden_act": "gelu"},  # OpenCLIP ViT-bigG/14
 )
-PRESETS = {"tiny": TINY, "sd15": SD15, "sdxl": TINY_SDXL, "sdxl_full": SDXL_FULL}
+# SD 2.x: (UNet, VAE (SD's), text encoder). stabilityai/stable-diffusion-2-1 text_encoder/config.json is a
+# CLIPTextModel of OpenCLIP ViT-H/14's text tower with its last layer dropped (23 of 24 layers: SD 2.x conditions on
+# the penultimate layer), plain gelu, and token ids 0/2/1 for bos/eos/pad (not the tokenizer's 49406/49407/0: with
+# eos_token_id 2 transformers pools at the highest token id, the legacy rule; SD 2.x never reads the pooled output).
+SD2_TEXT = {"hidden_act": "gelu", "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1}
+TINY_SD2 = (
+    TINY_SD2_UNET_CONFIG,
+    TINY[1],
+    {"hidden_size": 48, "intermediate_size": 192, "num_hidden_layers": 2, "num_attention_heads": 4,
+     "projection_dim": 32, **SD2_TEXT},
+)
+SD2_FULL = (
+    SD21_UNET_CONFIG,
+    {**SD15[1], "sample_size": 768},
+    {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 23, "num_attention_heads": 16,
+     "projection_dim": 512, **SD2_TEXT},
+)
+SD2_PAD = "!"  # SD 2.x's tokenizer (OpenCLIP's) pads with "!" (id 0), as SDXL's second
+PRESETS = {"tiny": TINY, "sd15": SD15, "sdxl": TINY_SDXL, "sdxl_full": SDXL_FULL, "sd2": TINY_SD2,
+           "sd2_full": SD2_FULL}
 SDXL_PRESETS = ("sdxl", "sdxl_full")
+SD2_PRESETS = ("sd2", "sd2_full")
 
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
-def build_pipeline(seed: int = 0, preset: str = "tiny", prediction_type: str = "epsilon"):
+def default_prediction_type(preset: str) -> str:
+    """The preset's own target: v_prediction for SD 2.x (SD 2.1's 768-v model), epsilon otherwise."""
+    return "v_prediction" if preset in SD2_PRESETS else "epsilon"
+
+
+def build_pipeline(seed: int = 0, preset: str = "tiny", prediction_type: str | None = None):
     """The pipeline in memory (random weights from `seed`): `tiny`, or `sd15` for the full SD 1.5
     architecture (860M-parameter UNet, SD VAE, CLIP ViT-L/14 text encoder) for benchmarks.
-    `prediction_type` v_prediction gives an SD 2.x-style v-prediction variant (same weights, its scheduler).
-    `sdxl` (tiny) and `sdxl_full` (the SDXL base architecture, 2.6B-parameter UNet) build SDXL pipelines."""
+    `sd2` (tiny) and `sd2_full` (the SD 2.1 architecture, 866M-parameter UNet, OpenCLIP ViT-H text encoder) build
+    SD 2.x pipelines; `sdxl` (tiny) and `sdxl_full` (the SDXL base architecture, 2.6B-parameter UNet) SDXL ones.
+    `prediction_type` (default: the preset's, `default_prediction_type`) sets the scheduler's target: v_prediction
+    on `tiny` gives an SD 1.x-sized v-prediction model (same weights, its scheduler)."""
+    prediction_type = prediction_type or default_prediction_type(preset)
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type must be one of {', '.join(PREDICTION_TYPES)}, got {prediction_type!r}")
     if preset in SDXL_PRESETS:
         return build_sdxl_pipeline(seed, preset, prediction_type)
-    from diffusers import AutoencoderKL, DDPMScheduler, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        DDPMScheduler,
+        PNDMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextModel
 
     unet_cfg, vae_cfg, text_cfg = PRESETS[preset]
@@ -134,12 +188,14 @@ def build_pipeline(seed: int = 0, preset: str = "tiny", prediction_type: str = "
     unet = UNet2DConditionModel(**unet_cfg)
     vae = AutoencoderKL(**vae_cfg)
     text_encoder = CLIPTextModel(clip_text_config(text_cfg))
+    sd2 = preset in SD2_PRESETS
     with tempfile.TemporaryDirectory() as tmp:
-        tokenizer = build_tokenizer(Path(tmp))
-    if prediction_type not in PREDICTION_TYPES:
-        raise ValueError(f"prediction_type must be one of {', '.join(PREDICTION_TYPES)}, got {prediction_type!r}")
-    scheduler = PNDMScheduler.from_config({**SD_SCHEDULE, "skip_prk_steps": True,  # ignores DDIM-only keys
-                                           "prediction_type": prediction_type})
+        tokenizer = build_tokenizer(Path(tmp), pad_token=SD2_PAD if sd2 else EOT)
+    if sd2:
+        scheduler = DDIMScheduler.from_config({**SD2_SCHEDULE, "prediction_type": prediction_type})
+    else:
+        scheduler = PNDMScheduler.from_config({**SD_SCHEDULE, "skip_prk_steps": True,  # ignores DDIM-only keys
+                                               "prediction_type": prediction_type})
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
@@ -148,17 +204,19 @@ def build_pipeline(seed: int = 0, preset: str = "tiny", prediction_type: str = "
 
 
 def clip_text_config(text_cfg: dict, pad_token_id: int = 49407):
+    """A CLIPTextConfig with CLIP's vocabulary and 77 positions; token ids in `text_cfg` (SD 2.x's) win."""
     from transformers import CLIPTextConfig
 
-    return CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407,
-                          pad_token_id=pad_token_id, **text_cfg)
+    return CLIPTextConfig(**{"vocab_size": 49408, "max_position_embeddings": 77, "bos_token_id": 49406,
+                             "eos_token_id": 49407, "pad_token_id": pad_token_id, **text_cfg})
 
 
-def build_sdxl_pipeline(seed: int = 0, preset: str = "sdxl", prediction_type: str = "epsilon"):
+def build_sdxl_pipeline(seed: int = 0, preset: str = "sdxl", prediction_type: str | None = "epsilon"):
     """An SDXL pipeline in memory, random weights from `seed` (see `build_pipeline`)."""
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
+    prediction_type = prediction_type or "epsilon"
     if prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"prediction_type must be one of {', '.join(PREDICTION_TYPES)}, got {prediction_type!r}")
     unet_cfg, vae_cfg, text_cfg, text2_cfg = PRESETS[preset]
@@ -177,7 +235,7 @@ def build_sdxl_pipeline(seed: int = 0, preset: str = "sdxl", prediction_type: st
                                      force_zeros_for_empty_prompt=True, add_watermarker=False)
 
 
-def write(out_dir: str | os.PathLike, seed: int = 0, preset: str = "tiny", prediction_type: str = "epsilon") -> Path:
+def write(out_dir: str | os.PathLike, seed: int = 0, preset: str = "tiny", prediction_type: str | None = None) -> Path:
     """Write the tiny pipeline to `out_dir` atomically (a sibling temp folder, then a rename)."""
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
@@ -227,17 +285,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("out_dir", help="folder to create (must not exist or be empty)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny",
-                        help="tiny (default), sdxl (a tiny SDXL pipeline), or the full architectures, random, for "
-                             "benchmarks: sd15 (SD 1.5), sdxl_full (SDXL base)")
-    parser.add_argument("--prediction_type", choices=PREDICTION_TYPES, default="epsilon",
-                        help="the scheduler's target: epsilon (SD 1.x), v_prediction (SD 2.x 768-v style) or sample")
+                        help="tiny (default: SD 1.x), sd2 (a tiny SD 2.x pipeline), sdxl (a tiny SDXL pipeline), "
+                             "or the full architectures, random, for benchmarks: sd15 (SD 1.5), sd2_full (SD 2.1), "
+                             "sdxl_full (SDXL base)")
+    parser.add_argument("--prediction_type", choices=PREDICTION_TYPES, default=None,
+                        help="the scheduler's target; default: the preset's (v_prediction for sd2/sd2_full as SD 2.1 "
+                             "768-v, epsilon otherwise); epsilon on sd2 is SD 2.x-base-like, v_prediction on tiny an "
+                             "SD 1.x-sized v-prediction model")
     args = parser.parse_args(argv)
     try:
         path = write(args.out_dir, args.seed, args.preset, args.prediction_type)
     except FileExistsError as e:
         parser.exit(2, f"error: {e}\n")
-    print(f"{args.preset} Stable Diffusion{' XL' * (args.preset in SDXL_PRESETS)} pipeline (random weights) "
-          f"written to {path}")
+    family = " XL" if args.preset in SDXL_PRESETS else " 2.x" if args.preset in SD2_PRESETS else ""
+    print(f"{args.preset} Stable Diffusion{family} pipeline (random weights) written to {path}")
 
 
 if __name__ == "__main__":
