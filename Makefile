@@ -17,7 +17,9 @@ FLOORS_TESTS := tests/test_interop_diffusers.py tests/test_interop_kohya.py test
 	tests/test_train.py::test_kohya_file_loads_through_diffusers_converter \
 	tests/test_score.py::test_scores_equal_a_hand_computation \
 	tests/test_compose_rules.py "tests/test_compose.py::test_recovers_the_subjects_own_adapter_and_closes_the_gap[updates]" \
-	tests/test_prodigy.py
+	tests/test_prodigy.py \
+	"tests/test_sdxl.py::test_diffusers_sdxl_load_lora_weights_gives_the_image_of_pipelines_sample[lora-unet+text_encoders]" \
+	"tests/test_kohya_sdxl.py::test_trained_sdxl_kohya_file_in_diffusers_gives_the_image_of_pipelines_sample[lora-True]"
 export HF_HUB_OFFLINE ?= 1
 
 .PHONY: install demo test lint bench clean browser floors

@@ -17,6 +17,17 @@ from dreamlora.methods import METHODS  # noqa: E402
 from dreamlora.options import given_options  # noqa: E402
 
 METHOD_NAMES = list(METHODS)  # the registry is the only method list
+# On the architectures beyond SD 1.x (SDXL, SD 2.x) an every-method test runs these by default: one of each export
+# path (plain LoRA factors, DoRA's magnitudes, a LyCORIS type exported as LoRA); SD 1.x's tests run every method, and
+# `pytest -m slow` runs the rest here too (the suite's time on 2 cores stays near its budget).
+QUICK_METHODS = ("lora", "dora", "lokr")
+
+
+def method_params(methods=None, quick=QUICK_METHODS) -> list:
+    """`methods` (default: every registered one) as pytest parameters, those outside `quick` marked slow."""
+    import pytest
+
+    return [m if m in quick else pytest.param(m, marks=pytest.mark.slow) for m in (methods or METHOD_NAMES)]
 RUN_STEPS = 120  # the longest loop a core-level test runs (test_training_hooks)
 
 

@@ -336,6 +336,7 @@ def test_sdxl_time_ids_follow_the_bucket_and_the_crop(tiny_sdxl_dir, tmp_path, m
                          ((12, 8), (201, 90, 23, 0, 96, 64))}
 
 
+@pytest.mark.slow  # a repeat of the core's check for this feature: `pytest -m slow`
 def test_sigkill_then_resume_with_buckets_matches_an_uninterrupted_run(tiny_model_dir, tmp_path):
     """Random crops and flips, batch 2 over buckets of 2, 1 and 2 photos (3 batches an epoch), a checkpoint
     mid-epoch: the resumed run's adapter equals the uninterrupted one's."""
@@ -380,6 +381,7 @@ sys.exit(train.cli())
 """
 
 
+@pytest.mark.slow  # a repeat of the core's check for this feature: `pytest -m slow`
 def test_two_processes_see_as_many_batches_and_together_cover_each_epoch(tiny_model_dir, tmp_path):
     """Two gloo processes, 5 photos in buckets of 2, 1 and 2 at batch 2: 3 batches split to 4, 2 per process per
     epoch. Recorded inside each process: the same number of batches, each one shape, and per epoch the two together

@@ -122,6 +122,7 @@ def test_validation_images_are_drawn_with_the_averaged_weights(ema_run, tiny_mod
     assert np.abs(preview - drawn(ema_run)).max() > 1
 
 
+@pytest.mark.slow  # a repeat of the core's check for this feature: `pytest -m slow`
 def test_sigkill_after_a_checkpoint_then_resume_gives_the_uninterrupted_runs_ema(tiny_model_dir, tmp_path):
     """The shadow and its update count ride in every checkpoint: a run killed after checkpoint 3 and resumed
     writes the ema/ files of a run never interrupted (a shadow restarted on resume would not)."""

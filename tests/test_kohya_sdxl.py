@@ -326,8 +326,9 @@ def image_of(pipe) -> np.ndarray:
     return np.round(out * 255).astype(np.int16)
 
 
-@pytest.mark.parametrize(("method", "text_encoders"),
-                         [(m, True) for m in DIFFUSERS_READABLE] + [("lora", False)])
+@pytest.mark.parametrize(("method", "text_encoders"),  # lora by default, the others with -m slow (conftest)
+                         [(m, True) if m == "lora" else pytest.param(m, True, marks=pytest.mark.slow)
+                          for m in DIFFUSERS_READABLE] + [("lora", False)])
 def test_trained_sdxl_kohya_file_in_diffusers_gives_the_image_of_pipelines_sample(method, text_encoders,
                                                                                   tiny_sdxl_dir, tmp_path):
     from diffusers import StableDiffusionXLPipeline

@@ -275,6 +275,7 @@ def test_resume_is_exact_across_the_pivot(tiny_model_dir, tmp_path):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
 
 
+@pytest.mark.slow  # a repeat of the core's check for this feature: `pytest -m slow`
 def test_two_processes_train_the_rows_one_process_with_their_batch_trains(tiny_model_dir, tmp_path):
     """DDP all-reduces the rows' gradient like the adapters': two processes at batch 1 write the rows (and adapter)
     of one process at batch 2 (measured: 2e-7 on rows that move by ~8e-2, 7e-6 on the UNet's adapter)."""

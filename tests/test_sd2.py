@@ -17,7 +17,7 @@ from importlib.metadata import version
 import numpy as np
 import pytest
 import torch
-from conftest import METHOD_NAMES
+from conftest import method_params
 from packaging.version import Version
 from PIL import Image
 from safetensors import safe_open
@@ -110,7 +110,7 @@ def image_of(pipe) -> np.ndarray:
 
 
 @pytest.mark.parametrize("text_encoder", [False, True], ids=["unet", "unet+text_encoder"])
-@pytest.mark.parametrize("method", METHOD_NAMES)
+@pytest.mark.parametrize("method", method_params())
 def test_diffusers_load_lora_weights_gives_the_image_of_pipelines_sample(method, text_encoder, sd2_runs,
                                                                           tiny_sd2_dir, tmp_path):
     from diffusers import StableDiffusionPipeline
@@ -199,6 +199,7 @@ def test_the_loss_is_taken_against_the_velocity(tiny_sd2_dir, tmp_path, monkeypa
         assert (target - noise).abs().max() > 0.1
 
 
+@pytest.mark.slow  # a repeat of the core's check for this feature: `pytest -m slow`
 def test_sd2_sigkill_then_resume_latest_matches_an_uninterrupted_run(tiny_sd2_dir, tmp_path):
     common = ["--adapter", "lora", "--train_text_encoder", "--random_flip", "--gradient_accumulation_steps", 2,
               "--max_train_steps", 8, "--checkpointing_steps", 3, "--learning_rate", 1e-3, "--text_encoder_lr", 1e-3,
@@ -231,6 +232,7 @@ def test_sd2_sigkill_then_resume_latest_matches_an_uninterrupted_run(tiny_sd2_di
     assert resumed["resumed_from"] and resumed["steps"] == 8
 
 
+@pytest.mark.slow  # a repeat of the core's check for this feature: `pytest -m slow`
 @pytest.mark.parametrize("model", ["sd1", "sd2"])
 def test_two_processes_training_the_text_encoder_train_what_one_process_trains(model, tiny_model_dir, tiny_sd2_dir,
                                                                                tmp_path):

@@ -12,7 +12,7 @@ from importlib.metadata import version
 import numpy as np
 import pytest
 import torch
-from conftest import METHOD_NAMES
+from conftest import method_params
 from packaging.version import Version
 from PIL import Image
 from safetensors.torch import load_file
@@ -54,7 +54,7 @@ def image_of(pipe) -> np.ndarray:
 
 
 @pytest.mark.parametrize("text_encoder", [False, True], ids=["unet", "unet+text_encoders"])
-@pytest.mark.parametrize("method", METHOD_NAMES)
+@pytest.mark.parametrize("method", method_params())
 def test_diffusers_sdxl_load_lora_weights_gives_the_image_of_pipelines_sample(method, text_encoder, sdxl_runs,
                                                                                tiny_sdxl_dir, tmp_path):
     from diffusers import StableDiffusionXLPipeline
@@ -225,6 +225,7 @@ def test_prompt_states_are_cached_when_the_encoders_are_frozen(tiny_sdxl_dir):
     torch.testing.assert_close(added["text_embeds"], direct_pooled)
 
 
+@pytest.mark.slow  # a repeat of the core's check for this feature: `pytest -m slow`
 def test_sdxl_sigkill_then_resume_latest_matches_an_uninterrupted_run(tiny_sdxl_dir, tmp_path):
     common = ["--adapter", "lora", "--train_text_encoder", "--random_flip", "--gradient_accumulation_steps", 2,
               "--max_train_steps", 8, "--checkpointing_steps", 3, "--learning_rate", 1e-3, "--text_encoder_lr", 1e-3,
@@ -249,6 +250,7 @@ def test_sdxl_sigkill_then_resume_latest_matches_an_uninterrupted_run(tiny_sdxl_
     assert resumed["resumed_from"] and resumed["steps"] == 8
 
 
+@pytest.mark.slow  # a repeat of the core's check for this feature: `pytest -m slow`
 def test_sdxl_two_processes_train_what_one_process_with_their_global_batch_trains(tiny_sdxl_dir, tmp_path):
     """As the SD 1.x test (tests/test_train.py), with both text encoders trained: the first encoder's last layer
     gets no gradient (SDXL reads the penultimate layer), which DDP accepts here. Tolerance 1e-6 absolute at lr 1e-4

@@ -135,6 +135,7 @@ def test_evaluating_changes_nothing_in_training(tiny_model_dir, tmp_path):
     assert (summary["triples"], summary["batches"]) == (4, 3)  # --max_validation_steps: 3 batches of 1 triple
 
 
+@pytest.mark.slow  # a repeat of the core's check for this feature: `pytest -m slow`
 def test_two_processes_agree_with_one_process_of_their_global_batch(tiny_model_dir, tmp_path):
     """Each process computes every other batch of triples and one all-reduce sums them: the two-process run must
     neither hang nor differ from one process with batch 2 (the same training, the same triples in other batches).
