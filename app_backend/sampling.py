@@ -109,10 +109,10 @@ def adapters_attached(pipe, specs: list, model: str):
     detached again after."""
     import dreamlora
     from pipelines.diffusion.pivotal import unload_embeddings
-    from pipelines.diffusion.sample import apply_adapters
+    from pipelines.diffusion.sample import apply_adapters, pipeline_components
 
-    def detach_all():
-        for component in (pipe.unet, pipe.text_encoder):
+    def detach_all():  # every component an adapter can sit on: SDXL's second text encoder too
+        for component in pipeline_components(pipe).values():
             for name in dreamlora.adapter_names(component):
                 dreamlora.detach(component, name)
         unload_embeddings(pipe)

@@ -76,3 +76,26 @@ def test_train_sample_and_compare_on_each_kind_of_base(base, tmp_path, request):
     grids, rows, plot = Evaluator(jobs).compare(["lora", "dora"], EvalSettings(1, 1, 2, 0, "offline"))
     assert len(grids) == 1 and grids[0][0].is_file() and plot.is_file()
     assert [r["method"] for r in rows] == ["lora", "dora"] and all(r["EfficientNet-Lite0"] for r in rows)
+
+
+def test_sampling_detaches_an_sdxl_runs_adapters_from_every_encoder(tiny_sdxl_dir, tmp_path):
+    """The app keeps one pipeline per base between samples: after a sample, no adapter of the run may stay on any
+    component, SDXL's second text encoder included, or it would leak into the next sample of another run."""
+    from diffusers import StableDiffusionXLPipeline
+
+    import dreamlora
+    from app_backend.sampling import adapters_attached
+    from pipelines.diffusion.sample import AdapterSpec, pipeline_components
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir)
+    run = tmp_path / "run"
+    run.mkdir()
+    for component, model in pipeline_components(pipe).items():  # a run with an adapter on every component
+        targets = ["to_q", "to_v"] if component == "unet" else ["q_proj", "v_proj"]
+        dreamlora.attach(model, dreamlora.AdapterConfig(method="lora", rank=2, target_modules=targets))
+        dreamlora.save(model, run / f"{component}_adapter.safetensors")
+        dreamlora.detach(model, "default")
+    with adapters_attached(pipe, [AdapterSpec(run)], str(tiny_sdxl_dir)):
+        assert all(dreamlora.adapter_names(m) for m in pipeline_components(pipe).values())
+    left = {c: dreamlora.adapter_names(m) for c, m in pipeline_components(pipe).items() if dreamlora.adapter_names(m)}
+    assert left == {}
