@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from test_comfyui import STRENGTHS, assert_same_weights, our_weights, require_comfyui, run_comfyui, write_base
 from test_comfyui import adapted as comfy_adapted
 from torch import nn
-from train_helpers import PROMPT, train_in_process
+from train_helpers import PROMPT, STRONG_LR, image_of, train_in_process
 
 import dreamlora
 from dreamlora import AdapterConfig, attach
@@ -316,14 +316,6 @@ def test_comfyui_loads_every_sdxl_key_and_patches_our_weights(method, comfyui_sd
 # kohya's LoRA and LoCon layers: attention, projections, feed-forward, ResNet convs and time projections, samplers
 TRAIN_TARGETS = ",".join(KOHYA_UNET_TARGETS[:-2] + ["ff.net.0.proj", "ff.net.2", "conv1", "conv2", "conv_shortcut",
                                                     "time_emb_proj", "downsamplers.0.conv", "upsamplers.0.conv"])
-STRONG_LR = {"adalora": 5e-2}  # AdaLoRA's update starts at third order (tests/test_train.py)
-
-
-def image_of(pipe) -> np.ndarray:
-    pipe.set_progress_bar_config(disable=True)
-    out = pipe(PROMPT, num_inference_steps=4, height=64, width=64, output_type="np", guidance_scale=7.5,
-               generator=torch.Generator().manual_seed(0)).images[0]  # pipelines.sample's guidance
-    return np.round(out * 255).astype(np.int16)
 
 
 @pytest.mark.parametrize(("method", "text_encoders"),  # lora by default, the others with -m slow (conftest)

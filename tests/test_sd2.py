@@ -22,12 +22,20 @@ from packaging.version import Version
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
-from train_helpers import PROMPT, ROOT, launch_two, run_train, train_cmd, train_in_process
+from train_helpers import (
+    PROMPT,
+    ROOT,
+    image_of,
+    launch_two,
+    run_train,
+    train_cmd,
+    train_in_process,
+    trained_on_first_use,
+)
 
 from pipelines.diffusion import tiny_model as tiny
 from pipelines.diffusion.sample import main as sample_main
 
-STRONG_LR = {"adalora": 5e-2}  # AdaLoRA's update starts at third order (see tests/test_train.py)
 LEARN_TARGETS = "to_q,to_k,to_v,to_out.0,conv1,conv2,ff.net.0.proj,ff.net.2"
 # offline, diffusers < 0.40 cannot find the file without its name
 WEIGHT = {"weight_name": "pytorch_lora_weights.safetensors"} if Version(version("diffusers")) < Version("0.40") else {}
@@ -85,28 +93,8 @@ def test_sd2_full_preset_has_sd21s_parameter_counts():
 
 @pytest.fixture(scope="module")
 def sd2_runs(tiny_sd2_dir, tmp_path_factory):
-    """Short, strong runs on the tiny SD 2.x model, trained on first use: runs[(method, train_text_encoder)]."""
-    runs = {}
-
-    def get(method: str, text_encoder: bool):
-        if (method, text_encoder) not in runs:
-            out = tmp_path_factory.mktemp(f"sd2-{method}-{'te' if text_encoder else 'unet'}")
-            lr = STRONG_LR.get(method, 5e-3)
-            assert train_in_process(tiny_sd2_dir, out, "--adapter", method, "--rank", 4, "--max_train_steps", 6,
-                                    "--learning_rate", lr, "--text_encoder_lr", lr, "--singlora_ramp_steps", 2,
-                                    "--relora_steps", 3, "--checkpointing_steps", 100,
-                                    *(["--train_text_encoder"] if text_encoder else [])) == 0
-            runs[method, text_encoder] = out
-        return runs[method, text_encoder]
-
-    return get
-
-
-def image_of(pipe) -> np.ndarray:
-    pipe.set_progress_bar_config(disable=True)
-    out = pipe(PROMPT, num_inference_steps=4, height=64, width=64, output_type="np", guidance_scale=7.5,
-               generator=torch.Generator().manual_seed(0)).images[0]
-    return np.round(out * 255).astype(np.int16)
+    """Short, strong runs on the tiny SD 2.x model, trained on first use."""
+    return trained_on_first_use(tiny_sd2_dir, tmp_path_factory, "sd2")
 
 
 @pytest.mark.parametrize("text_encoder", [False, True], ids=["unet", "unet+text_encoder"])

@@ -16,41 +16,30 @@ from conftest import method_params
 from packaging.version import Version
 from PIL import Image
 from safetensors.torch import load_file
-from train_helpers import PROMPT, ROOT, kill_after_checkpoint, launch_two, run_train, train_cmd, train_in_process
+from train_helpers import (
+    PROMPT,
+    ROOT,
+    image_of,
+    kill_after_checkpoint,
+    launch_two,
+    run_train,
+    train_cmd,
+    train_in_process,
+    trained_on_first_use,
+)
 
 import dreamlora
 from pipelines.diffusion import data as dbdata
 from pipelines.diffusion.sample import main as sample_main
 
 # AdaLoRA's update starts at third order (see tests/test_train.py): a stronger rate for a visible change
-STRONG_LR = {"adalora": 5e-2}
 ENCODERS = ("text_encoder", "text_encoder_2")
 
 
 @pytest.fixture(scope="module")
 def sdxl_runs(tiny_sdxl_dir, tmp_path_factory):
-    """Short, strong runs on the tiny SDXL model, trained on first use: runs[(method, train_text_encoder)]."""
-    runs = {}
-
-    def get(method: str, text_encoder: bool):
-        if (method, text_encoder) not in runs:
-            out = tmp_path_factory.mktemp(f"sdxl-{method}-{'te' if text_encoder else 'unet'}")
-            lr = STRONG_LR.get(method, 5e-3)
-            assert train_in_process(tiny_sdxl_dir, out, "--adapter", method, "--rank", 4, "--max_train_steps", 6,
-                                    "--learning_rate", lr, "--text_encoder_lr", lr, "--singlora_ramp_steps", 2,
-                                    "--relora_steps", 3, "--checkpointing_steps", 100,
-                                    *(["--train_text_encoder"] if text_encoder else [])) == 0
-            runs[method, text_encoder] = out
-        return runs[method, text_encoder]
-
-    return get
-
-
-def image_of(pipe) -> np.ndarray:
-    pipe.set_progress_bar_config(disable=True)
-    out = pipe(PROMPT, num_inference_steps=4, height=64, width=64, output_type="np", guidance_scale=7.5,
-               generator=torch.Generator().manual_seed(0)).images[0]  # pipelines.sample's guidance (SDXL's is 5)
-    return np.round(out * 255).astype(np.int16)
+    """Short, strong runs on the tiny SDXL model, trained on first use."""
+    return trained_on_first_use(tiny_sdxl_dir, tmp_path_factory, "sdxl")
 
 
 @pytest.mark.parametrize("text_encoder", [False, True], ids=["unet", "unet+text_encoders"])

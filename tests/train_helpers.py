@@ -95,3 +95,37 @@ def kill_after_checkpoint(cmd: list[str], output_dir: Path, step: int, env: dict
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert (Path(output_dir) / f"checkpoint-{step}").is_dir(), f"the run never wrote checkpoint-{step}"
+
+
+# AdaLoRA's update starts at third order (E = 0): a short run needs a larger lr to change the image (test_train.py)
+STRONG_LR = {"adalora": 5e-2}
+
+
+def trained_on_first_use(model_dir, tmp_path_factory, label: str):
+    """get(method, train_text_encoder) -> the folder of a short, strong run on `model_dir`, trained the first time a
+    test asks for it (the architecture tests' module fixtures: each pair trains once, and only if some test runs)."""
+    runs = {}
+
+    def get(method: str, text_encoder: bool) -> Path:
+        if (method, text_encoder) not in runs:
+            out = tmp_path_factory.mktemp(f"{label}-{method}-{'te' if text_encoder else 'unet'}")
+            lr = STRONG_LR.get(method, 5e-3)
+            assert train_in_process(model_dir, out, "--adapter", method, "--rank", 4, "--max_train_steps", 6,
+                                    "--learning_rate", lr, "--text_encoder_lr", lr, "--singlora_ramp_steps", 2,
+                                    "--relora_steps", 3, "--checkpointing_steps", 100,
+                                    *(["--train_text_encoder"] if text_encoder else [])) == 0
+            runs[method, text_encoder] = out
+        return runs[method, text_encoder]
+
+    return get
+
+
+def image_of(pipe):
+    """The pipeline's 64-px image of PROMPT at seed 0, 4 steps, `pipelines.sample`'s guidance 7.5 (SDXL's own default
+    is 5), as int16 levels 0..255 (differences then count levels)."""
+    import numpy as np
+
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(PROMPT, num_inference_steps=4, height=64, width=64, output_type="np", guidance_scale=7.5,
+               generator=torch.Generator().manual_seed(0)).images[0]
+    return np.round(out * 255).astype(np.int16)
