@@ -245,7 +245,7 @@ def test_a_step_the_fp16_scaler_skips_does_not_update_the_average(fresh_accelera
     for poisoned in (False, True, False):
         loss = model(x).square().mean() * (float("inf") if poisoned else 1.0)
         accelerator.backward(loss)
-        loop.optimizer_step(accelerator, optimizer, schedule, params, 1.0, [model], ema=ema)
+        loop.optimizer_step(accelerator, optimizer, schedule, params, 1.0, [model], hooks=[ema])
         if not accelerator.optimizer_step_was_skipped:
             weights.append({k: p.detach().double().clone() for k, p in ema.params.items()})
     assert ema.updates == 2 and len(weights) == 2

@@ -65,6 +65,13 @@ class AdapterEMA:
             raise ArgError("--use_ema: nothing is trained, so there is nothing to average")
         self.shadow = {key: p.detach().float().clone() for key, p in self.params.items()}
 
+    # the loop's per-step hooks (`loop.StepHook`): the EMA is the last hook of each real optimizer step
+    def before_step(self, step: int) -> None:
+        pass
+
+    def after_step(self, step: int) -> None:
+        self.update()
+
     @torch.no_grad()
     def update(self) -> None:
         """One EMA step from the live weights; call it after each real optimizer step only."""

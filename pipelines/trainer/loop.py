@@ -93,13 +93,12 @@ def every(step: int, n: int | None) -> bool:
 
 
 def optimizer_step(accelerator, optimizer, lr_scheduler, params, max_grad_norm: float, models: Iterable,
-                   total_steps: int | None = None, ema: AdapterEMA | None = None, hooks: Iterable = (),
-                   step: int = 0) -> None:
+                   total_steps: int | None = None, hooks: Iterable = (), step: int = 0) -> None:
     """Clip, step, schedule, then the core's per-step hook (SingLoRA's ramp; it gets the optimizer and the
-    scheduler) and the EMA update, after the hook so it averages the weights the next step starts from, only on
-    real updates: not during gradient accumulation, and not when the fp16 GradScaler skipped the step (inf/NaN
-    gradients), which advances neither the ramp, the EMA nor the LR schedule. The loop's `global_step` still
-    counts such a step. `hooks` (`StepHook`) run around the update of step number `step`."""
+    scheduler), then `hooks` (`StepHook`: pivotal tuning's rows, the EMA last, so it averages the weights the next
+    step starts from), only on real updates: not during gradient accumulation, and not when the fp16 GradScaler
+    skipped the step (inf/NaN gradients), which advances neither the ramp, the hooks' updates nor the LR schedule.
+    The loop's `global_step` still counts such a step. `step`: the number of the step being taken."""
     if accelerator.sync_gradients:
         for hook in hooks:
             hook.before_step(step)
@@ -113,8 +112,6 @@ def optimizer_step(accelerator, optimizer, lr_scheduler, params, max_grad_norm: 
                 dreamlora.on_optimizer_step(model, optimizer, lr_scheduler, total_steps)
             for hook in hooks:
                 hook.after_step(step)
-            if ema is not None:
-                ema.update()
     optimizer.zero_grad(set_to_none=True)
 
 
@@ -127,8 +124,10 @@ def train(task: Task, plan: Plan, args, accelerator, stop_requested, resume_from
     models = dict(zip(plan.models, prepared[: len(plan.models)], strict=True))
     optimizer, loader, lr_scheduler = prepared[len(plan.models):]
     register_adapter_hooks(accelerator, plan.models)
+    hooks = list(plan.step_hooks)
     if plan.ema is not None:
         plan.ema.register_checkpoint_hooks(accelerator)
+        hooks.append(plan.ema)  # last: it averages what every other rule left
     state = restore_train_state(accelerator, resume_from)
     task.start(models)
 
@@ -146,7 +145,7 @@ def train(task: Task, plan: Plan, args, accelerator, stop_requested, resume_from
             loss = loss + sum(dreamlora.regularization_loss(m) for m in plan.models.values())
             accelerator.backward(loss)
             optimizer_step(accelerator, optimizer, lr_scheduler, params, args.max_grad_norm, plan.models.values(),
-                           max_steps, plan.ema, plan.step_hooks, state.global_step + 1)
+                           max_steps, hooks, state.global_step + 1)
         if not accelerator.sync_gradients:
             continue  # a micro-batch of gradient accumulation: no optimizer step yet
         state.global_step += 1
